@@ -1,0 +1,111 @@
+"""The one dataset interface every image source implements.
+
+A dataset is an indexable collection of RGB images with integer labels. Where the
+source has them, it also exposes part keypoints, part masks and an object box
+(`PartAnnotations`), all in the pixel coordinates of the image that `load_image`
+returns. `fingerprint()` identifies the exact content so the feature cache can tell
+when it is stale.
+"""
+
+from __future__ import annotations
+
+import abc
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+from PIL import Image
+
+
+@dataclass(frozen=True)
+class PartAnnotations:
+    """Ground-truth parts of one image, in the pixels of `ImageDataset.load_image(i)`.
+
+    Attributes:
+        part_names: P part names, the same tuple for every image of a dataset.
+        keypoints: (P, 2) float32 part centres as (x, y); undefined where not visible.
+        visible: (P,) bool, whether each part is visible in this image.
+        box: (4,) float32 object box (x1, y1, x2, y2), or None where the source has none.
+        masks: (P, H, W) bool part masks, or None where the source has none.
+    """
+
+    part_names: tuple[str, ...]
+    keypoints: np.ndarray
+    visible: np.ndarray
+    box: np.ndarray | None = None
+    masks: np.ndarray | None = None
+
+
+def stable_hash(payload: Any) -> str:
+    """sha256 hex digest of a JSON-serialisable payload (key order independent)."""
+    text = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+class ImageDataset(abc.ABC):
+    """Abstract image dataset: RGB PIL images, integer labels, optional part ground truth.
+
+    Subclasses set `name`, `split`, `classes` (class names in label order) and
+    `labels` ((N,) int64 array), and implement `load_image` and `fingerprint`.
+    """
+
+    name: str
+    split: str
+    classes: tuple[str, ...]
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return int(len(self.labels))
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @abc.abstractmethod
+    def load_image(self, index: int) -> Image.Image:
+        """Image `index` as an RGB PIL image."""
+
+    @abc.abstractmethod
+    def fingerprint(self) -> str:
+        """Hex digest that changes whenever any image, label or the split changes."""
+
+    def annotations(self, index: int) -> PartAnnotations | None:
+        """Part ground truth of image `index`, or None where the dataset has none."""
+        return None
+
+    @property
+    def has_parts(self) -> bool:
+        return False
+
+    def subset(self, indices: Sequence[int]) -> "SubsetDataset":
+        """A view of this dataset restricted to `indices` (in the given order)."""
+        return SubsetDataset(self, indices)
+
+
+class SubsetDataset(ImageDataset):
+    """Rows `indices` of a parent dataset; labels, images and annotations delegate to it."""
+
+    def __init__(self, parent: ImageDataset, indices: Sequence[int]) -> None:
+        self.parent = parent
+        self.indices = np.asarray(indices, dtype=np.int64)
+        if self.indices.size and (self.indices.min() < 0 or self.indices.max() >= len(parent)):
+            raise IndexError(f"subset indices must lie in [0, {len(parent)}) for {parent.name}")
+        self.name = parent.name
+        self.split = parent.split
+        self.classes = parent.classes
+        self.labels = parent.labels[self.indices]
+
+    def load_image(self, index: int) -> Image.Image:
+        return self.parent.load_image(int(self.indices[index]))
+
+    def annotations(self, index: int) -> PartAnnotations | None:
+        return self.parent.annotations(int(self.indices[index]))
+
+    @property
+    def has_parts(self) -> bool:
+        return self.parent.has_parts
+
+    def fingerprint(self) -> str:
+        return stable_hash({"parent": self.parent.fingerprint(), "indices": self.indices.tolist()})

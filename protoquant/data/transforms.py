@@ -1,0 +1,65 @@
+"""Image -> normalised tensor, for the plain view and for seeded augmented views.
+
+Augmented views are a pure function of (seed, image index, view index), so a cache
+built twice holds identical features, and the transform is described by a dict the
+cache manifest records.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torchvision.transforms.functional as TF
+from PIL import Image
+
+ASPECT_RANGE = (3 / 4, 4 / 3)  # RandomResizedCrop aspect-ratio range (torchvision default)
+CROP_TRIES = 10  # attempts before falling back to the centre crop
+
+
+@dataclass(frozen=True)
+class ViewTransform:
+    """Resize (+ centre crop if crop_ratio < 1) (view 0) or seeded random-resized-crop + flip (views >= 1)."""
+
+    image_size: int
+    crop_ratio: float
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    min_crop_scale: float = 0.5
+    seed: int = 0
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "views-v1", **asdict(self)}
+
+    def __call__(self, image: Image.Image, index: int, view: int) -> torch.Tensor:
+        """(3, S, S) float tensor of view `view` of image `index`."""
+        if view == 0 and self.crop_ratio >= 1.0:  # the part-prototype protocols: plain resize to S x S
+            crop = TF.resize(image, [self.image_size, self.image_size])
+        elif view == 0:  # ImageNet convention: shorter side to S / ratio, centre crop S
+            resized = TF.resize(image, int(math.floor(self.image_size / self.crop_ratio)))
+            crop = TF.center_crop(resized, [self.image_size, self.image_size])
+        else:
+            rng = np.random.default_rng((self.seed, index, view))
+            top, left, height, width = _crop_box(image.width, image.height, self.min_crop_scale, rng)
+            crop = TF.resized_crop(image, top, left, height, width, [self.image_size, self.image_size])
+            if rng.random() < 0.5:
+                crop = TF.hflip(crop)
+        tensor = TF.to_tensor(crop)  # (3, S, S) in [0, 1]
+        return TF.normalize(tensor, list(self.mean), list(self.std))
+
+
+def _crop_box(width: int, height: int, min_scale: float, rng: np.random.Generator) -> tuple[int, int, int, int]:
+    area = width * height
+    log_ratio = (math.log(ASPECT_RANGE[0]), math.log(ASPECT_RANGE[1]))
+    for _ in range(CROP_TRIES):
+        target = area * rng.uniform(min_scale, 1.0)
+        ratio = math.exp(rng.uniform(*log_ratio))
+        w = int(round(math.sqrt(target * ratio)))
+        h = int(round(math.sqrt(target / ratio)))
+        if 0 < w <= width and 0 < h <= height:
+            return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
+    side = min(width, height)
+    return (height - side) // 2, (width - side) // 2, side, side

@@ -1,0 +1,245 @@
+"""The feature cache: the only place images meet the backbone during training.
+
+A cache folder holds, for one (dataset split, backbone + weights, transform, views):
+`manifest.json`, shards `features-NNNNN.npy` ((n, H, W, D) float16, memory-mapped on
+read) and `pooled-NNNNN.npy` ((n, D) float32 spatial means for the linear probe).
+Entries are image-major: entry e = image e // views, view e % views. Every file is
+written to a temporary name and renamed, and the manifest lists finished shards, so
+an interrupted run resumes where it stopped and a reader never sees half a shard.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from protoquant.backbones import FrozenBackbone
+from protoquant.config import CacheConfig
+from protoquant.data.base import ImageDataset, stable_hash
+from protoquant.data.transforms import ViewTransform
+
+logger = logging.getLogger(__name__)
+
+CACHE_FORMAT = 1  # bump when the on-disk layout changes
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def atomic_save_npy(path: Path, array: np.ndarray) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.npy")
+    np.save(tmp, array)
+    os.replace(tmp, path)
+
+
+class _Views(Dataset):
+    """(image, view) entries of an ImageDataset as normalised tensors."""
+
+    def __init__(self, dataset: ImageDataset, transform: ViewTransform, views: int, entries: range):
+        self.dataset, self.transform, self.views, self.entries = dataset, transform, views, entries
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        entry = self.entries[i]
+        index, view = divmod(entry, self.views)
+        return self.transform(self.dataset.load_image(index), index, view)
+
+
+def cache_key(dataset: ImageDataset, backbone: FrozenBackbone, transform: ViewTransform, views: int, config: CacheConfig) -> dict:
+    """Everything the cached features depend on; its hash names the cache folder."""
+    info = backbone.info
+    return {
+        "format": CACHE_FORMAT,
+        "dataset": dataset.name,
+        "split": dataset.split,
+        "dataset_fingerprint": dataset.fingerprint(),
+        "num_images": len(dataset),
+        "backbone": info.name,
+        "weights_hash": info.weights_hash,
+        "transform": transform.describe(),
+        "views": views,
+        "autocast_bf16": config.autocast_bf16,
+    }
+
+
+@dataclass
+class _Plan:
+    folder: Path
+    manifest: dict
+    num_shards: int
+
+
+def _plan(dataset: ImageDataset, backbone: FrozenBackbone, transform: ViewTransform, views: int, config: CacheConfig) -> _Plan:
+    key = cache_key(dataset, backbone, transform, views, config)
+    digest = stable_hash(key)
+    folder = Path(config.root) / f"{dataset.name}-{dataset.split}-{digest[:16]}"
+    folder.mkdir(parents=True, exist_ok=True)
+    num_entries = len(dataset) * views
+    manifest_path = folder / "manifest.json"
+    if manifest_path.is_file():
+        manifest = json.loads(manifest_path.read_text())
+        if manifest.get("digest") != digest:
+            raise RuntimeError(f"{manifest_path}: manifest does not match its folder's key; delete the folder")
+    else:
+        info = backbone.info
+        manifest = {
+            "key": key,
+            "digest": digest,
+            "num_entries": num_entries,
+            "shard_size": config.shard_size,
+            "channels": info.channels,
+            "grid": list(info.grid),
+            "labels": dataset.labels.astype(int).tolist(),
+            "classes": list(dataset.classes),
+            "done": [],
+            "complete": False,
+        }
+    return _Plan(folder, manifest, -(-num_entries // manifest["shard_size"]))
+
+
+def _write_manifest(plan: _Plan) -> None:
+    atomic_write_bytes(plan.folder / "manifest.json", json.dumps(plan.manifest).encode())
+
+
+def _extract_shard(backbone: FrozenBackbone, loader: DataLoader, device: torch.device, bf16: bool) -> np.ndarray:
+    chunks = []
+    for images in loader:
+        images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            features = backbone(images)  # (B, D, H, W)
+        chunks.append(features.float().permute(0, 2, 3, 1).to(torch.float16).cpu().numpy())  # (B, H, W, D)
+    return np.concatenate(chunks)
+
+
+def build_cache(
+    dataset: ImageDataset,
+    backbone: FrozenBackbone,
+    transform: ViewTransform,
+    *,
+    views: int,
+    config: CacheConfig,
+    device: torch.device | str = "cpu",
+    shards: list[int] | None = None,
+) -> "FeatureStore":
+    """Cache features of every (image, view) of `dataset`, reusing any finished shards.
+
+    Args:
+        shards: shard ids this process computes (all by default; the distributed
+            runner passes each rank its share). Returns a store only when complete.
+    """
+    device = torch.device(device)
+    plan = _plan(dataset, backbone, transform, views, config)
+    todo = [s for s in (range(plan.num_shards) if shards is None else shards) if s not in plan.manifest["done"]]
+    if not todo and plan.manifest["complete"]:
+        logger.info("feature cache hit: %s", plan.folder)
+        return FeatureStore(plan.folder)
+    backbone = backbone.to(device).to(memory_format=torch.channels_last)
+    size, total = plan.manifest["shard_size"], plan.manifest["num_entries"]
+    progress = tqdm(total=sum(min(size, total - s * size) for s in todo), desc=f"caching {dataset.name}/{dataset.split}", unit="view")
+    for shard in todo:
+        entries = range(shard * size, min((shard + 1) * size, total))
+        loader = DataLoader(
+            _Views(dataset, transform, views, entries),
+            batch_size=config.batch_size,
+            num_workers=config.num_workers,
+            pin_memory=device.type == "cuda",
+        )
+        features = _extract_shard(backbone, loader, device, config.autocast_bf16)  # (n, H, W, D)
+        atomic_save_npy(plan.folder / f"features-{shard:05d}.npy", features)
+        atomic_save_npy(plan.folder / f"pooled-{shard:05d}.npy", features.astype(np.float32).mean(axis=(1, 2)))
+        plan.manifest["done"] = sorted(set(plan.manifest["done"]) | {shard})
+        _write_manifest(plan)
+        progress.update(len(entries))
+    progress.close()
+    plan.manifest["complete"] = len(plan.manifest["done"]) == plan.num_shards
+    _write_manifest(plan)
+    return FeatureStore(plan.folder) if plan.manifest["complete"] else None
+
+
+class FeatureStore:
+    """Read-only view of a finished cache folder; shards are memory-mapped.
+
+    Attributes:
+        labels: (N,) int64 label of each entry.
+        image_index, view_index: (N,) which image and view each entry is.
+    """
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        manifest_path = self.folder / "manifest.json"
+        if not manifest_path.is_file():
+            raise FileNotFoundError(f"no feature cache manifest at {manifest_path}")
+        self.manifest = json.loads(manifest_path.read_text())
+        if not self.manifest.get("complete"):
+            raise RuntimeError(f"feature cache {self.folder} is incomplete; rerun caching to resume it")
+        self.views = int(self.manifest["key"]["views"])
+        self.shard_size = int(self.manifest["shard_size"])
+        self.channels = int(self.manifest["channels"])
+        self.grid = tuple(self.manifest["grid"])
+        image_labels = np.asarray(self.manifest["labels"], dtype=np.int64)
+        self.labels = np.repeat(image_labels, self.views)
+        entries = np.arange(len(self.labels))
+        self.image_index, self.view_index = entries // self.views, entries % self.views
+        num_shards = -(-len(self.labels) // self.shard_size)
+        self._shards = [np.load(self.folder / f"features-{s:05d}.npy", mmap_mode="r") for s in range(num_shards)]
+        self._pooled: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def entries(self, *, first_view_only: bool = False) -> np.ndarray:
+        """Entry ids, optionally only view 0 of each image (evaluation)."""
+        return np.flatnonzero(self.view_index == 0) if first_view_only else np.arange(len(self))
+
+    def get(self, entries: np.ndarray) -> torch.Tensor:
+        """Features of `entries` as float32 (B, D, H, W)."""
+        entries = np.asarray(entries, dtype=np.int64)
+        out = np.empty((len(entries), *self.grid, self.channels), dtype=np.float16)  # (B, H, W, D)
+        shard_of, row_of = np.divmod(entries, self.shard_size)
+        for shard in np.unique(shard_of):
+            mask = shard_of == shard
+            rows = row_of[mask]
+            order = np.argsort(rows)
+            out[np.flatnonzero(mask)[order]] = self._shards[shard][rows[order]]
+        return torch.from_numpy(out).float().permute(0, 3, 1, 2)  # (B, D, H, W)
+
+    def pooled(self) -> torch.Tensor:
+        """Spatial mean of every entry, (N, D) float32 (read once, then kept in memory)."""
+        if self._pooled is None:
+            parts = [np.load(self.folder / f"pooled-{s:05d}.npy") for s in range(len(self._shards))]
+            self._pooled = np.concatenate(parts)
+        return torch.from_numpy(self._pooled)
+
+    def batches(
+        self, entries: np.ndarray, batch_size: int, *, shuffle: bool = False, generator: np.random.Generator | None = None
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yield (features (B, D, H, W), labels (B,)) over `entries`."""
+        order = generator.permutation(entries) if shuffle else np.asarray(entries)
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            yield self.get(chunk), torch.from_numpy(self.labels[chunk])
+
+
+def cache_dataset(
+    dataset: ImageDataset, backbone: FrozenBackbone, transform: ViewTransform, *, views: int, config: CacheConfig, device="cpu"
+) -> FeatureStore:
+    """Build (or reuse) the complete cache and time it; see `build_cache`."""
+    start = time.perf_counter()
+    store = build_cache(dataset, backbone, transform, views=views, config=config, device=device)
+    logger.info("cache %s ready in %.1fs", store.folder, time.perf_counter() - start)
+    return store

@@ -1,0 +1,44 @@
+"""Where each prototype lives among real training patches.
+
+For every code: the cosine similarity to its nearest cached training patch, and which
+entry and cell that patch is. Computed in batches straight from the feature cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from protoquant.train import Subset
+
+
+@dataclass(frozen=True)
+class NearestPatches:
+    cosine: torch.Tensor  # (K,) similarity of each code to its nearest training patch
+    entry: torch.Tensor  # (K,) cache entry holding that patch
+    cell: torch.Tensor  # (K,) flat cell index h * W + w of that patch
+
+
+def nearest_patches(codes: torch.Tensor, subset: Subset, batch_size: int, device: torch.device) -> NearestPatches:
+    """Nearest training patch (cosine) of every code, over every entry of `subset`."""
+    unit_codes = F.normalize(codes.to(device), dim=1)  # (K, D)
+    num_codes = codes.shape[0]
+    best = torch.full((num_codes,), -2.0)
+    best_entry = torch.zeros(num_codes, dtype=torch.long)
+    best_cell = torch.zeros(num_codes, dtype=torch.long)
+    position = 0
+    with torch.no_grad():
+        for features, _ in subset.store.batches(subset.entries, batch_size):
+            batch, dim, height, width = features.shape
+            patches = F.normalize(features.to(device), dim=1).flatten(2)  # (B, D, H*W)
+            sims = torch.einsum("kd,bdn->kbn", unit_codes, patches).reshape(num_codes, -1).cpu()  # (K, B*H*W)
+            value, flat = sims.max(dim=1)
+            better = value > best
+            best[better] = value[better]
+            rows = torch.from_numpy(subset.entries[position : position + batch])
+            best_entry[better] = rows[flat[better] // (height * width)]
+            best_cell[better] = flat[better] % (height * width)
+            position += batch
+    return NearestPatches(best, best_entry, best_cell)

@@ -1,0 +1,101 @@
+"""The interpretable head: similarity to prototypes -> softmax(tau) -> max-pool -> non-negative class layer.
+
+Shapes: features (B, D, H, W), codebook (K, D), similarity/activation (B, K, H, W),
+scores (B, K), class_weights (C, K), logits (B, C).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def cosine_similarity_map(features: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity of every location to every prototype.
+
+    Args:
+        features: (B, D, H, W) patch features.
+        codebook: (K, D) prototypes.
+
+    Returns:
+        (B, K, H, W) similarities in [-1, 1].
+    """
+    unit_features = F.normalize(features, dim=1)  # (B, D, H, W)
+    unit_codes = F.normalize(codebook, dim=1)  # (K, D)
+    return torch.einsum("bdhw,kd->bkhw", unit_features, unit_codes)
+
+
+def presence_scores(similarity: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax over prototypes at each location, then max over locations.
+
+    Returns:
+        activation (B, K, H, W) and scores (B, K) = activation's spatial max.
+    """
+    activation = torch.softmax(similarity / temperature, dim=1)  # (B, K, H, W)
+    return activation, activation.flatten(2).amax(dim=2)  # (B, K)
+
+
+class NonNegativeLinear(nn.Module):
+    """Linear map without bias whose effective weights are ReLU(raw) * mask >= 0.
+
+    `mask` (C, K) holds 1 where a weight may be non-zero (the top-k-per-class limit).
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, init_mean: float = 1.0, init_std: float = 0.1):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features).normal_(init_mean, init_std))
+        self.register_buffer("mask", torch.ones(out_features, in_features))
+
+    @property
+    def effective_weight(self) -> torch.Tensor:
+        """(C, K) weights as used in the forward pass, all >= 0."""
+        return torch.relu(self.weight) * self.mask
+
+    def forward(self, scores: torch.Tensor) -> torch.Tensor:
+        return scores @ self.effective_weight.t()  # (B, K) @ (K, C) -> (B, C)
+
+
+@dataclass(frozen=True)
+class HeadOutput:
+    """Everything one forward pass of the head produces (all fields always filled)."""
+
+    logits: torch.Tensor  # (B, C)
+    scores: torch.Tensor  # (B, K) pooled presence of each prototype
+    similarity: torch.Tensor  # (B, K, H, W) cosine similarity to each prototype
+    activation: torch.Tensor  # (B, K, H, W) softmax over prototypes of similarity / tau
+
+
+class ProtoQuantHead(nn.Module):
+    """Prototypes (a frozen codebook) and the non-negative class layer over their pooled presence."""
+
+    def __init__(self, codebook: torch.Tensor, num_classes: int, *, temperature: float = 0.1, init_mean: float = 1.0, init_std: float = 0.1):
+        super().__init__()
+        self.register_buffer("codebook", codebook.detach().clone())  # (K, D), frozen: a buffer, never a parameter
+        self.register_buffer("usage", torch.zeros(codebook.shape[0]))  # (K,) training patches assigned to each code
+        self.temperature = float(temperature)
+        self.class_layer = NonNegativeLinear(codebook.shape[0], num_classes, init_mean=init_mean, init_std=init_std)
+
+    @property
+    def num_prototypes(self) -> int:
+        return int(self.codebook.shape[0])
+
+    @property
+    def class_weights(self) -> torch.Tensor:
+        """(C, K) effective, non-negative class weights."""
+        return self.class_layer.effective_weight
+
+    def scores(self, features: torch.Tensor) -> torch.Tensor:
+        """(B, K) pooled prototype presence for features (B, D, H, W)."""
+        return presence_scores(cosine_similarity_map(features, self.codebook), self.temperature)[1]
+
+    def forward(self, features: torch.Tensor) -> HeadOutput:
+        similarity = cosine_similarity_map(features, self.codebook)
+        activation, scores = presence_scores(similarity, self.temperature)
+        return HeadOutput(self.class_layer(scores), scores, similarity, activation)
+
+    def contributions(self, scores: torch.Tensor) -> torch.Tensor:
+        """(B, C, K) score x weight; summing over K gives the logits."""
+        return scores[:, None, :] * self.class_weights[None]
