@@ -63,7 +63,9 @@ def _verify(path: Path, expected_full: str | None) -> None:
     match = HASH_PREFIX.search(path.name)
     expected = expected_full or (match.group(1) if match else "")
     if expected and not actual.startswith(expected):
-        raise ValueError(f"weights file {path} has sha256 {actual}, expected {expected}: corrupt or wrong file")
+        raise ValueError(
+            f"weights file {path} has sha256 {actual}, expected {expected}: corrupt or wrong file"
+        )
 
 
 def _shipped_file(filename: str) -> Path | None:
@@ -124,7 +126,9 @@ def resolve_torchvision_weights(model_name: str, config: BackboneConfig) -> Weig
         weights = enum.DEFAULT if spec == "DEFAULT" else enum[spec]
     except KeyError as err:
         valid = ", ".join(["default", "none", *enum.__members__])
-        raise ValueError(f"backbone.weights '{spec}' for {model_name}: expected a file path or one of {valid}") from err
+        raise ValueError(
+            f"backbone.weights '{spec}' for {model_name}: expected a file path or one of {valid}"
+        ) from err
     filename = weights.url.rsplit("/", 1)[-1]
     hub_file = _hub_checkpoint(filename)
     if hub_file.is_file():
@@ -173,5 +177,7 @@ def resolve_timm_weights(model: nn.Module, config: BackboneConfig) -> WeightsSou
     if config.download:
         return WeightsSource(f"timm pretrained ({hub_id or url})", download_pretrained=True)
     if not looked:
-        raise ValueError(f"timm model {config.name} has no pretrained weights; use backbone.weights=none or a file")
+        raise ValueError(
+            f"timm model {config.name} has no pretrained weights; use backbone.weights=none or a file"
+        )
     raise _missing(config.name, hub_id or url, looked, "")

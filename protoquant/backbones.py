@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn
@@ -55,7 +55,7 @@ class FrozenBackbone(nn.Module):
         super().train(False)
         self.info: BackboneInfo | None = None
 
-    def train(self, mode: bool = True) -> "FrozenBackbone":
+    def train(self, mode: bool = True) -> FrozenBackbone:
         """Frozen: the backbone stays in eval mode whatever is asked."""
         return super().train(False)
 
@@ -208,7 +208,9 @@ def create_backbone(config: BackboneConfig) -> FrozenBackbone:
     """
     library, _, model_name = config.name.partition("/")
     if library not in BUILDERS or not model_name:
-        raise ValueError(f"backbone name '{config.name}' must be '<library>/<model>' with library in {list(BUILDERS)}")
+        raise ValueError(
+            f"backbone name '{config.name}' must be '<library>/<model>' with library in {list(BUILDERS)}"
+        )
     model, source, extract = BUILDERS[library](model_name, config)
     backbone = FrozenBackbone(model, extract)
     mean, std = _normalisation(model, library)
@@ -223,5 +225,11 @@ def create_backbone(config: BackboneConfig) -> FrozenBackbone:
         weights=source.description,
         weights_hash=state_hash(model),
     )
-    logger.info("backbone %s: D=%d grid=%s weights=%s", config.name, backbone.info.channels, backbone.info.grid, source.description)
+    logger.info(
+        "backbone %s: D=%d grid=%s weights=%s",
+        config.name,
+        backbone.info.channels,
+        backbone.info.grid,
+        source.description,
+    )
     return backbone

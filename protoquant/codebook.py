@@ -75,7 +75,9 @@ def orthogonal_init(num_codes: int, dim: int, generator: torch.Generator) -> tor
     return codes
 
 
-def kmeans_init(patches: torch.Tensor, num_codes: int, iters: int, generator: torch.Generator) -> torch.Tensor:
+def kmeans_init(
+    patches: torch.Tensor, num_codes: int, iters: int, generator: torch.Generator
+) -> torch.Tensor:
     """k-means with cosine assignment and mean update, seeded from random patches.
 
     Empty clusters are re-seeded with random patches each iteration.

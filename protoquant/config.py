@@ -34,7 +34,9 @@ class BackboneConfig:
     weights: str = "default"  # "default" (the library's pretrained weights), "none" (random), or a file path
     download: bool = False  # allow the ecosystem to download missing weights (off: fail at once)
     image_size: int = 224  # square input side after resize and centre crop
-    crop_ratio: float = 1.0  # 1: resize to S x S (part-prototype protocols); <1: shorter side to S/ratio, centre crop
+    crop_ratio: float = (
+        1.0  # 1: resize to S x S (part-prototype protocols); <1: shorter side to S/ratio, centre crop
+    )
 
 
 @dataclass(frozen=True)

@@ -14,9 +14,9 @@ import json
 import logging
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -60,7 +60,9 @@ class _Views(Dataset):
         return self.transform(self.dataset.load_image(index), index, view)
 
 
-def cache_key(dataset: ImageDataset, backbone: FrozenBackbone, transform: ViewTransform, views: int, config: CacheConfig) -> dict:
+def cache_key(
+    dataset: ImageDataset, backbone: FrozenBackbone, transform: ViewTransform, views: int, config: CacheConfig
+) -> dict:
     """Everything the cached features depend on; its hash names the cache folder."""
     info = backbone.info
     return {
@@ -84,7 +86,9 @@ class _Plan:
     num_shards: int
 
 
-def _plan(dataset: ImageDataset, backbone: FrozenBackbone, transform: ViewTransform, views: int, config: CacheConfig) -> _Plan:
+def _plan(
+    dataset: ImageDataset, backbone: FrozenBackbone, transform: ViewTransform, views: int, config: CacheConfig
+) -> _Plan:
     key = cache_key(dataset, backbone, transform, views, config)
     digest = stable_hash(key)
     folder = Path(config.root) / f"{dataset.name}-{dataset.split}-{digest[:16]}"
@@ -94,7 +98,9 @@ def _plan(dataset: ImageDataset, backbone: FrozenBackbone, transform: ViewTransf
     if manifest_path.is_file():
         manifest = json.loads(manifest_path.read_text())
         if manifest.get("digest") != digest:
-            raise RuntimeError(f"{manifest_path}: manifest does not match its folder's key; delete the folder")
+            raise RuntimeError(
+                f"{manifest_path}: manifest does not match its folder's key; delete the folder"
+            )
     else:
         info = backbone.info
         manifest = {
@@ -116,7 +122,9 @@ def _write_manifest(plan: _Plan) -> None:
     atomic_write_bytes(plan.folder / "manifest.json", json.dumps(plan.manifest).encode())
 
 
-def _extract_shard(backbone: FrozenBackbone, loader: DataLoader, device: torch.device, bf16: bool) -> np.ndarray:
+def _extract_shard(
+    backbone: FrozenBackbone, loader: DataLoader, device: torch.device, bf16: bool
+) -> np.ndarray:
     chunks = []
     for images in loader:
         images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
@@ -135,7 +143,7 @@ def build_cache(
     config: CacheConfig,
     device: torch.device | str = "cpu",
     shards: list[int] | None = None,
-) -> "FeatureStore":
+) -> FeatureStore:
     """Cache features of every (image, view) of `dataset`, reusing any finished shards.
 
     Args:
@@ -144,13 +152,19 @@ def build_cache(
     """
     device = torch.device(device)
     plan = _plan(dataset, backbone, transform, views, config)
-    todo = [s for s in (range(plan.num_shards) if shards is None else shards) if s not in plan.manifest["done"]]
+    todo = [
+        s for s in (range(plan.num_shards) if shards is None else shards) if s not in plan.manifest["done"]
+    ]
     if not todo and plan.manifest["complete"]:
         logger.info("feature cache hit: %s", plan.folder)
         return FeatureStore(plan.folder)
     backbone = backbone.to(device).to(memory_format=torch.channels_last)
     size, total = plan.manifest["shard_size"], plan.manifest["num_entries"]
-    progress = tqdm(total=sum(min(size, total - s * size) for s in todo), desc=f"caching {dataset.name}/{dataset.split}", unit="view")
+    progress = tqdm(
+        total=sum(min(size, total - s * size) for s in todo),
+        desc=f"caching {dataset.name}/{dataset.split}",
+        unit="view",
+    )
     for shard in todo:
         entries = range(shard * size, min((shard + 1) * size, total))
         loader = DataLoader(
@@ -161,7 +175,9 @@ def build_cache(
         )
         features = _extract_shard(backbone, loader, device, config.autocast_bf16)  # (n, H, W, D)
         atomic_save_npy(plan.folder / f"features-{shard:05d}.npy", features)
-        atomic_save_npy(plan.folder / f"pooled-{shard:05d}.npy", features.astype(np.float32).mean(axis=(1, 2)))
+        atomic_save_npy(
+            plan.folder / f"pooled-{shard:05d}.npy", features.astype(np.float32).mean(axis=(1, 2))
+        )
         plan.manifest["done"] = sorted(set(plan.manifest["done"]) | {shard})
         _write_manifest(plan)
         progress.update(len(entries))
@@ -196,7 +212,9 @@ class FeatureStore:
         entries = np.arange(len(self.labels))
         self.image_index, self.view_index = entries // self.views, entries % self.views
         num_shards = -(-len(self.labels) // self.shard_size)
-        self._shards = [np.load(self.folder / f"features-{s:05d}.npy", mmap_mode="r") for s in range(num_shards)]
+        self._shards = [
+            np.load(self.folder / f"features-{s:05d}.npy", mmap_mode="r") for s in range(num_shards)
+        ]
         self._pooled: np.ndarray | None = None
 
     def __len__(self) -> int:
@@ -226,7 +244,12 @@ class FeatureStore:
         return torch.from_numpy(self._pooled)
 
     def batches(
-        self, entries: np.ndarray, batch_size: int, *, shuffle: bool = False, generator: np.random.Generator | None = None
+        self,
+        entries: np.ndarray,
+        batch_size: int,
+        *,
+        shuffle: bool = False,
+        generator: np.random.Generator | None = None,
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yield (features (B, D, H, W), labels (B,)) over `entries`."""
         order = generator.permutation(entries) if shuffle else np.asarray(entries)
@@ -236,7 +259,13 @@ class FeatureStore:
 
 
 def cache_dataset(
-    dataset: ImageDataset, backbone: FrozenBackbone, transform: ViewTransform, *, views: int, config: CacheConfig, device="cpu"
+    dataset: ImageDataset,
+    backbone: FrozenBackbone,
+    transform: ViewTransform,
+    *,
+    views: int,
+    config: CacheConfig,
+    device="cpu",
 ) -> FeatureStore:
     """Build (or reuse) the complete cache and time it; see `build_cache`."""
     start = time.perf_counter()

@@ -21,7 +21,9 @@ class NearestPatches:
     cell: torch.Tensor  # (K,) flat cell index h * W + w of that patch
 
 
-def nearest_patches(codes: torch.Tensor, subset: Subset, batch_size: int, device: torch.device) -> NearestPatches:
+def nearest_patches(
+    codes: torch.Tensor, subset: Subset, batch_size: int, device: torch.device
+) -> NearestPatches:
     """Nearest training patch (cosine) of every code, over every entry of `subset`."""
     unit_codes = F.normalize(codes.to(device), dim=1)  # (K, D)
     num_codes = codes.shape[0]

@@ -71,12 +71,26 @@ class HeadOutput:
 class ProtoQuantHead(nn.Module):
     """Prototypes (a frozen codebook) and the non-negative class layer over their pooled presence."""
 
-    def __init__(self, codebook: torch.Tensor, num_classes: int, *, temperature: float = 0.1, init_mean: float = 1.0, init_std: float = 0.1):
+    def __init__(
+        self,
+        codebook: torch.Tensor,
+        num_classes: int,
+        *,
+        temperature: float = 0.1,
+        init_mean: float = 1.0,
+        init_std: float = 0.1,
+    ):
         super().__init__()
-        self.register_buffer("codebook", codebook.detach().clone())  # (K, D), frozen: a buffer, never a parameter
-        self.register_buffer("usage", torch.zeros(codebook.shape[0]))  # (K,) training patches assigned to each code
+        self.register_buffer(
+            "codebook", codebook.detach().clone()
+        )  # (K, D), frozen: a buffer, never a parameter
+        self.register_buffer(
+            "usage", torch.zeros(codebook.shape[0])
+        )  # (K,) training patches assigned to each code
         self.temperature = float(temperature)
-        self.class_layer = NonNegativeLinear(codebook.shape[0], num_classes, init_mean=init_mean, init_std=init_std)
+        self.class_layer = NonNegativeLinear(
+            codebook.shape[0], num_classes, init_mean=init_mean, init_std=init_std
+        )
 
     @property
     def num_prototypes(self) -> int:

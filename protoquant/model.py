@@ -11,9 +11,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -44,13 +44,17 @@ class Prediction:
 class ProtoQuant(nn.Module):
     """An interpretable classifier: frozen backbone -> prototype head."""
 
-    def __init__(self, backbone: FrozenBackbone, head: ProtoQuantHead, classes: Sequence[str], config: RunConfig):
+    def __init__(
+        self, backbone: FrozenBackbone, head: ProtoQuantHead, classes: Sequence[str], config: RunConfig
+    ):
         super().__init__()
         self.backbone, self.head = backbone, head
         self.classes = tuple(classes)
         self.config = config
         info = backbone.info
-        self.transform = ViewTransform(config.backbone.image_size, config.backbone.crop_ratio, info.mean, info.std)
+        self.transform = ViewTransform(
+            config.backbone.image_size, config.backbone.crop_ratio, info.mean, info.std
+        )
 
     def forward(self, images: torch.Tensor) -> HeadOutput:
         """images: (B, 3, S, S) normalised tensors."""
@@ -62,16 +66,22 @@ class ProtoQuant(nn.Module):
             if images.ndim != 4 or images.shape[1] != 3:
                 raise ValueError(f"image tensor must be (B, 3, H, W) in [0, 1], got {tuple(images.shape)}")
             size = self.config.backbone.image_size
-            resized = F.interpolate(images.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+            resized = F.interpolate(
+                images.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False
+            )
             mean = torch.tensor(self.transform.mean).view(1, 3, 1, 1)
             std = torch.tensor(self.transform.std).view(1, 3, 1, 1)
             return (resized - mean) / std
         return torch.stack([self.transform(image.convert("RGB"), 0, 0) for image in images])
 
-    @torch.no_grad()
     def predict(self, images: Sequence[Image.Image] | torch.Tensor) -> Prediction:
-        device = self.head.codebook.device
-        out = self(self.preprocess(images).to(device))
+        """Classify PIL images or a (B, 3, h, w) tensor in [0, 1]."""
+        return self.predict_normalised(self.preprocess(images))
+
+    @torch.no_grad()
+    def predict_normalised(self, batch: torch.Tensor) -> Prediction:
+        """Classify an already preprocessed (B, 3, S, S) batch."""
+        out = self(batch.to(self.head.codebook.device))
         return Prediction(
             classes=out.logits.argmax(dim=1).cpu(),
             probabilities=out.logits.softmax(dim=1).cpu(),
@@ -87,7 +97,10 @@ class ProtoQuant(nn.Module):
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        save_file({k: v.contiguous().cpu() for k, v in self.head.state_dict().items()}, str(tmp / "model.safetensors"))
+        save_file(
+            {k: v.contiguous().cpu() for k, v in self.head.state_dict().items()},
+            str(tmp / "model.safetensors"),
+        )
         if self.backbone.info.weights == "random":
             state = {k: v.contiguous().cpu() for k, v in self.backbone.model.state_dict().items()}
             save_file(state, str(tmp / "backbone.safetensors"))
@@ -106,7 +119,9 @@ class ProtoQuant(nn.Module):
         return path
 
     @classmethod
-    def load(cls, path: str | Path, *, backbone: FrozenBackbone | None = None, device: str | torch.device = "cpu") -> "ProtoQuant":
+    def load(
+        cls, path: str | Path, *, backbone: FrozenBackbone | None = None, device: str | torch.device = "cpu"
+    ) -> ProtoQuant:
         """Load a checkpoint folder strictly; the backbone is rebuilt from its name unless given."""
         path = Path(path)
         meta = _read_meta(path)
@@ -133,8 +148,12 @@ class ProtoQuant(nn.Module):
 def _read_meta(path: Path) -> dict:
     config_path = path / "config.json"
     if not config_path.is_file() or not (path / "model.safetensors").is_file():
-        raise FileNotFoundError(f"{path} is not a protoquant checkpoint (needs config.json and model.safetensors)")
+        raise FileNotFoundError(
+            f"{path} is not a protoquant checkpoint (needs config.json and model.safetensors)"
+        )
     meta = json.loads(config_path.read_text())
     if meta.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{config_path}: checkpoint format {meta.get('format')}, this version reads {CHECKPOINT_FORMAT}")
+        raise ValueError(
+            f"{config_path}: checkpoint format {meta.get('format')}, this version reads {CHECKPOINT_FORMAT}"
+        )
     return meta

@@ -17,7 +17,14 @@ from protoquant.data.transforms import ViewTransform
 from protoquant.features import FeatureStore, atomic_write_bytes, build_cache
 from protoquant.grounding import nearest_patches
 from protoquant.model import ProtoQuant
-from protoquant.train import Subset, code_usage, evaluate_probe, evaluate_quantized, train_codebook, train_probe
+from protoquant.train import (
+    Subset,
+    code_usage,
+    evaluate_probe,
+    evaluate_quantized,
+    train_codebook,
+    train_probe,
+)
 from protoquant.train_head import evaluate_head, global_size, train_head
 
 logger = logging.getLogger(__name__)
@@ -50,7 +57,14 @@ def resolve_device(name: str) -> torch.device:
 
 def build_caches(splits: Splits, backbone: FrozenBackbone, config: RunConfig, device: torch.device) -> Caches:
     info = backbone.info
-    transform = ViewTransform(config.backbone.image_size, config.backbone.crop_ratio, info.mean, info.std, config.cache.min_crop_scale, config.seed)
+    transform = ViewTransform(
+        config.backbone.image_size,
+        config.backbone.crop_ratio,
+        info.mean,
+        info.std,
+        config.cache.min_crop_scale,
+        config.seed,
+    )
 
     def store(dataset, views: int) -> FeatureStore:
         return build_cache(dataset, backbone, transform, views=views, config=config.cache, device=device)
@@ -80,9 +94,20 @@ def run(config: RunConfig, *, backbone: FrozenBackbone | None = None) -> RunResu
     train_start = time.perf_counter()
     num_classes = splits.train.num_classes
     probe = train_probe(caches.train, caches.val, num_classes, config.probe, seed=config.seed, device=device)
-    codebook, history = train_codebook(caches.train, caches.val, probe, config.codebook, seed=config.seed, device=device)
+    codebook, history = train_codebook(
+        caches.train, caches.val, probe, config.codebook, seed=config.seed, device=device
+    )
     usage = code_usage(codebook.codes, caches.train_plain, config.codebook.batch_size, device)
-    head, selection = train_head(codebook.codes.detach(), usage, caches.train, caches.val, num_classes, config.head, seed=config.seed, device=device)
+    head, selection = train_head(
+        codebook.codes.detach(),
+        usage,
+        caches.train,
+        caches.val,
+        num_classes,
+        config.head,
+        seed=config.seed,
+        device=device,
+    )
     train_seconds = time.perf_counter() - train_start
 
     model = ProtoQuant(backbone, head, splits.train.classes, config)
@@ -91,9 +116,25 @@ def run(config: RunConfig, *, backbone: FrozenBackbone | None = None) -> RunResu
     grounding = nearest_patches(head.codebook, caches.train_plain, batch, device)
     used = usage > 0
     metrics = {
-        "data": {"dataset": config.data.dataset, "train": len(splits.train), "val": len(splits.val), "test": len(splits.test), "classes": num_classes, "train_views": config.cache.train_views},
-        "backbone": {"name": backbone.info.name, "weights": backbone.info.weights, "weights_hash": backbone.info.weights_hash, "grid": list(backbone.info.grid), "channels": backbone.info.channels},
-        "linear_probe": {"val_accuracy": evaluate_probe(probe, caches.val, device), "test_accuracy": evaluate_probe(probe, caches.test, device)},
+        "data": {
+            "dataset": config.data.dataset,
+            "train": len(splits.train),
+            "val": len(splits.val),
+            "test": len(splits.test),
+            "classes": num_classes,
+            "train_views": config.cache.train_views,
+        },
+        "backbone": {
+            "name": backbone.info.name,
+            "weights": backbone.info.weights,
+            "weights_hash": backbone.info.weights_hash,
+            "grid": list(backbone.info.grid),
+            "channels": backbone.info.channels,
+        },
+        "linear_probe": {
+            "val_accuracy": evaluate_probe(probe, caches.val, device),
+            "test_accuracy": evaluate_probe(probe, caches.test, device),
+        },
         "quantized": {
             "val_accuracy": evaluate_quantized(codebook, probe, caches.val, batch, device),
             "test_accuracy": evaluate_quantized(codebook, probe, caches.test, batch, device),
@@ -112,7 +153,11 @@ def run(config: RunConfig, *, backbone: FrozenBackbone | None = None) -> RunResu
             "mean_nearest_cosine_used": float(grounding.cosine[used].mean()) if used.any() else float("nan"),
             "min_nearest_cosine_used": float(grounding.cosine[used].min()) if used.any() else float("nan"),
         },
-        "timing": {"cache_seconds": cache_seconds, "train_seconds": train_seconds, "total_seconds": time.perf_counter() - start},
+        "timing": {
+            "cache_seconds": cache_seconds,
+            "train_seconds": train_seconds,
+            "total_seconds": time.perf_counter() - start,
+        },
     }
     atomic_write_bytes(out / "metrics.json", json.dumps(metrics, indent=2).encode())
     with open(out / "history.jsonl", "w") as handle:

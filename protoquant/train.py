@@ -19,9 +19,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from protoquant.codebook import Codebook, kmeans_init, nearest_codes, orthogonal_init, to_patches
-from protoquant.config import CodebookConfig, HeadConfig, ProbeConfig
+from protoquant.config import CodebookConfig, ProbeConfig
 from protoquant.features import FeatureStore
-from protoquant.head import ProtoQuantHead
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +52,9 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
 # --- stage 0 ----------------------------------------------------------------------------------
 
 
-def train_probe(train: Subset, val: Subset, num_classes: int, config: ProbeConfig, *, seed: int, device: torch.device) -> nn.Linear:
+def train_probe(
+    train: Subset, val: Subset, num_classes: int, config: ProbeConfig, *, seed: int, device: torch.device
+) -> nn.Linear:
     """Linear probe on spatially pooled features; returns the best-on-validation probe (frozen)."""
     x_train = train.store.pooled()[train.entries].to(device)  # (N, D)
     y_train = train.labels.to(device)
@@ -110,13 +111,17 @@ def init_codebook(train: Subset, config: CodebookConfig, *, seed: int) -> torch.
     return kmeans_init(patches, config.num_codes, config.kmeans_iters, generator)
 
 
-def quantized_logits(codebook: Codebook, probe: nn.Linear, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def quantized_logits(
+    codebook: Codebook, probe: nn.Linear, features: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits of the frozen probe on the quantized map, and the quantized map (B, D, H, W)."""
     quantized = codebook(features).quantized
     return probe(quantized.mean(dim=(2, 3))), quantized
 
 
-def evaluate_quantized(codebook: Codebook, probe: nn.Linear, subset: Subset, batch_size: int, device: torch.device) -> float:
+def evaluate_quantized(
+    codebook: Codebook, probe: nn.Linear, subset: Subset, batch_size: int, device: torch.device
+) -> float:
     codebook.eval()
     correct = 0
     with torch.no_grad():
@@ -126,7 +131,9 @@ def evaluate_quantized(codebook: Codebook, probe: nn.Linear, subset: Subset, bat
     return correct / max(1, len(subset.entries))
 
 
-def _reset_dead(codebook: Codebook, epoch_usage: torch.Tensor, train: Subset, rng: np.random.Generator) -> int:
+def _reset_dead(
+    codebook: Codebook, epoch_usage: torch.Tensor, train: Subset, rng: np.random.Generator
+) -> int:
     dead = torch.nonzero(epoch_usage == 0).flatten()
     if len(dead):
         fresh = sample_patches(train, len(dead), rng).to(codebook.codes.device)
@@ -135,7 +142,9 @@ def _reset_dead(codebook: Codebook, epoch_usage: torch.Tensor, train: Subset, rn
     return int(len(dead))
 
 
-def train_codebook(train: Subset, val: Subset, probe: nn.Linear, config: CodebookConfig, *, seed: int, device: torch.device) -> tuple[Codebook, list[dict]]:
+def train_codebook(
+    train: Subset, val: Subset, probe: nn.Linear, config: CodebookConfig, *, seed: int, device: torch.device
+) -> tuple[Codebook, list[dict]]:
     """Stage 1: learn K codes so the frozen probe still classifies the quantized maps.
 
     Loss = cross-entropy + commitment_weight * MSE(code, feature); only codes train.
@@ -151,19 +160,27 @@ def train_codebook(train: Subset, val: Subset, probe: nn.Linear, config: Codeboo
     for epoch in tqdm(range(config.epochs), desc="stage 1: codebook", leave=False):
         codebook.train()
         usage_before = codebook.usage.clone()
-        for features, labels in train.store.batches(train.entries, config.batch_size, shuffle=True, generator=rng):
+        for features, labels in train.store.batches(
+            train.entries, config.batch_size, shuffle=True, generator=rng
+        ):
             features, labels = features.to(device), labels.to(device)
             logits, quantized = quantized_logits(codebook, probe, features)
-            loss = F.cross_entropy(logits, labels) + config.commitment_weight * F.mse_loss(quantized, features)
+            loss = F.cross_entropy(logits, labels) + config.commitment_weight * F.mse_loss(
+                quantized, features
+            )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             scheduler.step()
         epoch_usage = codebook.usage - usage_before
-        dead = _reset_dead(codebook, epoch_usage, train, rng) if config.reset_dead_codes else int((epoch_usage == 0).sum())
+        dead = (
+            _reset_dead(codebook, epoch_usage, train, rng)
+            if config.reset_dead_codes
+            else int((epoch_usage == 0).sum())
+        )
         val_acc = evaluate_quantized(codebook, probe, val, config.batch_size, device)
-        history.append({"epoch": epoch, "loss": float(loss), "dead_codes": dead, "val_accuracy": val_acc})
-        logger.info("stage 1 epoch %d: loss %.4f dead %d val %.4f", epoch, float(loss), dead, val_acc)
+        history.append({"epoch": epoch, "loss": loss.item(), "dead_codes": dead, "val_accuracy": val_acc})
+        logger.info("stage 1 epoch %d: loss %.4f dead %d val %.4f", epoch, loss.item(), dead, val_acc)
         if val_acc > best[0]:
             best = (val_acc, copy.deepcopy(codebook.state_dict()))
     codebook.load_state_dict(best[1])

@@ -21,7 +21,9 @@ from protoquant.train import Subset, accuracy
 logger = logging.getLogger(__name__)
 
 
-def compute_scores(head: ProtoQuantHead, subset: Subset, batch_size: int, device: torch.device) -> torch.Tensor:
+def compute_scores(
+    head: ProtoQuantHead, subset: Subset, batch_size: int, device: torch.device
+) -> torch.Tensor:
     """(N, K) pooled prototype presence of every entry in the subset (on the CPU)."""
     out = []
     with torch.no_grad():
@@ -75,7 +77,15 @@ def limit_top_k(layer: NonNegativeLinear, k: int) -> None:
 
 
 def train_head(
-    codebook: torch.Tensor, usage: torch.Tensor, train: Subset, val: Subset, num_classes: int, config: HeadConfig, *, seed: int, device: torch.device
+    codebook: torch.Tensor,
+    usage: torch.Tensor,
+    train: Subset,
+    val: Subset,
+    num_classes: int,
+    config: HeadConfig,
+    *,
+    seed: int,
+    device: torch.device,
 ) -> tuple[ProtoQuantHead, dict]:
     """Stage 2 with frozen codes; returns the head and the selection record (grid, choice, val accuracy)."""
     temperatures = config.temperature_grid or (config.temperature,)
@@ -84,10 +94,21 @@ def train_head(
     trials, best = [], None
     for temperature in temperatures:
         head = _new_head(codebook, usage, num_classes, config, temperature, seed).to(device)
-        scores = (compute_scores(head, train, config.batch_size, device), compute_scores(head, val, config.batch_size, device))
+        scores = (
+            compute_scores(head, train, config.batch_size, device),
+            compute_scores(head, val, config.batch_size, device),
+        )
         for lr in tqdm(lrs, desc=f"stage 2: tau={temperature}", leave=False):
             candidate = _new_head(codebook, usage, num_classes, config, temperature, seed).to(device)
-            val_acc = fit_class_layer(candidate.class_layer, (scores[0], y_train), (scores[1], y_val), lr=lr, epochs=config.epochs, config=config, seed=seed)
+            val_acc = fit_class_layer(
+                candidate.class_layer,
+                (scores[0], y_train),
+                (scores[1], y_val),
+                lr=lr,
+                epochs=config.epochs,
+                config=config,
+                seed=seed,
+            )
             trials.append({"temperature": temperature, "lr": lr, "val_accuracy": val_acc})
             logger.info("stage 2: tau %.3g lr %.3g -> val %.4f", temperature, lr, val_acc)
             if best is None or val_acc > best[0]:
@@ -95,15 +116,36 @@ def train_head(
     val_acc, head, scores, lr = best
     if config.top_k_per_class:
         limit_top_k(head.class_layer, config.top_k_per_class)
-        val_acc = fit_class_layer(head.class_layer, (scores[0], y_train), (scores[1], y_val), lr=lr, epochs=config.top_k_epochs, config=config, seed=seed)
+        val_acc = fit_class_layer(
+            head.class_layer,
+            (scores[0], y_train),
+            (scores[1], y_val),
+            lr=lr,
+            epochs=config.top_k_epochs,
+            config=config,
+            seed=seed,
+        )
     head.requires_grad_(False).eval()
     selection = {"temperature": head.temperature, "lr": lr, "val_accuracy": val_acc, "trials": trials}
     return head, selection
 
 
-def _new_head(codebook: torch.Tensor, usage: torch.Tensor, num_classes: int, config: HeadConfig, temperature: float, seed: int) -> ProtoQuantHead:
+def _new_head(
+    codebook: torch.Tensor,
+    usage: torch.Tensor,
+    num_classes: int,
+    config: HeadConfig,
+    temperature: float,
+    seed: int,
+) -> ProtoQuantHead:
     torch.manual_seed(seed)
-    head = ProtoQuantHead(codebook, num_classes, temperature=temperature, init_mean=config.weight_init_mean, init_std=config.weight_init_std)
+    head = ProtoQuantHead(
+        codebook,
+        num_classes,
+        temperature=temperature,
+        init_mean=config.weight_init_mean,
+        init_std=config.weight_init_std,
+    )
     head.usage.copy_(usage)
     return head
 

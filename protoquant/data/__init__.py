@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from protoquant.config import DataConfig
 from protoquant.data.base import ImageDataset, PartAnnotations, SubsetDataset, stable_hash

@@ -12,8 +12,9 @@ from __future__ import annotations
 import abc
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -79,7 +80,7 @@ class ImageDataset(abc.ABC):
     def has_parts(self) -> bool:
         return False
 
-    def subset(self, indices: Sequence[int]) -> "SubsetDataset":
+    def subset(self, indices: Sequence[int]) -> SubsetDataset:
         """A view of this dataset restricted to `indices` (in the given order)."""
         return SubsetDataset(self, indices)
 

@@ -67,7 +67,9 @@ class FashionMNIST(ImageDataset):
         self.images = read_idx(self.root, images_stem, IDX_IMAGES_MAGIC)  # (N, 28, 28) uint8
         self.labels = read_idx(self.root, labels_stem, IDX_LABELS_MAGIC).astype(np.int64)
         if len(self.images) != len(self.labels):
-            raise ValueError(f"{self.root}: {len(self.images)} images but {len(self.labels)} labels ({split})")
+            raise ValueError(
+                f"{self.root}: {len(self.images)} images but {len(self.labels)} labels ({split})"
+            )
         if self.labels.size and self.labels.max() >= len(CLASSES):
             raise ValueError(f"{self.root}/{labels_stem}: label {self.labels.max()} outside 0..9")
         self.classes = CLASSES

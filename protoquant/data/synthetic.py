@@ -96,12 +96,7 @@ class Layout:
 
 def _neighbours(combo: tuple[int, ...], sizes: Sequence[int]) -> list[tuple[int, ...]]:
     """All combinations that differ from `combo` in exactly one slot."""
-    return [
-        combo[:p] + (v,) + combo[p + 1 :]
-        for p, n in enumerate(sizes)
-        for v in range(n)
-        if v != combo[p]
-    ]
+    return [combo[:p] + (v,) + combo[p + 1 :] for p, n in enumerate(sizes) for v in range(n) if v != combo[p]]
 
 
 def make_classes(num_classes: int, seed: int) -> np.ndarray:
@@ -276,16 +271,12 @@ class SyntheticParts(ImageDataset):
 
     def variants(self, class_index: int) -> tuple[Variant, ...]:
         """The P part variants of class `class_index`, in slot order."""
-        return tuple(
-            s.variants[v] for s, v in zip(PART_SLOTS, self.class_parts[class_index].tolist())
-        )
+        return tuple(s.variants[v] for s, v in zip(PART_SLOTS, self.class_parts[class_index].tolist()))
 
     def layout(self, index: int) -> Layout:
         """Positions, scales, angles and background objects of image `index`."""
         if not 0 <= int(index) < len(self):
-            raise IndexError(
-                f"index {index} out of range for {self.name} {self.split} (N={len(self)})"
-            )
+            raise IndexError(f"index {index} out of range for {self.name} {self.split} (N={len(self)})")
         return sample_layout(self.seed, self.split, int(index), self.image_size)
 
     def _compose(

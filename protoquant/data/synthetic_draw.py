@@ -173,9 +173,7 @@ def pattern_colour(colour: tuple[int, int, int]) -> np.ndarray:
     return (rgb + (255.0 - rgb) * PATTERN_LIGHT_MIX).astype(np.uint8)
 
 
-def draw_part(
-    canvas: np.ndarray, variant: Variant, place: PartPlacement, scale: float
-) -> np.ndarray:
+def draw_part(canvas: np.ndarray, variant: Variant, place: PartPlacement, scale: float) -> np.ndarray:
     """Paint one part into `canvas` (H, W, 3) uint8 in place; return its (H, W) bool mask."""
     s = place.size
     local = part_mask(variant.shape, s, place.angle)  # (s, s)
@@ -206,9 +204,7 @@ def _object_polygons(obj: Distractor) -> list[tuple[np.ndarray, int]]:
 def object_mask(obj: Distractor, height: int, width: int) -> np.ndarray:
     """(height, width) bool pixels of a background object, rasterised without anti-aliasing."""
     if obj.kind not in DISTRACTOR_KINDS:
-        raise ValueError(
-            f"unknown background object kind {obj.kind!r}; expected {DISTRACTOR_KINDS}"
-        )
+        raise ValueError(f"unknown background object kind {obj.kind!r}; expected {DISTRACTOR_KINDS}")
     reach = max(obj.radii) + obj.width  # no pixel of the object lies farther from its centre
     x0, y0 = (max(0, int(c - reach)) for c in obj.centre)
     x1, y1 = min(width, int(obj.centre[0] + reach) + 2), min(height, int(obj.centre[1] + reach) + 2)

@@ -51,7 +51,9 @@ class ViewTransform:
         return TF.normalize(tensor, list(self.mean), list(self.std))
 
 
-def _crop_box(width: int, height: int, min_scale: float, rng: np.random.Generator) -> tuple[int, int, int, int]:
+def _crop_box(
+    width: int, height: int, min_scale: float, rng: np.random.Generator
+) -> tuple[int, int, int, int]:
     area = width * height
     log_ratio = (math.log(ASPECT_RANGE[0]), math.log(ASPECT_RANGE[1]))
     for _ in range(CROP_TRIES):

@@ -1,0 +1,162 @@
+"""Command line: thin subcommands, each calling one library function.
+
+Training flags are derived from the config dataclasses: every field is a
+`--section.field VALUE` flag (e.g. `--codebook.num_codes 512`), applied on top of
+`--config FILE.yaml` when given. `protoquant train --help-config` lists them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from protoquant.config import RunConfig, flat_fields, load_yaml, to_dict, with_overrides
+
+logger = logging.getLogger("protoquant")
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML file with any RunConfig fields (flags override it)")
+    parser.add_argument(
+        "--help-config", action="store_true", help="list every --section.field flag with its default"
+    )
+    for dotted in flat_fields():
+        if f"--{dotted}" in parser._option_string_actions:  # the subcommand defines it itself (demo --out)
+            continue
+        parser.add_argument(f"--{dotted}", dest=f"cfg:{dotted}", help=argparse.SUPPRESS)
+
+
+def _config_from(args: argparse.Namespace, base: RunConfig) -> RunConfig:
+    config = load_yaml(args.config) if args.config else base
+    overrides = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg:") and v is not None}
+    return with_overrides(config, overrides)
+
+
+def _print_config_help(base: RunConfig) -> None:
+    defaults = to_dict(base)
+    for dotted, hint in flat_fields().items():
+        section, field = dotted.split(".") if "." in dotted else (None, dotted)
+        value = defaults[section][field] if section else defaults[field]
+        print(f"  --{dotted:<34} {getattr(hint, '__name__', str(hint)):<8} default {value!r}")
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from protoquant.demo import demo_config, format_table, run_demo, summary_rows
+
+    base = demo_config(args.out)
+    if args.help_config:
+        _print_config_help(base)
+        return 0
+    result = run_demo(_config_from(args, base))
+    print(f"\nProtoQuant demo\n{format_table(summary_rows(result.metrics))}")
+    print(f"\n  metrics:     {result.out / 'metrics.json'}")
+    print(f"  checkpoint:  {result.out / 'model'}")
+    print(f"  explanation: {result.out / 'explanation.png'}")
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from protoquant.demo import format_table, summary_rows
+    from protoquant.pipeline import run
+
+    if args.help_config:
+        _print_config_help(RunConfig())
+        return 0
+    result = run(_config_from(args, RunConfig()))
+    print(format_table(summary_rows(result.metrics)))
+    print(f"\n  checkpoint: {result.out / 'model'}\n  metrics:    {result.out / 'metrics.json'}")
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from protoquant.evaluate import evaluate_checkpoint
+
+    report = evaluate_checkpoint(
+        args.model, split=args.split, root=args.root, dataset=args.dataset, batch_size=args.batch_size
+    )
+    text = json.dumps(report, indent=2)
+    if args.out:
+        with open(args.out, "w") as handle:
+            handle.write(text)
+    print(text)
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from PIL import Image
+
+    from protoquant.model import ProtoQuant
+
+    model = ProtoQuant.load(args.model)
+    for path in args.images:
+        try:
+            image = Image.open(path)
+            image.load()
+        except OSError as err:
+            raise SystemExit(f"cannot read image {path}: {err}") from err
+        prediction = model.predict([image])
+        probs = prediction.probabilities[0]
+        top = probs.argsort(descending=True)[: args.top].tolist()
+        print(
+            json.dumps(
+                {
+                    "image": str(path),
+                    "top": [
+                        {"class": model.classes[c], "index": c, "probability": round(float(probs[c]), 4)}
+                        for c in top
+                    ],
+                }
+            )
+        )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="protoquant", description="Interpretable classification with quantized prototypical parts."
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log every epoch")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="whole pipeline on the built-in data, then an explanation figure")
+    demo.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
+    _add_config_flags(demo)
+    demo.set_defaults(func=_cmd_demo)
+
+    train = sub.add_parser("train", help="train from a config file and/or --section.field flags")
+    _add_config_flags(train)
+    train.set_defaults(func=_cmd_train)
+
+    evaluate = sub.add_parser("evaluate", help="accuracy of a checkpoint on a dataset split")
+    evaluate.add_argument("--model", required=True, help="checkpoint folder")
+    evaluate.add_argument("--split", default="test", choices=["train", "val", "test"])
+    evaluate.add_argument("--dataset", help="dataset name (default: the one it was trained on)")
+    evaluate.add_argument("--root", help="dataset folder (default: the one it was trained on)")
+    evaluate.add_argument("--batch-size", type=int, default=64)
+    evaluate.add_argument("--out", help="also write the JSON report here")
+    evaluate.set_defaults(func=_cmd_evaluate)
+
+    predict = sub.add_parser("predict", help="classify image files")
+    predict.add_argument("--model", required=True, help="checkpoint folder")
+    predict.add_argument("images", nargs="+", help="image files")
+    predict.add_argument("--top", type=int, default=3, help="classes to print per image")
+    predict.set_defaults(func=_cmd_predict)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(asctime)s %(name)s: %(message)s"
+    )
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"protoquant: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
