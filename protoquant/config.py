@@ -70,6 +70,7 @@ class CodebookConfig:
     commitment_weight: float = 1.0  # w in CE + w * MSE(code, stopgrad(feature))
     batch_size: int = 64  # feature maps per step
     reset_dead_codes: bool = True  # re-seed codes unused for an epoch from random training patches
+    cutmix_prob: float = 0.0  # feature-space CutMix per batch: swaps real patches, so codes stay grounded
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from protoquant.augment import feature_cutmix
 from protoquant.codebook import Codebook, kmeans_init, nearest_codes, orthogonal_init, to_patches
 from protoquant.config import CodebookConfig, ProbeConfig
 from protoquant.features import FeatureStore
@@ -142,6 +143,26 @@ def _reset_dead(
     return int(len(dead))
 
 
+def _codebook_loss(
+    codebook: Codebook,
+    probe: nn.Linear,
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    config: CodebookConfig,
+    rng: np.random.Generator,
+) -> torch.Tensor:
+    """Cross-entropy of the frozen probe on the quantized map + commitment MSE (optionally CutMix)."""
+    partner, keep = None, 1.0
+    if config.cutmix_prob and rng.uniform() < config.cutmix_prob:
+        mix = feature_cutmix(features, rng)
+        features, partner, keep = mix.features, mix.partner, mix.keep
+    logits, quantized = quantized_logits(codebook, probe, features)
+    ce = F.cross_entropy(logits, labels)
+    if partner is not None:
+        ce = keep * ce + (1 - keep) * F.cross_entropy(logits, labels[partner])
+    return ce + config.commitment_weight * F.mse_loss(quantized, features)
+
+
 def train_codebook(
     train: Subset, val: Subset, probe: nn.Linear, config: CodebookConfig, *, seed: int, device: torch.device
 ) -> tuple[Codebook, list[dict]]:
@@ -163,11 +184,7 @@ def train_codebook(
         for features, labels in train.store.batches(
             train.entries, config.batch_size, shuffle=True, generator=rng
         ):
-            features, labels = features.to(device), labels.to(device)
-            logits, quantized = quantized_logits(codebook, probe, features)
-            loss = F.cross_entropy(logits, labels) + config.commitment_weight * F.mse_loss(
-                quantized, features
-            )
+            loss = _codebook_loss(codebook, probe, features.to(device), labels.to(device), config, rng)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
