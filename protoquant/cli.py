@@ -113,6 +113,17 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_data_check(args: argparse.Namespace) -> int:
+    from protoquant.config import DataConfig
+    from protoquant.data.check import check_dataset, format_check
+
+    report = check_dataset(
+        DataConfig(dataset=args.dataset, root=args.root or ""), verify_images=not args.skip_images
+    )
+    print(json.dumps(report, indent=2) if args.json else format_check(report))
+    return 1 if report["problems"] else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="protoquant", description="Interpretable classification with quantized prototypical parts."
@@ -143,6 +154,18 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("images", nargs="+", help="image files")
     predict.add_argument("--top", type=int, default=3, help="classes to print per image")
     predict.set_defaults(func=_cmd_predict)
+
+    data = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", required=True)
+    check = data.add_parser(
+        "check", help="verify a dataset copy: counts, classes, unreadable files, annotations"
+    )
+    check.add_argument(
+        "--dataset", required=True, help="registry name (synthetic, fashion-mnist, cub, cars, ...)"
+    )
+    check.add_argument("--root", help="dataset folder")
+    check.add_argument("--json", action="store_true", help="print the report as JSON")
+    check.add_argument("--skip-images", action="store_true", help="do not open every image (faster)")
+    check.set_defaults(func=_cmd_data_check)
     return parser
 
 
