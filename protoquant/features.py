@@ -4,8 +4,9 @@ A cache folder holds, for one (dataset split, backbone + weights, transform, vie
 `manifest.json`, shards `features-NNNNN.npy` ((n, H, W, D) float16, memory-mapped on
 read) and `pooled-NNNNN.npy` ((n, D) float32 spatial means for the linear probe).
 Entries are image-major: entry e = image e // views, view e % views. Every file is
-written to a temporary name and renamed, and the manifest lists finished shards, so
-an interrupted run resumes where it stopped and a reader never sees half a shard.
+written to a temporary name and renamed, so a shard exists only once complete: an
+interrupted run resumes with the missing shards, and a reader never sees half a shard.
+Under torchrun each rank writes its own shards and rank 0 marks the cache complete.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +23,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from protoquant import distributed
 from protoquant.backbones import FrozenBackbone
 from protoquant.config import CacheConfig
 from protoquant.data.base import ImageDataset, stable_hash
@@ -112,7 +113,6 @@ def _plan(
             "grid": list(info.grid),
             "labels": dataset.labels.astype(int).tolist(),
             "classes": list(dataset.classes),
-            "done": [],
             "complete": False,
         }
     return _Plan(folder, manifest, -(-num_entries // manifest["shard_size"]))
@@ -134,6 +134,35 @@ def _extract_shard(
     return np.concatenate(chunks)
 
 
+def _finished(plan: _Plan) -> set[int]:
+    """Shards whose two files exist (each is renamed into place only once fully written)."""
+    return {
+        s
+        for s in range(plan.num_shards)
+        if (plan.folder / f"features-{s:05d}.npy").is_file()
+        and (plan.folder / f"pooled-{s:05d}.npy").is_file()
+    }
+
+
+def _write_shard(plan: _Plan, shard: int, features: np.ndarray) -> None:
+    atomic_save_npy(plan.folder / f"features-{shard:05d}.npy", features)  # (n, H, W, D) fp16
+    pooled = features.astype(np.float32).mean(axis=(1, 2))  # (n, D)
+    atomic_save_npy(plan.folder / f"pooled-{shard:05d}.npy", pooled)
+
+
+def _log_shard(plan: _Plan, shard: int, entries: range, ctx: distributed.Context) -> None:
+    """Append which process wrote which shard (an audit trail: every entry exactly once)."""
+    record = {
+        "shard": shard,
+        "first": entries.start,
+        "count": len(entries),
+        "rank": ctx.rank,
+        "world": ctx.world_size,
+    }
+    with open(plan.folder / f"written-rank{ctx.rank}.jsonl", "a") as handle:
+        handle.write(json.dumps(record) + "\n")
+
+
 def build_cache(
     dataset: ImageDataset,
     backbone: FrozenBackbone,
@@ -143,48 +172,52 @@ def build_cache(
     config: CacheConfig,
     device: torch.device | str = "cpu",
     shards: list[int] | None = None,
-) -> FeatureStore:
+) -> FeatureStore | None:
     """Cache features of every (image, view) of `dataset`, reusing any finished shards.
 
-    Args:
-        shards: shard ids this process computes (all by default; the distributed
-            runner passes each rank its share). Returns a store only when complete.
+    Under torchrun each rank computes the shards s with s % world_size == rank, then
+    all ranks meet and rank 0 marks the cache complete. `shards` overrides this
+    process's share. Returns the store once every shard exists, else None.
     """
     device = torch.device(device)
+    ctx = distributed.context()
     plan = _plan(dataset, backbone, transform, views, config)
-    todo = [
-        s for s in (range(plan.num_shards) if shards is None else shards) if s not in plan.manifest["done"]
-    ]
-    if not todo and plan.manifest["complete"]:
+    if plan.manifest["complete"]:
         logger.info("feature cache hit: %s", plan.folder)
         return FeatureStore(plan.folder)
+    _write_manifest(plan)  # identical on every rank; written atomically
+    mine = shards if shards is not None else range(ctx.rank, plan.num_shards, ctx.world_size)
+    finished = _finished(plan)
+    todo = [s for s in mine if s not in finished]
     backbone = backbone.to(device).to(memory_format=torch.channels_last)
     size, total = plan.manifest["shard_size"], plan.manifest["num_entries"]
+    counts = [min(size, total - s * size) for s in todo]
     progress = tqdm(
-        total=sum(min(size, total - s * size) for s in todo),
+        total=sum(counts),
         desc=f"caching {dataset.name}/{dataset.split}",
         unit="view",
+        disable=not ctx.is_main,
     )
-    for shard in todo:
-        entries = range(shard * size, min((shard + 1) * size, total))
+    for shard, count in zip(todo, counts):
+        entries = range(shard * size, shard * size + count)
         loader = DataLoader(
             _Views(dataset, transform, views, entries),
             batch_size=config.batch_size,
             num_workers=config.num_workers,
             pin_memory=device.type == "cuda",
         )
-        features = _extract_shard(backbone, loader, device, config.autocast_bf16)  # (n, H, W, D)
-        atomic_save_npy(plan.folder / f"features-{shard:05d}.npy", features)
-        atomic_save_npy(
-            plan.folder / f"pooled-{shard:05d}.npy", features.astype(np.float32).mean(axis=(1, 2))
-        )
-        plan.manifest["done"] = sorted(set(plan.manifest["done"]) | {shard})
-        _write_manifest(plan)
-        progress.update(len(entries))
+        _write_shard(plan, shard, _extract_shard(backbone, loader, device, config.autocast_bf16))
+        _log_shard(plan, shard, entries, ctx)
+        progress.update(count)
     progress.close()
-    plan.manifest["complete"] = len(plan.manifest["done"]) == plan.num_shards
-    _write_manifest(plan)
-    return FeatureStore(plan.folder) if plan.manifest["complete"] else None
+    distributed.barrier()
+    if len(_finished(plan)) < plan.num_shards:
+        return None
+    if ctx.is_main:
+        plan.manifest["complete"] = True
+        _write_manifest(plan)
+    distributed.barrier()
+    return FeatureStore(plan.folder)
 
 
 class FeatureStore:
@@ -256,19 +289,3 @@ class FeatureStore:
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
             yield self.get(chunk), torch.from_numpy(self.labels[chunk])
-
-
-def cache_dataset(
-    dataset: ImageDataset,
-    backbone: FrozenBackbone,
-    transform: ViewTransform,
-    *,
-    views: int,
-    config: CacheConfig,
-    device="cpu",
-) -> FeatureStore:
-    """Build (or reuse) the complete cache and time it; see `build_cache`."""
-    start = time.perf_counter()
-    store = build_cache(dataset, backbone, transform, views=views, config=config, device=device)
-    logger.info("cache %s ready in %.1fs", store.folder, time.perf_counter() - start)
-    return store

@@ -10,12 +10,15 @@ from pathlib import Path
 
 import torch
 
+from protoquant import distributed
 from protoquant.backbones import FrozenBackbone, create_backbone
+from protoquant.codebook import Codebook
 from protoquant.config import RunConfig, save_yaml
 from protoquant.data import Splits, load_splits
 from protoquant.data.transforms import ViewTransform
 from protoquant.features import FeatureStore, atomic_write_bytes, build_cache
 from protoquant.grounding import nearest_patches
+from protoquant.head import ProtoQuantHead
 from protoquant.model import ProtoQuant
 from protoquant.train import (
     Subset,
@@ -79,89 +82,130 @@ def build_caches(splits: Splits, backbone: FrozenBackbone, config: RunConfig, de
     )
 
 
-def run(config: RunConfig, *, backbone: FrozenBackbone | None = None) -> RunResult:
-    """Train ProtoQuant as `config` says; writes `<out>/model`, `metrics.json`, `config.yaml`, `history.jsonl`."""
-    out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    save_yaml(config, out / "config.yaml")
-    device = resolve_device(config.device)
-    start = time.perf_counter()
-    splits = load_splits(config.data, config.seed)
-    backbone = backbone or create_backbone(config.backbone)
-    caches = build_caches(splits, backbone, config, device)
-    cache_seconds = time.perf_counter() - start
+@dataclass(frozen=True)
+class Trained:
+    probe: torch.nn.Linear
+    codebook: Codebook
+    head: ProtoQuantHead
+    history: list[dict]
+    selection: dict
 
-    train_start = time.perf_counter()
-    num_classes = splits.train.num_classes
-    probe = train_probe(caches.train, caches.val, num_classes, config.probe, seed=config.seed, device=device)
+
+def train_stages(caches: Caches, num_classes: int, config: RunConfig, device: torch.device) -> Trained:
+    """Stage 0 (probe), stage 1 (codebook) and stage 2 (head), all from the cache."""
+    seed = config.seed
+    probe = train_probe(caches.train, caches.val, num_classes, config.probe, seed=seed, device=device)
     codebook, history = train_codebook(
-        caches.train, caches.val, probe, config.codebook, seed=config.seed, device=device
+        caches.train, caches.val, probe, config.codebook, seed=seed, device=device
     )
     usage = code_usage(codebook.codes, caches.train_plain, config.codebook.batch_size, device)
+    codes = codebook.codes.detach()
     head, selection = train_head(
-        codebook.codes.detach(),
-        usage,
-        caches.train,
-        caches.val,
-        num_classes,
-        config.head,
-        seed=config.seed,
-        device=device,
+        codes, usage, caches.train, caches.val, num_classes, config.head, seed=seed, device=device
     )
-    train_seconds = time.perf_counter() - train_start
+    return Trained(probe, codebook, head, history, selection)
 
-    model = ProtoQuant(backbone, head, splits.train.classes, config)
-    model.save(out / "model")
-    batch = config.codebook.batch_size
-    grounding = nearest_patches(head.codebook, caches.train_plain, batch, device)
-    used = usage > 0
-    metrics = {
+
+def accuracies(trained: Trained, caches: Caches, batch: int, device: torch.device) -> dict:
+    """Validation and test accuracy of the probe, the quantized model and the head (collective)."""
+    out = {}
+    for name, subset in (("val", caches.val), ("test", caches.test)):
+        out[("linear_probe", name)] = evaluate_probe(trained.probe, subset, device)
+        out[("quantized", name)] = evaluate_quantized(trained.codebook, trained.probe, subset, batch, device)
+        out[("protoquant", name)] = evaluate_head(trained.head, subset, batch, device)
+    return {f"{stage}.{split}_accuracy": value for (stage, split), value in out.items()}
+
+
+def grounding_summary(head: ProtoQuantHead, caches: Caches, batch: int, device: torch.device) -> dict:
+    """Nearest-training-patch cosine of the codes that training patches use."""
+    nearest = nearest_patches(head.codebook, caches.train_plain, batch, device)
+    used = head.usage > 0
+    if not used.any():
+        return {"mean_nearest_cosine_used": float("nan"), "min_nearest_cosine_used": float("nan")}
+    return {
+        "mean_nearest_cosine_used": float(nearest.cosine[used].mean()),
+        "min_nearest_cosine_used": float(nearest.cosine[used].min()),
+    }
+
+
+def collect_metrics(
+    config: RunConfig, splits: Splits, backbone: FrozenBackbone, trained: Trained, accuracy: dict
+) -> dict:
+    info, head = backbone.info, trained.head
+    return {
         "data": {
             "dataset": config.data.dataset,
             "train": len(splits.train),
             "val": len(splits.val),
             "test": len(splits.test),
-            "classes": num_classes,
+            "classes": splits.train.num_classes,
             "train_views": config.cache.train_views,
         },
         "backbone": {
-            "name": backbone.info.name,
-            "weights": backbone.info.weights,
-            "weights_hash": backbone.info.weights_hash,
-            "grid": list(backbone.info.grid),
-            "channels": backbone.info.channels,
+            "name": info.name,
+            "weights": info.weights,
+            "weights_hash": info.weights_hash,
+            "grid": list(info.grid),
+            "channels": info.channels,
         },
-        "linear_probe": {
-            "val_accuracy": evaluate_probe(probe, caches.val, device),
-            "test_accuracy": evaluate_probe(probe, caches.test, device),
-        },
+        "linear_probe": {k: accuracy[f"linear_probe.{k}"] for k in ("val_accuracy", "test_accuracy")},
         "quantized": {
-            "val_accuracy": evaluate_quantized(codebook, probe, caches.val, batch, device),
-            "test_accuracy": evaluate_quantized(codebook, probe, caches.test, batch, device),
-            "num_codes": codebook.num_codes,
-            "used_codes": int(used.sum()),
+            **{k: accuracy[f"quantized.{k}"] for k in ("val_accuracy", "test_accuracy")},
+            "num_codes": trained.codebook.num_codes,
+            "used_codes": int((head.usage > 0).sum()),
         },
         "protoquant": {
-            "val_accuracy": evaluate_head(head, caches.val, batch, device),
-            "test_accuracy": evaluate_head(head, caches.test, batch, device),
+            **{k: accuracy[f"protoquant.{k}"] for k in ("val_accuracy", "test_accuracy")},
             "num_prototypes": global_size(head, GLOBAL_SIZE_THRESHOLD),
-            "temperature": selection["temperature"],
-            "lr": selection["lr"],
-            "selection": selection["trials"],
+            "temperature": trained.selection["temperature"],
+            "lr": trained.selection["lr"],
+            "selection": trained.selection["trials"],
         },
-        "grounding": {
-            "mean_nearest_cosine_used": float(grounding.cosine[used].mean()) if used.any() else float("nan"),
-            "min_nearest_cosine_used": float(grounding.cosine[used].min()) if used.any() else float("nan"),
-        },
-        "timing": {
+    }
+
+
+def run(config: RunConfig, *, backbone: FrozenBackbone | None = None) -> RunResult:
+    """Train ProtoQuant as `config` says; writes `<out>/model`, `metrics.json`, `config.yaml`, `history.jsonl`.
+
+    Under torchrun every rank runs this; caching and training are sharded, and only
+    rank 0 writes the outputs.
+    """
+    out = Path(config.out)
+    device = resolve_device(config.device)
+    ctx = distributed.init(device)
+    if device.type == "cuda" and ctx.distributed:
+        device = torch.device("cuda", ctx.local_rank)
+    start = time.perf_counter()
+    splits = load_splits(config.data, config.seed)
+    backbone = backbone or create_backbone(config.backbone)
+    caches = build_caches(splits, backbone, config, device)
+    cache_seconds = time.perf_counter() - start
+    train_start = time.perf_counter()
+    trained = train_stages(caches, splits.train.num_classes, config, device)
+    train_seconds = time.perf_counter() - train_start
+    batch = config.codebook.batch_size
+    metrics = collect_metrics(config, splits, backbone, trained, accuracies(trained, caches, batch, device))
+    model = ProtoQuant(backbone, trained.head, splits.train.classes, config)
+    if ctx.is_main:
+        metrics["grounding"] = grounding_summary(trained.head, caches, batch, device)
+        metrics["timing"] = {
             "cache_seconds": cache_seconds,
             "train_seconds": train_seconds,
             "total_seconds": time.perf_counter() - start,
-        },
-    }
-    atomic_write_bytes(out / "metrics.json", json.dumps(metrics, indent=2).encode())
-    with open(out / "history.jsonl", "w") as handle:
-        for row in history:
-            handle.write(json.dumps({"stage": 1, **row}) + "\n")
-    logger.info("run finished: %s", json.dumps({k: metrics[k] for k in ("linear_probe", "timing")}))
+            "processes": ctx.world_size,
+        }
+        write_outputs(out, config, model, metrics, trained.history)
+    distributed.barrier()
     return RunResult(model, metrics, splits, caches, out)
+
+
+def write_outputs(
+    out: Path, config: RunConfig, model: ProtoQuant, metrics: dict, history: list[dict]
+) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    save_yaml(config, out / "config.yaml")
+    model.save(out / "model")
+    atomic_write_bytes(out / "metrics.json", json.dumps(metrics, indent=2).encode())
+    lines = "".join(json.dumps({"stage": 1, **row}) + "\n" for row in history)
+    atomic_write_bytes(out / "history.jsonl", lines.encode())
+    logger.info("run finished: %s", out)

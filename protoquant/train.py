@@ -10,14 +10,17 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
+from protoquant import distributed
 from protoquant.augment import feature_cutmix
 from protoquant.codebook import Codebook, kmeans_init, nearest_codes, orthogonal_init, to_patches
 from protoquant.config import CodebookConfig, ProbeConfig
@@ -50,30 +53,57 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return float((logits.argmax(dim=1) == labels).float().mean()) if len(labels) else float("nan")
 
 
+def reduced_accuracy(correct: int, total: int) -> float:
+    """Accuracy from per-rank counts summed over ranks (plain ratio in one process)."""
+    counts = distributed.all_reduce_sum(torch.tensor([correct, total], dtype=torch.float64))
+    return float(counts[0] / counts[1]) if counts[1] else float("nan")
+
+
+def wrap_ddp(module: nn.Module, device: torch.device, ctx: distributed.Context) -> nn.Module:
+    """DistributedDataParallel around `module` under torchrun; the module itself otherwise.
+
+    Buffers are not broadcast: usage counts are summed over ranks explicitly instead.
+    """
+    if not ctx.distributed:
+        return module
+    device_ids = [device.index] if device.type == "cuda" else None
+    with warnings.catch_warnings():  # broadcast_buffers=False is still the way to keep buffers rank-local
+        warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
+        return DistributedDataParallel(module, device_ids=device_ids, broadcast_buffers=False)
+
+
 # --- stage 0 ----------------------------------------------------------------------------------
 
 
 def train_probe(
-    train: Subset, val: Subset, num_classes: int, config: ProbeConfig, *, seed: int, device: torch.device
+    train: Subset,
+    val: Subset,
+    num_classes: int,
+    config: ProbeConfig,
+    *,
+    seed: int,
+    device: torch.device,
+    ctx: distributed.Context | None = None,
 ) -> nn.Linear:
     """Linear probe on spatially pooled features; returns the best-on-validation probe (frozen)."""
+    ctx = ctx or distributed.context()
     x_train = train.store.pooled()[train.entries].to(device)  # (N, D)
     y_train = train.labels.to(device)
-    x_val, y_val = val.store.pooled()[val.entries].to(device), val.labels.to(device)
     torch.manual_seed(seed)
     probe = nn.Linear(x_train.shape[1], num_classes).to(device)
+    model = wrap_ddp(probe, device, ctx)
     optimizer = torch.optim.AdamW(probe.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    generator = torch.Generator(device="cpu").manual_seed(seed)
     best_acc, best_state = -1.0, None
-    for _epoch in tqdm(range(config.epochs), desc="stage 0: linear probe", leave=False):
-        order = torch.randperm(len(y_train), generator=generator).to(device)
-        for batch in order.split(config.batch_size):
-            loss = F.cross_entropy(probe(x_train[batch]), y_train[batch])
+    for epoch in tqdm(
+        range(config.epochs), desc="stage 0: linear probe", leave=False, disable=not ctx.is_main
+    ):
+        for rows in distributed.rank_batches(np.arange(len(y_train)), config.batch_size, seed, epoch, ctx):
+            batch = torch.from_numpy(rows).to(device)
+            loss = F.cross_entropy(model(x_train[batch]), y_train[batch])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-        with torch.no_grad():
-            val_acc = accuracy(probe(x_val), y_val)
+        val_acc = evaluate_probe(probe, val, device, ctx)
         if val_acc > best_acc:
             best_acc, best_state = val_acc, copy.deepcopy(probe.state_dict())
     probe.load_state_dict(best_state)
@@ -82,9 +112,15 @@ def train_probe(
     return probe
 
 
-def evaluate_probe(probe: nn.Linear, subset: Subset, device: torch.device) -> float:
+def evaluate_probe(
+    probe: nn.Linear, subset: Subset, device: torch.device, ctx: distributed.Context | None = None
+) -> float:
+    """Accuracy of the probe on pooled features; each rank scores its share."""
+    entries = distributed.shard_for_rank(subset.entries, ctx or distributed.context())
     with torch.no_grad():
-        return accuracy(probe(subset.store.pooled()[subset.entries].to(device)), subset.labels.to(device))
+        logits = probe(subset.store.pooled()[entries].to(device))
+    labels = torch.from_numpy(subset.store.labels[entries]).to(device)
+    return reduced_accuracy(int((logits.argmax(1) == labels).sum()), len(entries))
 
 
 # --- stage 1 ----------------------------------------------------------------------------------
@@ -121,15 +157,22 @@ def quantized_logits(
 
 
 def evaluate_quantized(
-    codebook: Codebook, probe: nn.Linear, subset: Subset, batch_size: int, device: torch.device
+    codebook: Codebook,
+    probe: nn.Linear,
+    subset: Subset,
+    batch_size: int,
+    device: torch.device,
+    ctx: distributed.Context | None = None,
 ) -> float:
+    """Accuracy of the frozen probe on quantized maps; each rank scores its share."""
     codebook.eval()
+    entries = distributed.shard_for_rank(subset.entries, ctx or distributed.context())
     correct = 0
     with torch.no_grad():
-        for features, labels in subset.store.batches(subset.entries, batch_size):
+        for features, labels in subset.store.batches(entries, batch_size):
             logits, _ = quantized_logits(codebook, probe, features.to(device))
             correct += int((logits.argmax(1).cpu() == labels).sum())
-    return correct / max(1, len(subset.entries))
+    return reduced_accuracy(correct, len(entries))
 
 
 def _reset_dead(
@@ -143,59 +186,82 @@ def _reset_dead(
     return int(len(dead))
 
 
-def _codebook_loss(
-    codebook: Codebook,
-    probe: nn.Linear,
+class Stage1Loss(nn.Module):
+    """Cross-entropy of the frozen probe on the quantized map + commitment MSE; only codes train."""
+
+    def __init__(self, codebook: Codebook, probe: nn.Linear, commitment_weight: float) -> None:
+        super().__init__()
+        self.codebook, self.probe, self.commitment_weight = codebook, probe, commitment_weight
+
+    def forward(
+        self,
+        features: torch.Tensor,
+        labels: torch.Tensor,
+        partner: torch.Tensor | None = None,
+        keep: float = 1.0,
+    ) -> torch.Tensor:
+        logits, quantized = quantized_logits(self.codebook, self.probe, features)
+        ce = F.cross_entropy(logits, labels)
+        if partner is not None:  # CutMix: labels weighted by the share of own cells
+            ce = keep * ce + (1 - keep) * F.cross_entropy(logits, labels[partner])
+        return ce + self.commitment_weight * F.mse_loss(quantized, features)
+
+
+def _stage1_step(
+    loss_fn: nn.Module,
     features: torch.Tensor,
     labels: torch.Tensor,
     config: CodebookConfig,
     rng: np.random.Generator,
 ) -> torch.Tensor:
-    """Cross-entropy of the frozen probe on the quantized map + commitment MSE (optionally CutMix)."""
-    partner, keep = None, 1.0
     if config.cutmix_prob and rng.uniform() < config.cutmix_prob:
         mix = feature_cutmix(features, rng)
-        features, partner, keep = mix.features, mix.partner, mix.keep
-    logits, quantized = quantized_logits(codebook, probe, features)
-    ce = F.cross_entropy(logits, labels)
-    if partner is not None:
-        ce = keep * ce + (1 - keep) * F.cross_entropy(logits, labels[partner])
-    return ce + config.commitment_weight * F.mse_loss(quantized, features)
+        return loss_fn(mix.features, labels, mix.partner, mix.keep)
+    return loss_fn(features, labels)
 
 
 def train_codebook(
-    train: Subset, val: Subset, probe: nn.Linear, config: CodebookConfig, *, seed: int, device: torch.device
+    train: Subset,
+    val: Subset,
+    probe: nn.Linear,
+    config: CodebookConfig,
+    *,
+    seed: int,
+    device: torch.device,
+    ctx: distributed.Context | None = None,
 ) -> tuple[Codebook, list[dict]]:
     """Stage 1: learn K codes so the frozen probe still classifies the quantized maps.
 
-    Loss = cross-entropy + commitment_weight * MSE(code, feature); only codes train.
-    Returns the best-on-validation codebook and a per-epoch history.
+    Under torchrun the codes train with DDP; every rank sees its share of each epoch's
+    shuffled entries, and usage counts are summed over ranks (so dead-code resets,
+    drawn from a shared seed, are identical everywhere). Returns the best-on-validation
+    codebook and a per-epoch history.
     """
+    ctx = ctx or distributed.context()
     codebook = Codebook(init_codebook(train, config, seed=seed)).to(device)
+    loss_fn = wrap_ddp(Stage1Loss(codebook, probe, config.commitment_weight), device, ctx)
     optimizer = torch.optim.Adam(codebook.parameters(), lr=config.lr)
-    steps_per_epoch = -(-len(train.entries) // config.batch_size)
+    steps_per_epoch = len(distributed.rank_batches(train.entries, config.batch_size, seed, 0, ctx))
     total, warmup = config.epochs * steps_per_epoch, int(config.warmup_epochs * steps_per_epoch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, total, warmup))
-    rng = np.random.default_rng(seed)
+    shared_rng, local_rng = np.random.default_rng(seed), np.random.default_rng((seed, ctx.rank))
     history, best = [], (-1.0, None)
-    for epoch in tqdm(range(config.epochs), desc="stage 1: codebook", leave=False):
+    for epoch in tqdm(range(config.epochs), desc="stage 1: codebook", leave=False, disable=not ctx.is_main):
         codebook.train()
         usage_before = codebook.usage.clone()
-        for features, labels in train.store.batches(
-            train.entries, config.batch_size, shuffle=True, generator=rng
-        ):
-            loss = _codebook_loss(codebook, probe, features.to(device), labels.to(device), config, rng)
+        for entries in distributed.rank_batches(train.entries, config.batch_size, seed, epoch, ctx):
+            features, labels = train.store.get(entries), torch.from_numpy(train.store.labels[entries])
+            loss = _stage1_step(loss_fn, features.to(device), labels.to(device), config, local_rng)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             scheduler.step()
-        epoch_usage = codebook.usage - usage_before
-        dead = (
-            _reset_dead(codebook, epoch_usage, train, rng)
-            if config.reset_dead_codes
-            else int((epoch_usage == 0).sum())
-        )
-        val_acc = evaluate_quantized(codebook, probe, val, config.batch_size, device)
+        epoch_usage = distributed.all_reduce_sum(codebook.usage - usage_before)
+        codebook.usage.copy_(usage_before + epoch_usage)
+        dead = int((epoch_usage == 0).sum())
+        if config.reset_dead_codes:
+            _reset_dead(codebook, epoch_usage, train, shared_rng)
+        val_acc = evaluate_quantized(codebook, probe, val, config.batch_size, device, ctx)
         history.append({"epoch": epoch, "loss": loss.item(), "dead_codes": dead, "val_accuracy": val_acc})
         logger.info("stage 1 epoch %d: loss %.4f dead %d val %.4f", epoch, loss.item(), dead, val_acc)
         if val_acc > best[0]:
@@ -205,10 +271,17 @@ def train_codebook(
     return codebook, history
 
 
-def code_usage(codes: torch.Tensor, subset: Subset, batch_size: int, device: torch.device) -> torch.Tensor:
-    """(K,) number of patches of the subset whose nearest code is k."""
-    counts = torch.zeros(codes.shape[0], dtype=torch.long)
-    for features, _ in subset.store.batches(subset.entries, batch_size):
+def code_usage(
+    codes: torch.Tensor,
+    subset: Subset,
+    batch_size: int,
+    device: torch.device,
+    ctx: distributed.Context | None = None,
+) -> torch.Tensor:
+    """(K,) number of patches of the subset whose nearest code is k (summed over ranks)."""
+    entries = distributed.shard_for_rank(subset.entries, ctx or distributed.context())
+    counts = torch.zeros(codes.shape[0], dtype=torch.float64)
+    for features, _ in subset.store.batches(entries, batch_size):
         indices = nearest_codes(to_patches(features.to(device)), codes.to(device))
         counts += torch.bincount(indices.cpu(), minlength=codes.shape[0])
-    return counts.float()
+    return distributed.all_reduce_sum(counts).float()

@@ -10,13 +10,15 @@ from __future__ import annotations
 import copy
 import logging
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from protoquant import distributed
 from protoquant.config import HeadConfig
 from protoquant.head import NonNegativeLinear, ProtoQuantHead
-from protoquant.train import Subset, accuracy
+from protoquant.train import Subset, reduced_accuracy, wrap_ddp
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +34,16 @@ def compute_scores(
     return torch.cat(out)
 
 
+def all_scores(
+    head: ProtoQuantHead, subset: Subset, batch_size: int, device: torch.device, ctx: distributed.Context
+) -> torch.Tensor:
+    """(N, K) scores of every entry on every rank; under torchrun each rank computes its share."""
+    shard = Subset(subset.store, distributed.shard_for_rank(subset.entries, ctx))
+    return distributed.gather_strided(
+        compute_scores(head, shard, batch_size, device), len(subset.entries), ctx
+    )
+
+
 def fit_class_layer(
     layer: NonNegativeLinear,
     train: tuple[torch.Tensor, torch.Tensor],
@@ -41,27 +53,33 @@ def fit_class_layer(
     epochs: int,
     config: HeadConfig,
     seed: int,
+    ctx: distributed.Context | None = None,
 ) -> float:
     """Train `layer` in place on (scores, labels); keep the best-on-validation weights.
 
-    Returns the best validation accuracy.
+    `train` holds every training row (on every rank); under torchrun each rank trains on
+    its part of every global batch with DDP. `val` holds this rank's share of the
+    validation rows; counts are summed over ranks. Returns the best validation accuracy.
     """
+    ctx = ctx or distributed.context()
     (x_train, y_train), (x_val, y_val) = train, val
     device = layer.weight.device
     x_train, y_train, x_val, y_val = (t.to(device) for t in (x_train, y_train, x_val, y_val))
+    model = wrap_ddp(layer, device, ctx)
     optimizer = torch.optim.Adam([layer.weight], lr=lr)
-    generator = torch.Generator().manual_seed(seed)
     best_acc, best_state = -1.0, None
-    for _ in range(epochs):
-        for batch in torch.randperm(len(y_train), generator=generator).to(device).split(config.batch_size):
-            loss = F.cross_entropy(layer(x_train[batch]), y_train[batch])
+    for epoch in range(epochs):
+        for rows in distributed.rank_batches(np.arange(len(y_train)), config.batch_size, seed, epoch, ctx):
+            batch = torch.from_numpy(rows).to(device)
+            loss = F.cross_entropy(model(x_train[batch]), y_train[batch])
             if config.l1:
                 loss = loss + config.l1 * layer.effective_weight.sum()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
         with torch.no_grad():
-            val_acc = accuracy(layer(x_val), y_val)
+            correct = int((layer(x_val).argmax(1) == y_val).sum())
+        val_acc = reduced_accuracy(correct, len(y_val))
         if val_acc > best_acc:
             best_acc, best_state = val_acc, copy.deepcopy(layer.state_dict())
     layer.load_state_dict(best_state)
@@ -86,47 +104,37 @@ def train_head(
     *,
     seed: int,
     device: torch.device,
+    ctx: distributed.Context | None = None,
 ) -> tuple[ProtoQuantHead, dict]:
     """Stage 2 with frozen codes; returns the head and the selection record (grid, choice, val accuracy)."""
-    temperatures = config.temperature_grid or (config.temperature,)
-    lrs = config.lr_grid or (config.lr,)
-    y_train, y_val = train.labels, val.labels
+    ctx = ctx or distributed.context()
+    val = Subset(val.store, distributed.shard_for_rank(val.entries, ctx))
     trials, best = [], None
-    for temperature in temperatures:
+    for temperature in config.temperature_grid or (config.temperature,):
         head = _new_head(codebook, usage, num_classes, config, temperature, seed).to(device)
-        scores = (
-            compute_scores(head, train, config.batch_size, device),
-            compute_scores(head, val, config.batch_size, device),
-        )
-        for lr in tqdm(lrs, desc=f"stage 2: tau={temperature}", leave=False):
+        train_scores = (all_scores(head, train, config.batch_size, device, ctx), train.labels)
+        val_scores = (compute_scores(head, val, config.batch_size, device), val.labels)
+        for lr in tqdm(
+            config.lr_grid or (config.lr,),
+            desc=f"stage 2: tau={temperature}",
+            leave=False,
+            disable=not ctx.is_main,
+        ):
             candidate = _new_head(codebook, usage, num_classes, config, temperature, seed).to(device)
-            val_acc = fit_class_layer(
-                candidate.class_layer,
-                (scores[0], y_train),
-                (scores[1], y_val),
-                lr=lr,
-                epochs=config.epochs,
-                config=config,
-                seed=seed,
-            )
+            fit = dict(lr=lr, epochs=config.epochs, config=config, seed=seed, ctx=ctx)
+            val_acc = fit_class_layer(candidate.class_layer, train_scores, val_scores, **fit)
             trials.append({"temperature": temperature, "lr": lr, "val_accuracy": val_acc})
             logger.info("stage 2: tau %.3g lr %.3g -> val %.4f", temperature, lr, val_acc)
             if best is None or val_acc > best[0]:
-                best = (val_acc, candidate, scores, lr)
-    val_acc, head, scores, lr = best
+                best = (val_acc, candidate, (train_scores, val_scores), fit)
+    val_acc, head, (train_scores, val_scores), fit = best
     if config.top_k_per_class:
         limit_top_k(head.class_layer, config.top_k_per_class)
         val_acc = fit_class_layer(
-            head.class_layer,
-            (scores[0], y_train),
-            (scores[1], y_val),
-            lr=lr,
-            epochs=config.top_k_epochs,
-            config=config,
-            seed=seed,
+            head.class_layer, train_scores, val_scores, **{**fit, "epochs": config.top_k_epochs}
         )
     head.requires_grad_(False).eval()
-    selection = {"temperature": head.temperature, "lr": lr, "val_accuracy": val_acc, "trials": trials}
+    selection = {"temperature": head.temperature, "lr": fit["lr"], "val_accuracy": val_acc, "trials": trials}
     return head, selection
 
 
@@ -150,10 +158,19 @@ def _new_head(
     return head
 
 
-def evaluate_head(head: ProtoQuantHead, subset: Subset, batch_size: int, device: torch.device) -> float:
-    scores = compute_scores(head, subset, batch_size, device)
+def evaluate_head(
+    head: ProtoQuantHead,
+    subset: Subset,
+    batch_size: int,
+    device: torch.device,
+    ctx: distributed.Context | None = None,
+) -> float:
+    """Accuracy of the head on cached features; each rank scores its share."""
+    shard = Subset(subset.store, distributed.shard_for_rank(subset.entries, ctx or distributed.context()))
+    scores = compute_scores(head, shard, batch_size, device)
     with torch.no_grad():
-        return accuracy(head.class_layer(scores.to(device)).cpu(), subset.labels)
+        predicted = head.class_layer(scores.to(device)).argmax(1).cpu()
+    return reduced_accuracy(int((predicted == shard.labels).sum()), len(shard.entries))
 
 
 def global_size(head: ProtoQuantHead, threshold: float) -> int:

@@ -1,0 +1,108 @@
+"""torch.distributed helpers: the same code runs as one process or under torchrun.
+
+Under torchrun (RANK/WORLD_SIZE/LOCAL_RANK in the environment) `init()` joins the
+process group: NCCL when the run uses CUDA, gloo otherwise. Without torchrun every
+helper degrades to the single-process answer.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Context:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def launched_by_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def init(device: torch.device) -> Context:
+    """Join the process group if launched by torchrun (idempotent); returns this process's context."""
+    if not launched_by_torchrun():
+        return Context()
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend)
+    return Context(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def context() -> Context:
+    """The current context without initialising anything."""
+    if dist.is_available() and dist.is_initialized():
+        return Context(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+    return Context()
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor over ranks in place (no-op in a single process)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def shard_for_rank(items: np.ndarray, ctx: Context) -> np.ndarray:
+    """This rank's strided share of `items` (every item goes to exactly one rank)."""
+    return items[ctx.rank :: ctx.world_size]
+
+
+def rank_batches(items: np.ndarray, batch_size: int, seed: int, epoch: int, ctx: Context) -> list[np.ndarray]:
+    """This rank's part of every global batch of one epoch.
+
+    The epoch's order is a permutation seeded by (seed, epoch), the same on every rank;
+    global batch b is order[b * batch_size : (b + 1) * batch_size] and rank r trains on
+    its slice [r::world_size]. With DDP averaging gradients, a run on n processes thus
+    takes the same steps as one process with the same `batch_size`. The order is padded
+    by wrapping to a multiple of world_size so every rank takes the same number of steps.
+    """
+    if batch_size % ctx.world_size:
+        raise ValueError(
+            f"batch size {batch_size} must be divisible by the number of processes {ctx.world_size}"
+        )
+    order = np.random.default_rng((seed, epoch)).permutation(items)
+    if ctx.world_size > 1:
+        order = np.resize(order, -(-len(order) // ctx.world_size) * ctx.world_size)
+    return [order[i : i + batch_size][ctx.rank :: ctx.world_size] for i in range(0, len(order), batch_size)]
+
+
+def gather_strided(local: torch.Tensor, total: int, ctx: Context) -> torch.Tensor:
+    """Reassemble rows computed for `shard_for_rank(range(total))` into all `total` rows, on every rank."""
+    if not ctx.distributed:
+        return local
+    rows = -(-total // ctx.world_size)
+    padded = torch.zeros(rows, *local.shape[1:], dtype=local.dtype, device=local.device)
+    padded[: len(local)] = local
+    parts = [torch.empty_like(padded) for _ in range(ctx.world_size)]
+    dist.all_gather(parts, padded)
+    out = torch.empty(total, *local.shape[1:], dtype=local.dtype, device=local.device)
+    for rank, part in enumerate(parts):
+        count = len(range(rank, total, ctx.world_size))
+        out[rank :: ctx.world_size] = part[:count]
+    return out
+
+
+def cleanup() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
