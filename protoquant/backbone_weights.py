@@ -116,7 +116,9 @@ def resolve_torchvision_weights(model_name: str, config: BackboneConfig) -> Weig
         return WeightsSource("random")
     if _is_path(spec):
         path = Path(spec).expanduser()
-        return WeightsSource(str(path), path=path, state_dict=_load_file(path))
+        state = _load_file(path)  # raises FileNotFoundError naming the path
+        _verify(path, None)  # names like resnet50-11ad3fa6.pth carry a sha256 prefix
+        return WeightsSource(str(path), path=path, state_dict=state)
     import torchvision
 
     enum = torchvision.models.get_model_weights(model_name)
@@ -154,6 +156,7 @@ def resolve_timm_weights(model: nn.Module, config: BackboneConfig) -> WeightsSou
         path = Path(spec).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"backbone.weights file {path} does not exist")
+        _verify(path, None)
         return WeightsSource(str(path), path=path)
     if spec != "default":
         raise ValueError(f"backbone.weights '{spec}' for timm: expected 'default', 'none' or a file path")

@@ -10,6 +10,7 @@ saying how to provide it.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import logging
 from collections.abc import Callable
@@ -116,6 +117,12 @@ TORCHVISION_FAMILIES: dict[str, Callable[[nn.Module, torch.Tensor], torch.Tensor
 }
 
 
+def _unknown(library: str, name: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(name, valid, n=5, cutoff=0.6)
+    hint = f"; did you mean: {', '.join(close)}" if close else ""
+    return f"unknown {library} model '{name}'{hint} ({len(valid)} valid names: see {library}'s list_models())"
+
+
 def _torchvision_family(model_name: str) -> Callable[[nn.Module, torch.Tensor], torch.Tensor]:
     for prefix, extract in TORCHVISION_FAMILIES.items():
         if model_name.startswith(prefix):
@@ -130,7 +137,7 @@ def _build_torchvision(model_name: str, config: BackboneConfig) -> tuple[nn.Modu
 
     extract = _torchvision_family(model_name)
     if model_name not in torchvision.models.list_models():
-        raise ValueError(f"unknown torchvision model '{model_name}'")
+        raise ValueError(_unknown("torchvision", model_name, torchvision.models.list_models()))
     kwargs = {"image_size": config.image_size} if model_name.startswith("vit") else {}
     model = torchvision.models.get_model(model_name, weights=None, **kwargs)
     source = resolve_torchvision_weights(model_name, config)
@@ -166,8 +173,8 @@ def _timm_extract(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def _build_timm(model_name: str, config: BackboneConfig) -> tuple[nn.Module, WeightsSource, Callable]:
     import timm
 
-    if not timm.list_models(model_name) and not timm.is_model(model_name):
-        raise ValueError(f"unknown timm model '{model_name}'")
+    if not timm.is_model(model_name):
+        raise ValueError(_unknown("timm", model_name, timm.list_models()))
     model = timm.create_model(model_name, pretrained=False)
     kwargs = {}
     if hasattr(model, "patch_embed"):  # ViT-style: the position embedding follows the image size
@@ -211,7 +218,9 @@ def create_backbone(config: BackboneConfig) -> FrozenBackbone:
         raise ValueError(
             f"backbone name '{config.name}' must be '<library>/<model>' with library in {list(BUILDERS)}"
         )
-    model, source, extract = BUILDERS[library](model_name, config)
+    with torch.random.fork_rng(devices=[]):  # seeded random init without touching the global RNG
+        torch.manual_seed(config.init_seed)
+        model, source, extract = BUILDERS[library](model_name, config)
     backbone = FrozenBackbone(model, extract)
     mean, std = _normalisation(model, library)
     probe = torch.zeros(1, 3, config.image_size, config.image_size)

@@ -26,6 +26,8 @@ class DataConfig:
     synthetic_train_per_class: int = 60  # built-in data: train images per class
     synthetic_test_per_class: int = 40  # built-in data: test images per class
     synthetic_seed: int = 0  # built-in data: generator seed
+    crop_to_box: bool = False  # cub/cars: crop each image (and its parts) to the object's box
+    split_file: str = ""  # image-folder: optional '<relative path> <train|test>' file (relative to root)
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,7 @@ class BackboneConfig:
     name: str = "torchvision/mobilenet_v2"  # "timm/<model>" or "torchvision/<model>"
     weights: str = "default"  # "default" (the library's pretrained weights), "none" (random), or a file path
     download: bool = False  # allow the ecosystem to download missing weights (off: fail at once)
+    init_seed: int = 0  # seeds random initialisation when weights = "none" (reproducible random backbones)
     image_size: int = 224  # square input side after resize and centre crop
     crop_ratio: float = (
         1.0  # 1: resize to S x S (part-prototype protocols); <1: shorter side to S/ratio, centre crop
@@ -47,6 +50,7 @@ class CacheConfig:
     batch_size: int = 32  # backbone batch size
     num_workers: int = 0  # DataLoader workers decoding images
     autocast_bf16: bool = False  # compute features under bf16 autocast (stored as fp16 either way)
+    grid_pool: int = 1  # average-pool the feature grid by this factor before storing (ViT-B/16: 2 -> 7x7)
     min_crop_scale: float = 0.5  # augmented views: RandomResizedCrop lower area bound
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
@@ -77,6 +78,7 @@ def cache_key(
         "transform": transform.describe(),
         "views": views,
         "autocast_bf16": config.autocast_bf16,
+        "grid_pool": config.grid_pool,
     }
 
 
@@ -110,7 +112,7 @@ def _plan(
             "num_entries": num_entries,
             "shard_size": config.shard_size,
             "channels": info.channels,
-            "grid": list(info.grid),
+            "grid": [-(-side // config.grid_pool) for side in info.grid],
             "labels": dataset.labels.astype(int).tolist(),
             "classes": list(dataset.classes),
             "complete": False,
@@ -123,13 +125,15 @@ def _write_manifest(plan: _Plan) -> None:
 
 
 def _extract_shard(
-    backbone: FrozenBackbone, loader: DataLoader, device: torch.device, bf16: bool
+    backbone: FrozenBackbone, loader: DataLoader, device: torch.device, config: CacheConfig
 ) -> np.ndarray:
     chunks = []
     for images in loader:
         images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.autocast_bf16):
             features = backbone(images)  # (B, D, H, W)
+        if config.grid_pool > 1:
+            features = F.avg_pool2d(features.float(), config.grid_pool, ceil_mode=True)  # (B, D, H/p, W/p)
         chunks.append(features.float().permute(0, 2, 3, 1).to(torch.float16).cpu().numpy())  # (B, H, W, D)
     return np.concatenate(chunks)
 
@@ -206,7 +210,7 @@ def build_cache(
             num_workers=config.num_workers,
             pin_memory=device.type == "cuda",
         )
-        _write_shard(plan, shard, _extract_shard(backbone, loader, device, config.autocast_bf16))
+        _write_shard(plan, shard, _extract_shard(backbone, loader, device, config))
         _log_shard(plan, shard, entries, ctx)
         progress.update(count)
     progress.close()

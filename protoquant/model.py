@@ -58,20 +58,20 @@ class ProtoQuant(nn.Module):
 
     def forward(self, images: torch.Tensor) -> HeadOutput:
         """images: (B, 3, S, S) normalised tensors."""
-        return self.head(self.backbone(images))
+        return self.head(self.features(images))
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, D, H, W) patch features exactly as the cache stored them (grid pooling included)."""
+        features = self.backbone(images)
+        pool = self.config.cache.grid_pool
+        return F.avg_pool2d(features, pool, ceil_mode=True) if pool > 1 else features  # (B, D, H/p, W/p)
 
     def preprocess(self, images: Sequence[Image.Image] | torch.Tensor) -> torch.Tensor:
         """PIL images, or a float (B, 3, h, w) batch in [0, 1], to a normalised (B, 3, S, S) batch."""
         if isinstance(images, torch.Tensor):
             if images.ndim != 4 or images.shape[1] != 3:
                 raise ValueError(f"image tensor must be (B, 3, H, W) in [0, 1], got {tuple(images.shape)}")
-            size = self.config.backbone.image_size
-            resized = F.interpolate(
-                images.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False
-            )
-            mean = torch.tensor(self.transform.mean).view(1, 3, 1, 1)
-            std = torch.tensor(self.transform.std).view(1, 3, 1, 1)
-            return (resized - mean) / std
+            return self.transform.plain(images.float())
         return torch.stack([self.transform(image.convert("RGB"), 0, 0) for image in images])
 
     def predict(self, images: Sequence[Image.Image] | torch.Tensor) -> Prediction:
@@ -90,6 +90,12 @@ class ProtoQuant(nn.Module):
             similarity=out.similarity.cpu(),
             activation=out.activation.cpu(),
         )
+
+    def explain(self, image, *, top_classes: int = 1, top_prototypes: int = 5, gallery=None):
+        """Explain one image (PIL, or (3, h, w) in [0, 1]); see `protoquant.explain.explain`."""
+        from protoquant.explain import explain  # lazy: explain imports this module
+
+        return explain(self, image, top_classes=top_classes, top_prototypes=top_prototypes, gallery=gallery)
 
     def save(self, path: str | Path) -> Path:
         """Write the checkpoint folder atomically (a temporary folder renamed into place)."""
@@ -131,7 +137,10 @@ class ProtoQuant(nn.Module):
             backbone = create_backbone(config.backbone)
             stored = path / "backbone.safetensors"
             if stored.is_file():  # random backbones travel with the checkpoint
-                backbone.model.load_state_dict(load_file(str(stored)), strict=True)
+                try:
+                    backbone.model.load_state_dict(load_file(str(stored)), strict=True)
+                except RuntimeError as err:
+                    raise ValueError(f"{stored}: does not match {config.backbone.name}: {err}") from err
                 backbone.info = replace(backbone.info, weights_hash=state_hash(backbone.model))
         if backbone.info.weights_hash != recorded:
             raise ValueError(
@@ -139,8 +148,13 @@ class ProtoQuant(nn.Module):
                 f"the checkpoint's {recorded[:12]}; the checkpoint was trained on other weights"
             )
         tensors = load_file(str(path / "model.safetensors"))
+        if "codebook" not in tensors:
+            raise ValueError(f"{path / 'model.safetensors'}: no 'codebook' tensor; not a protoquant head")
         head = ProtoQuantHead(tensors["codebook"], len(meta["classes"]), temperature=meta["temperature"])
-        head.load_state_dict(tensors, strict=True)
+        try:
+            head.load_state_dict(tensors, strict=True)
+        except RuntimeError as err:
+            raise ValueError(f"{path / 'model.safetensors'}: does not match the head: {err}") from err
         head.requires_grad_(False).eval()
         return cls(backbone, head, meta["classes"], config).to(device)
 

@@ -36,10 +36,15 @@ IMAGE_SIZE = 64  # test_convnext: 2x2 grid, test_vit (patch 16): 4x4 grid
 NUM_CODES = 16  # K of the tiny run
 
 
+def pytest_configure(config) -> None:
+    # The models here are tiny: one intra-op thread is faster than two, and far faster when the
+    # two cores are shared with other work (OpenMP threads then spin waiting for each other).
+    torch.set_num_threads(1)
+
+
 def make_backbone(name: str, *, seed: int = 0, image_size: int = IMAGE_SIZE) -> FrozenBackbone:
     """A frozen backbone with seeded random weights."""
-    torch.manual_seed(seed)
-    return create_backbone(BackboneConfig(name=name, weights="none", image_size=image_size))
+    return create_backbone(BackboneConfig(name=name, weights="none", image_size=image_size, init_seed=seed))
 
 
 @pytest.fixture(scope="session")
@@ -53,7 +58,9 @@ def vit() -> FrozenBackbone:
 
 
 def synthetic(split: str = "train", *, images_per_class: int = 6, seed: int = 0) -> SyntheticParts:
-    return SyntheticParts(split, num_classes=3, images_per_class=images_per_class, image_size=IMAGE_SIZE, seed=seed)
+    return SyntheticParts(
+        split, num_classes=3, images_per_class=images_per_class, image_size=IMAGE_SIZE, seed=seed
+    )
 
 
 @pytest.fixture(scope="session")
@@ -80,7 +87,9 @@ class NoiseImages(ImageDataset):
 
     def fingerprint(self) -> str:
         digest = hashlib.sha256(b"".join(p.tobytes() for p in self._pixels)).hexdigest()
-        return stable_hash({"name": self.name, "split": self.split, "pixels": digest, "labels": self.labels.tolist()})
+        return stable_hash(
+            {"name": self.name, "split": self.split, "pixels": digest, "labels": self.labels.tolist()}
+        )
 
 
 @pytest.fixture
@@ -94,7 +103,9 @@ def tiny_run_config(root) -> RunConfig:
         backbone=BackboneConfig(name="timm/test_convnext", weights="none", image_size=IMAGE_SIZE),
         cache=CacheConfig(root=str(root / "cache"), train_views=2, shard_size=16, batch_size=16),
         probe=ProbeConfig(epochs=20),
-        codebook=CodebookConfig(num_codes=NUM_CODES, kmeans_patches=200, kmeans_iters=5, epochs=2, batch_size=16),
+        codebook=CodebookConfig(
+            num_codes=NUM_CODES, kmeans_patches=200, kmeans_iters=5, epochs=2, batch_size=16
+        ),
         head=HeadConfig(epochs=20),
         seed=0,
         device="cpu",

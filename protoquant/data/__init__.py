@@ -7,16 +7,26 @@ from dataclasses import dataclass
 
 from protoquant.config import DataConfig
 from protoquant.data.base import ImageDataset, PartAnnotations, SubsetDataset, stable_hash
+from protoquant.data.cars import StanfordCars
+from protoquant.data.cub import CUB200
 from protoquant.data.fashion_mnist import FashionMNIST
+from protoquant.data.funnybirds import FunnyBirds
+from protoquant.data.image_folder import ImageFolder
+from protoquant.data.imagenet import ImageNet
 from protoquant.data.splits import stratified_split, stratified_subset
 from protoquant.data.synthetic import SyntheticParts
 
 __all__ = [
+    "CUB200",
     "DATASETS",
     "FashionMNIST",
+    "FunnyBirds",
     "ImageDataset",
+    "ImageFolder",
+    "ImageNet",
     "PartAnnotations",
     "Splits",
+    "StanfordCars",
     "SubsetDataset",
     "SyntheticParts",
     "load_dataset",
@@ -36,17 +46,50 @@ def _fashion_mnist(config: DataConfig, split: str) -> ImageDataset:
     return FashionMNIST(config.root, split) if config.root else FashionMNIST(split=split)
 
 
+def _cub(config: DataConfig, split: str) -> ImageDataset:
+    return CUB200(config.root, split, crop_to_box=config.crop_to_box)
+
+
+def _cars(config: DataConfig, split: str) -> ImageDataset:
+    return StanfordCars(config.root, split, crop_to_box=config.crop_to_box)
+
+
+def _imagenet(config: DataConfig, split: str) -> ImageDataset:
+    return ImageNet(config.root, split)
+
+
+def _funnybirds(config: DataConfig, split: str) -> ImageDataset:
+    return FunnyBirds(config.root, split)
+
+
+def _image_folder(config: DataConfig, split: str) -> ImageDataset:
+    return ImageFolder(config.root, split, split_file=config.split_file)
+
+
 # name -> factory(config, "train" | "test")
 DATASETS: dict[str, Callable[[DataConfig, str], ImageDataset]] = {
     "synthetic": _synthetic,
     "fashion-mnist": _fashion_mnist,
+    "cub": _cub,
+    "cars": _cars,
+    "imagenet": _imagenet,
+    "funnybirds": _funnybirds,
+    "image-folder": _image_folder,
 }
+CROP_DATASETS = ("cub", "cars")  # the datasets that honour data.crop_to_box
+SPLIT_FILE_DATASETS = ("image-folder",)  # the datasets that honour data.split_file
 
 
 def load_dataset(config: DataConfig, split: str) -> ImageDataset:
     """The official `split` ("train" or "test") of the dataset named in `config`."""
     if config.dataset not in DATASETS:
         raise ValueError(f"unknown dataset '{config.dataset}'; valid: {', '.join(sorted(DATASETS))}")
+    if config.crop_to_box and config.dataset not in CROP_DATASETS:
+        raise ValueError(
+            f"data.crop_to_box is supported by {' and '.join(CROP_DATASETS)} only, not {config.dataset}"
+        )
+    if config.split_file and config.dataset not in SPLIT_FILE_DATASETS:
+        raise ValueError(f"data.split_file is read by {SPLIT_FILE_DATASETS[0]} only, not {config.dataset}")
     return DATASETS[config.dataset](config, split)
 
 

@@ -29,7 +29,12 @@ def _open(root: Path, stem: str) -> tuple[Path, bytes]:
     for candidate in (root / f"{stem}.gz", root / stem):
         if candidate.is_file():
             raw = candidate.read_bytes()
-            return candidate, gzip.decompress(raw) if candidate.suffix == ".gz" else raw
+            if candidate.suffix != ".gz":
+                return candidate, raw
+            try:
+                return candidate, gzip.decompress(raw)
+            except (EOFError, OSError) as err:
+                raise ValueError(f"{candidate}: truncated or corrupt gzip file ({err})") from err
     raise FileNotFoundError(f"Fashion-MNIST file {stem}[.gz] not found in {root}")
 
 
@@ -44,6 +49,8 @@ def read_idx(root: Path, stem: str, magic: int) -> np.ndarray:
     dims = [count]
     offset = 8
     if magic == IDX_IMAGES_MAGIC:
+        if len(raw) < 16:
+            raise ValueError(f"{path}: truncated IDX header ({len(raw)} bytes, images need 16)")
         dims += list(struct.unpack(">II", raw[8:16]))
         offset = 16
     expected = int(np.prod(dims))

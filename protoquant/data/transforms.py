@@ -34,6 +34,15 @@ class ViewTransform:
     def describe(self) -> dict[str, Any]:
         return {"kind": "views-v1", **asdict(self)}
 
+    def plain(self, images: torch.Tensor) -> torch.Tensor:
+        """View 0 of a float (B, 3, h, w) batch in [0, 1]: the same framing as for PIL images."""
+        if self.crop_ratio >= 1.0:
+            framed = TF.resize(images, [self.image_size, self.image_size], antialias=True)
+        else:
+            resized = TF.resize(images, int(math.floor(self.image_size / self.crop_ratio)), antialias=True)
+            framed = TF.center_crop(resized, [self.image_size, self.image_size])
+        return TF.normalize(framed, list(self.mean), list(self.std))  # (B, 3, S, S)
+
     def __call__(self, image: Image.Image, index: int, view: int) -> torch.Tensor:
         """(3, S, S) float tensor of view `view` of image `index`."""
         if view == 0 and self.crop_ratio >= 1.0:  # the part-prototype protocols: plain resize to S x S

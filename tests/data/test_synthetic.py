@@ -113,9 +113,7 @@ def test_removing_a_part_changes_only_its_pixels(dataset: SyntheticParts, index:
 
 
 @pytest.mark.parametrize("index", INDICES)
-def test_removing_a_background_object_changes_only_its_pixels(
-    dataset: SyntheticParts, index: int
-) -> None:
+def test_removing_a_background_object_changes_only_its_pixels(dataset: SyntheticParts, index: int) -> None:
     image, parts = dataset.load_image(index), dataset.annotations(index).masks.any(axis=0)
     objects = dataset.background_masks(index)
     assert objects.shape[0] == dataset.num_background_objects(index)

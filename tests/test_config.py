@@ -1,0 +1,163 @@
+"""Config: dict/YAML round trips, unknown fields, override coercion, flat field list."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from protoquant.config import (
+    BackboneConfig,
+    CodebookConfig,
+    HeadConfig,
+    RunConfig,
+    flat_fields,
+    from_dict,
+    load_yaml,
+    save_yaml,
+    to_dict,
+    with_overrides,
+)
+
+
+def _custom() -> RunConfig:
+    return RunConfig(
+        backbone=BackboneConfig(name="timm/test_vit", weights="none", image_size=64, crop_ratio=0.875),
+        codebook=CodebookConfig(num_codes=32, init="orthogonal", lr=5e-4),
+        head=HeadConfig(temperature_grid=(0.05, 0.1), lr_grid=(0.05,), top_k_per_class=3),
+        seed=7,
+        out="runs/x",
+    )
+
+
+@pytest.mark.parametrize("config", [RunConfig(), _custom()], ids=["default", "custom"])
+def test_yaml_round_trip(config, tmp_path) -> None:
+    path = tmp_path / "config.yaml"
+    save_yaml(config, path)
+    assert load_yaml(path) == config
+
+
+def test_dict_round_trip_and_plain_types() -> None:
+    config = _custom()
+    data = to_dict(config)
+    assert data["head"]["temperature_grid"] == [0.05, 0.1]  # tuples become lists
+    assert data["codebook"]["num_codes"] == 32
+    assert from_dict(RunConfig, data) == config
+    assert isinstance(from_dict(RunConfig, data).head.temperature_grid, tuple)
+
+
+def test_configs_are_frozen() -> None:
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        RunConfig().seed = 1  # type: ignore[misc]
+
+
+def test_missing_sections_keep_their_defaults(tmp_path) -> None:
+    path = tmp_path / "partial.yaml"
+    path.write_text("codebook:\n  num_codes: 64\nseed: 3\n")
+    config = load_yaml(path)
+    assert config.codebook.num_codes == 64 and config.seed == 3
+    assert config.codebook.lr == CodebookConfig().lr and config.head == HeadConfig()
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    assert load_yaml(empty) == RunConfig()
+
+
+@pytest.mark.parametrize(
+    ("data", "name"),
+    [
+        ({"codebook": {"num_code": 5}}, "codebook.num_code"),
+        ({"seeed": 1}, "seeed"),
+        ({"headd": {}}, "headd"),
+    ],
+)
+def test_unknown_field_raises_naming_it(data, name) -> None:
+    with pytest.raises(ValueError, match=name.replace(".", r"\.")):
+        from_dict(RunConfig, data)
+
+
+def test_unknown_field_in_yaml_names_the_file_and_field(tmp_path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("head:\n  temprature: 0.1\n")
+    with pytest.raises(ValueError) as error:
+        load_yaml(path)
+    assert str(path) in str(error.value) and "head.temprature" in str(error.value)
+
+
+def test_bad_value_raises_naming_the_field() -> None:
+    with pytest.raises(ValueError, match=r"codebook\.num_codes"):
+        from_dict(RunConfig, {"codebook": {"num_codes": "many"}})
+    with pytest.raises(ValueError, match=r"codebook\.num_codes"):
+        from_dict(RunConfig, {"codebook": {"num_codes": 2.5}})
+    with pytest.raises(ValueError, match=r"cache\.autocast_bf16"):
+        from_dict(RunConfig, {"cache": {"autocast_bf16": "maybe"}})
+    with pytest.raises(ValueError, match="codebook"):
+        from_dict(RunConfig, {"codebook": 5})
+
+
+def test_unreadable_yaml_names_the_file(tmp_path) -> None:
+    path = tmp_path / "broken.yaml"
+    path.write_text("head: [unclosed\n")
+    with pytest.raises(ValueError, match="broken.yaml"):
+        load_yaml(path)
+    with pytest.raises(ValueError, match="missing.yaml"):
+        load_yaml(tmp_path / "missing.yaml")
+
+
+def test_with_overrides_coerces_strings_to_field_types() -> None:
+    config = with_overrides(
+        RunConfig(),
+        {
+            "codebook.num_codes": "256",
+            "head.temperature_grid": "0.05,0.1",
+            "cache.autocast_bf16": "true",
+            "codebook.lr": "5e-4",
+            "backbone.name": "timm/test_vit",
+            "seed": "3",
+        },
+    )
+    assert config.codebook.num_codes == 256 and isinstance(config.codebook.num_codes, int)
+    assert config.head.temperature_grid == (0.05, 0.1)
+    assert all(isinstance(t, float) for t in config.head.temperature_grid)
+    assert config.cache.autocast_bf16 is True
+    assert config.codebook.lr == 5e-4
+    assert config.backbone.name == "timm/test_vit" and config.seed == 3
+    # everything else untouched
+    assert config.head.temperature == HeadConfig().temperature and config.data == RunConfig().data
+
+
+@pytest.mark.parametrize(("text", "value"), [("false", False), ("0", False), ("yes", True), ("On", True)])
+def test_with_overrides_bool_spellings(text, value) -> None:
+    assert with_overrides(RunConfig(), {"backbone.download": text}).backbone.download is value
+
+
+def test_with_overrides_single_value_tuple() -> None:
+    assert with_overrides(RunConfig(), {"head.lr_grid": "0.2"}).head.lr_grid == (0.2,)
+
+
+@pytest.mark.parametrize("key", ["codebook.num_code", "codebok.num_codes", "nothing"])
+def test_with_overrides_unknown_key_raises_naming_it(key) -> None:
+    with pytest.raises(ValueError, match=key.split(".")[0]):
+        with_overrides(RunConfig(), {key: "1"})
+
+
+def test_flat_fields_lists_every_leaf_with_its_type() -> None:
+    fields = flat_fields()
+    assert fields["codebook.num_codes"] is int
+    assert fields["head.temperature"] is float
+    assert fields["cache.autocast_bf16"] is bool
+    assert fields["seed"] is int and fields["out"] is str
+    assert "codebook" not in fields and "head" not in fields
+    defaults = RunConfig()
+    sections = [getattr(defaults, f.name) for f in dataclasses.fields(RunConfig)]
+    expected = sum(len(dataclasses.fields(s)) if dataclasses.is_dataclass(s) else 1 for s in sections)
+    assert len(fields) == expected
+    # every flat field can be set by name from its string form (as the CLI does)
+    for name in fields:
+        assert with_overrides(defaults, {name: _string_default(name)}) == defaults
+
+
+def _string_default(name: str) -> str:
+    value = to_dict(RunConfig())
+    for part in name.split("."):
+        value = value[part]
+    return ",".join(str(v) for v in value) if isinstance(value, list) else str(value)

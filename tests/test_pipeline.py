@@ -1,0 +1,134 @@
+"""One tiny end-to-end run: outputs on disk, metrics, frozen prototypes, no test-set selection."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from protoquant.config import load_yaml
+from protoquant.pipeline import GLOBAL_SIZE_THRESHOLD, run
+from protoquant.train import code_usage
+
+METRIC_KEYS = [
+    ("linear_probe", "val_accuracy"),
+    ("linear_probe", "test_accuracy"),
+    ("quantized", "val_accuracy"),
+    ("quantized", "test_accuracy"),
+    ("protoquant", "val_accuracy"),
+    ("protoquant", "test_accuracy"),
+]
+
+
+def test_metrics_have_every_key_with_sane_values(tiny_run) -> None:
+    metrics, config = tiny_run.result.metrics, tiny_run.config
+    for section, key in METRIC_KEYS:
+        assert 0.0 <= metrics[section][key] <= 1.0, (section, key)
+    assert isinstance(metrics["protoquant"]["num_prototypes"], int)
+    assert 0 <= metrics["protoquant"]["num_prototypes"] <= config.codebook.num_codes
+    assert metrics["quantized"]["num_codes"] == config.codebook.num_codes
+    assert 0 <= metrics["quantized"]["used_codes"] <= config.codebook.num_codes
+    timing = metrics["timing"]
+    assert timing["cache_seconds"] > 0 and timing["train_seconds"] > 0
+    assert timing["total_seconds"] >= timing["cache_seconds"] + timing["train_seconds"]
+    assert metrics["data"] == {
+        "dataset": "synthetic",
+        "train": 21,
+        "val": 3,
+        "test": 12,
+        "classes": 3,
+        "train_views": 2,
+    }
+    assert metrics["backbone"]["weights_hash"] == tiny_run.result.model.backbone.info.weights_hash
+    grounding = metrics["grounding"]
+    assert -1.0 <= grounding["min_nearest_cosine_used"] <= grounding["mean_nearest_cosine_used"] <= 1.0 + 1e-6
+
+
+def test_outputs_on_disk(tiny_run) -> None:
+    out = Path(tiny_run.config.out)
+    assert json.loads((out / "metrics.json").read_text()) == json.loads(json.dumps(tiny_run.result.metrics))
+    assert load_yaml(out / "config.yaml") == tiny_run.config
+    history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    assert [row["epoch"] for row in history] == list(range(tiny_run.config.codebook.epochs))
+    assert all(row["stage"] == 1 and math.isfinite(row["loss"]) for row in history)
+    model_dir = out / "model"
+    assert {p.name for p in model_dir.iterdir()} == {
+        "model.safetensors",
+        "config.json",
+        "backbone.safetensors",
+    }
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary leftovers
+
+
+def test_codebook_stays_frozen_in_stage_two(tiny_run) -> None:
+    head = tiny_run.result.model.head
+    assert torch.equal(tiny_run.head_input_codes, tiny_run.stage1_codes)
+    assert torch.equal(head.codebook, tiny_run.stage1_codes)
+    assert not isinstance(head.codebook, nn.Parameter)
+    assert "codebook" in dict(head.named_buffers())
+    assert all(param is not head.codebook for param in head.parameters())
+
+
+def test_trained_model_has_no_trainable_parameters(tiny_run) -> None:
+    model = tiny_run.result.model
+    assert not any(p.requires_grad for p in model.parameters())
+    assert not model.head.training and not model.backbone.training
+
+
+def test_usage_and_global_size_are_consistent(tiny_run) -> None:
+    result = tiny_run.result
+    head, caches = result.model.head, result.caches
+    grid = caches.train.store.grid
+    assert head.usage.sum() == len(caches.train_plain.entries) * grid[0] * grid[1]
+    assert torch.equal(head.usage, code_usage(head.codebook, caches.train_plain, 16, torch.device("cpu")))
+    assert result.metrics["quantized"]["used_codes"] == int((head.usage > 0).sum())
+    expected_size = int((head.class_weights.amax(dim=0) > GLOBAL_SIZE_THRESHOLD).sum())
+    assert result.metrics["protoquant"]["num_prototypes"] == expected_size
+
+
+def test_caches_are_split_as_documented(tiny_run) -> None:
+    caches, splits = tiny_run.result.caches, tiny_run.result.splits
+    views = tiny_run.config.cache.train_views
+    assert len(caches.train.entries) == len(splits.train) * views
+    assert np.array_equal(caches.train_plain.entries, np.arange(len(splits.train)) * views)
+    assert len(caches.val.entries) == len(splits.val) and len(caches.test.entries) == len(splits.test)
+    assert np.array_equal(caches.val.labels.numpy(), splits.val.labels)
+    assert np.array_equal(caches.test.labels.numpy(), splits.test.labels)
+    folders = {caches.train.store.folder, caches.val.store.folder, caches.test.store.folder}
+    assert len(folders) == 3
+
+
+@pytest.fixture(scope="module")
+def rerun(tiny_run, tmp_path_factory):
+    """The same run with another test set, reusing the backbone and the feature cache."""
+    config = replace(
+        tiny_run.config,
+        data=replace(tiny_run.config.data, synthetic_test_per_class=2),
+        out=str(tmp_path_factory.mktemp("rerun") / "out"),
+    )
+    before = set(Path(config.cache.root).iterdir())
+    result = run(config, backbone=tiny_run.result.model.backbone)
+    return result, set(Path(config.cache.root).iterdir()) - before
+
+
+def test_rerun_reuses_train_and_val_caches(tiny_run, rerun) -> None:
+    result, new_folders = rerun
+    assert result.caches.train.store.folder == tiny_run.result.caches.train.store.folder
+    assert result.caches.val.store.folder == tiny_run.result.caches.val.store.folder
+    assert new_folders == {result.caches.test.store.folder}
+    assert result.metrics["data"]["test"] == 6
+
+
+def test_training_is_seeded_and_never_looks_at_the_test_set(tiny_run, rerun) -> None:
+    result, _ = rerun
+    first, second = tiny_run.result.model.head.state_dict(), result.model.head.state_dict()
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    for section in ("linear_probe", "quantized", "protoquant"):
+        assert result.metrics[section]["val_accuracy"] == tiny_run.result.metrics[section]["val_accuracy"]
