@@ -1,0 +1,89 @@
+"""Benchmark 4: head training time vs dataset size (1x, 4x, 16x cached feature maps).
+
+Stage 1 (codebook, fixed epochs) and stage 2 (scores + class layer) run on synthetic
+feature caches written in the real cache format (random non-negative fp16 maps, the
+shape of MobileNetV2's 7 x 7 x 1280), so only the amount of data changes.
+
+    python benchmarks/scaling.py [--base 500]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from common import machine
+from torch import nn
+
+from protoquant.config import CodebookConfig, HeadConfig
+from protoquant.features import FeatureStore, atomic_save_npy
+from protoquant.train import Subset, train_codebook
+from protoquant.train_head import train_head
+
+GRID, CHANNELS, CLASSES, SHARD = (7, 7), 1280, 10, 512
+
+
+def fake_cache(folder: Path, entries: int, seed: int) -> FeatureStore:
+    """A complete cache folder of `entries` random maps (format of protoquant.features)."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True)
+    labels = rng.integers(0, CLASSES, entries)
+    for shard, start in enumerate(range(0, entries, SHARD)):
+        count = min(SHARD, entries - start)
+        maps = np.maximum(rng.normal(0, 1, (count, *GRID, CHANNELS)), 0).astype(np.float16)  # (n, H, W, D)
+        maps[np.arange(count), 0, 0, labels[start : start + count]] += 4  # a learnable signal
+        atomic_save_npy(folder / f"features-{shard:05d}.npy", maps)
+        atomic_save_npy(folder / f"pooled-{shard:05d}.npy", maps.astype(np.float32).mean(axis=(1, 2)))
+    manifest = {"key": {"views": 1}, "shard_size": SHARD, "channels": CHANNELS, "grid": list(GRID),
+                "labels": labels.tolist(), "complete": True}  # fmt: skip
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return FeatureStore(folder)
+
+
+def train_time(store: FeatureStore, val: Subset) -> float:
+    device = torch.device("cpu")
+    train = Subset(store, store.entries())
+    probe = nn.Linear(CHANNELS, CLASSES).requires_grad_(False)
+    start = time.perf_counter()
+    config = CodebookConfig(num_codes=256, epochs=2, kmeans_patches=5000, kmeans_iters=5)
+    codebook, _ = train_codebook(train, val, probe, config, seed=0, device=device)
+    train_head(
+        codebook.codes.detach(),
+        codebook.usage,
+        train,
+        val,
+        CLASSES,
+        HeadConfig(epochs=20),
+        seed=0,
+        device=device,
+    )
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--base", type=int, default=500)
+    args = parser.parse_args()
+    print(f"machine: {machine()}; stage 1 (K=256, 2 epochs) + stage 2 (20 epochs) on 7x7x1280 maps")
+    print("| cached maps | seconds | x of 1x time | seconds per 1k maps |")
+    print("|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as tmp:
+        val_store = fake_cache(Path(tmp) / "val", 200, seed=99)
+        val = Subset(val_store, val_store.entries())
+        base = None
+        for factor in (1, 4, 16):
+            entries = args.base * factor
+            seconds = train_time(fake_cache(Path(tmp) / f"x{factor}", entries, seed=factor), val)
+            base = base or seconds
+            print(
+                f"| {entries} ({factor}x) | {seconds:.1f} | {seconds / base:.2f} | {1000 * seconds / entries:.2f} |"
+            )
+
+
+if __name__ == "__main__":
+    main()
