@@ -1,17 +1,22 @@
-"""The built-in demo: the whole pipeline on generated data, then one explanation figure."""
+"""The built-in demo: the whole pipeline on generated data, then the gallery, a figure and the HTML report."""
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
 
+from PIL import Image
+
 from protoquant.config import CacheConfig, CodebookConfig, HeadConfig, RunConfig
-from protoquant.explain import explain, training_patch
-from protoquant.grounding import nearest_patches
-from protoquant.pipeline import RunResult, run
-from protoquant.render import render_explanation
+from protoquant.explain import build_report, explain, load_patches
+from protoquant.gallery import Gallery, build_gallery, save_gallery
+from protoquant.pipeline import RunResult, resolve_device, run
+from protoquant.render import render_explanation, write_report
 
 logger = logging.getLogger(__name__)
+
+REPORT_IMAGES = 4  # test images the demo report explains (one per class, first classes first)
+REPORT_DIR = "report"  # the report's folder inside the run's output folder
 
 
 def demo_config(out: str = "runs/demo") -> RunConfig:
@@ -24,25 +29,46 @@ def demo_config(out: str = "runs/demo") -> RunConfig:
     )
 
 
-def write_explanation_figure(result: RunResult, test_index: int = 0, top_prototypes: int = 4) -> Path:
+def demo_gallery(result: RunResult) -> Gallery:
+    """Build the prototype gallery from the run's training cache and store it in the checkpoint."""
+    device = resolve_device(result.model.config.device)
+    gallery = build_gallery(result.model, result.caches.train_plain, device=device)
+    save_gallery(gallery, result.out / "model")
+    return gallery
+
+
+def write_explanation_figure(
+    result: RunResult, gallery: Gallery, test_index: int = 0, top_prototypes: int = 4
+) -> Path:
     """Explain test image `test_index` and draw it with each prototype's nearest training patch."""
-    model = result.model
     image = result.splits.test.load_image(test_index)
-    explanation = explain(model, image, top_prototypes=top_prototypes)
-    nearest = nearest_patches(model.head.codebook, result.caches.train_plain, 64, model.head.codebook.device)
-    store = result.caches.train.store
-    patches = {}
-    for item in explanation.classes[0].prototypes:
-        entry = int(nearest.entry[item.prototype])
-        patches[item.prototype] = training_patch(
-            result.splits.train,
-            int(store.image_index[entry]),
-            int(nearest.cell[item.prototype]),
-            store.grid,
-            model.transform,
-            float(nearest.cosine[item.prototype]),
-        )
+    explanation = explain(result.model, image, top_prototypes=top_prototypes, gallery=gallery)
+    refs = [ref for item in explanation.predicted.prototypes for ref in item.patches[:1]]
+    patches = load_patches(gallery, refs, result.splits.train)
     return render_explanation(explanation, result.out / "explanation.png", patches)
+
+
+def report_images(result: RunResult, count: int = REPORT_IMAGES) -> list[tuple[str, Image.Image]]:
+    """(name, image) of the first test image of each of the first `count` classes."""
+    labels = result.splits.test.labels
+    classes = result.splits.test.classes
+    picked = [
+        int((labels == c).nonzero()[0][0]) for c in range(min(count, len(classes))) if (labels == c).any()
+    ]
+    return [(f"test #{i} ({classes[labels[i]]})", result.splits.test.load_image(i)) for i in picked]
+
+
+def write_demo_report(result: RunResult, gallery: Gallery) -> Path:
+    """The HTML report for a few test images; returns the path of its index.html."""
+    report = build_report(
+        result.model,
+        report_images(result),
+        gallery,
+        metrics=result.metrics,
+        dataset=result.splits.train,
+        title="ProtoQuant demo: this looks like that",
+    )
+    return write_report(report, result.out / REPORT_DIR)
 
 
 def summary_rows(metrics: dict) -> list[tuple[str, str]]:
@@ -78,8 +104,11 @@ def format_table(rows: list[tuple[str, str]]) -> str:
 
 
 def run_demo(config: RunConfig | None = None) -> RunResult:
-    """Run the pipeline (demo settings unless `config` is given) and write `<out>/explanation.png`."""
+    """Run the pipeline (demo settings unless `config` is given), store the prototype gallery in the
+    checkpoint, and write `<out>/explanation.png` and the report `<out>/report/index.html`."""
     result = run(config or demo_config())
-    figure = write_explanation_figure(result)
-    logger.info("explanation figure: %s", figure)
+    gallery = demo_gallery(result)
+    figure = write_explanation_figure(result, gallery)
+    report = write_demo_report(result, gallery)
+    logger.info("explanation figure: %s, report: %s", figure, report)
     return result

@@ -1,31 +1,46 @@
-"""Explanations as data: which prototypes drove a decision, where they fired, how much.
+"""Explanations as data: which prototypes drove a decision, where they fired, what they stand for.
 
-A class logit is a sum over prototypes of score x weight, so each prototype's
-contribution is exact. Drawing lives in `protoquant.render`.
+A class logit is a sum over prototypes of score x weight, so each prototype's contribution
+is exact. The nearest training patches come from the prototype gallery (computed once from
+the feature cache). Drawing lives in `protoquant.render`; nothing there runs a model.
 """
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from scipy import ndimage
 
-from protoquant.model import ProtoQuant
+from protoquant.data import ImageDataset
+from protoquant.data.transforms import ViewTransform
+from protoquant.gallery import Gallery, PatchRef, training_images
+from protoquant.model import Prediction, ProtoQuant
 
-BOX_QUANTILE = 0.95  # a prototype's box covers the pixels at or above this quantile of its upsampled map
+BOX_QUANTILE = 0.95  # a prototype's box covers its peak's connected region at or above this quantile
+PATCHES_PER_PROTOTYPE = 3  # nearest training patches referenced by each shown prototype
+PATCH_CONTEXT_CELLS = 1  # grid cells of context kept around a training patch's cell
 
 
 @dataclass(frozen=True)
 class PrototypeEvidence:
+    """How one prototype k adds to one class's logit, and where it fired."""
+
     prototype: int  # k
-    score: float  # pooled presence of prototype k in the image
-    weight: float  # class weight w[c, k]
-    contribution: float  # score * weight; these sum to the class logit
-    heatmap: np.ndarray  # (S, S) float32 activation map of k, upsampled to the model's input
-    box: tuple[int, int, int, int]  # (x1, y1, x2, y2) high-activation region, inclusive pixel bounds
+    score: float  # pooled presence of prototype k: the spatial max of its activation
+    weight: float  # class weight w[c, k] >= 0
+    contribution: float  # score * weight; all K of them sum to the class logit
+    location: tuple[int, int]  # (h, w) grid cell where the activation peaks
+    similarity: np.ndarray  # (S, S) float32 cosine similarity map, upsampled to the image
+    activation: np.ndarray  # (S, S) float32 activation map (softmax over prototypes), upsampled
+    box: tuple[int, int, int, int]  # (x1, y1, x2, y2) high-activation region, inclusive pixels
+    patches: tuple[PatchRef, ...]  # nearest training patches (empty when no gallery was given)
 
 
 @dataclass(frozen=True)
@@ -34,106 +49,242 @@ class ClassExplanation:
     class_name: str
     probability: float
     logit: float
-    prototypes: tuple[PrototypeEvidence, ...]  # sorted by contribution, largest first
+    prototypes: tuple[PrototypeEvidence, ...]  # the top prototypes by contribution, largest first
+    rest: float  # logit minus the shown contributions: what all other prototypes add
+    num_contributing: int  # prototypes with a positive contribution to this logit
 
 
 @dataclass(frozen=True)
 class Explanation:
     image: np.ndarray  # (S, S, 3) uint8, the image as the model saw it
-    classes: tuple[ClassExplanation, ...]  # top classes by probability
+    grid: tuple[int, int]  # (H, W) feature grid
+    classes: tuple[ClassExplanation, ...]  # top classes by probability, the prediction first
+
+    @property
+    def predicted(self) -> ClassExplanation:
+        return self.classes[0]
 
 
 def upsample(maps: torch.Tensor, size: int) -> torch.Tensor:
     """(K, H, W) -> (K, S, S) bicubic."""
-    return F.interpolate(maps[None], size=(size, size), mode="bicubic", align_corners=False)[0]
+    return F.interpolate(maps[None].float(), size=(size, size), mode="bicubic", align_corners=False)[0]
 
 
 def high_activation_box(heatmap: np.ndarray, quantile: float = BOX_QUANTILE) -> tuple[int, int, int, int]:
-    """Inclusive bounding box (x1, y1, x2, y2) of pixels >= the map's `quantile`."""
-    ys, xs = np.nonzero(heatmap >= np.quantile(heatmap, quantile))
+    """Inclusive box (x1, y1, x2, y2) of the connected region >= the map's `quantile` around its peak."""
+    regions, _ = ndimage.label(heatmap >= np.quantile(heatmap, quantile))
+    peak = np.unravel_index(int(np.argmax(heatmap)), heatmap.shape)
+    ys, xs = np.nonzero(regions == regions[peak])
     return int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max())
 
 
-def explain(
-    model: ProtoQuant, image: Image.Image, *, top_classes: int = 1, top_prototypes: int = 5
-) -> Explanation:
-    """Explain the model's decision on one PIL image."""
-    size = model.config.backbone.image_size
-    batch = model.preprocess([image])  # (1, 3, S, S)
-    prediction = model.predict_normalised(batch)
-    probabilities = prediction.probabilities[0]
-    weights = model.head.class_weights.detach().cpu()  # (C, K)
-    scores = prediction.scores[0]  # (K,)
-    shown = []
-    for class_index in probabilities.argsort(descending=True)[:top_classes].tolist():
-        contributions = scores * weights[class_index]  # (K,)
-        order = contributions.argsort(descending=True)[:top_prototypes].tolist()
-        maps = upsample(prediction.activation[0, order], size).numpy()  # (k, S, S)
-        evidence = tuple(
-            PrototypeEvidence(
-                k,
-                float(scores[k]),
-                float(weights[class_index, k]),
-                float(contributions[k]),
-                maps[i],
-                high_activation_box(maps[i]),
-            )
-            for i, k in enumerate(order)
-        )
-        shown.append(
-            ClassExplanation(
-                class_index,
-                model.classes[class_index],
-                float(probabilities[class_index]),
-                float(prediction.logits[0, class_index]),
-                evidence,
-            )
-        )
-    return Explanation(to_uint8(batch[0], model.transform.mean, model.transform.std), tuple(shown))
-
-
-def to_uint8(normalised: torch.Tensor, mean: tuple, std: tuple) -> np.ndarray:
+def to_uint8(normalised: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
     """(3, S, S) normalised tensor -> (S, S, 3) uint8 image."""
-    unit = (normalised * torch.tensor(std).view(3, 1, 1) + torch.tensor(mean).view(3, 1, 1)).clamp(0, 1)
-    return (unit.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    pixels = normalised.detach().cpu().float().numpy().transpose(1, 2, 0)  # (S, S, 3)
+    unit = np.clip(pixels * np.asarray(std, dtype=np.float32) + np.asarray(mean, dtype=np.float32), 0, 1)
+    return (unit * 255).round().astype(np.uint8)
 
 
-PATCH_CONTEXT_CELLS = 1  # cells of context shown around a nearest training patch
+def _evidence(
+    prediction: Prediction, index: int, weights: torch.Tensor, order: list[int], size: int, patches
+) -> tuple[PrototypeEvidence, ...]:
+    """Evidence of prototypes `order` for one class with (K,) `weights`; `patches(k)` gives its refs."""
+    activation = prediction.activation[index, order]  # (k, H, W)
+    peaks = activation.flatten(1).argmax(dim=1).tolist()  # (k,) flat h * W + w
+    upsampled = upsample(activation, size).numpy()  # (k, S, S)
+    similarity = upsample(prediction.similarity[index, order], size).numpy()  # (k, S, S)
+    scores = prediction.scores[index]  # (K,)
+    return tuple(
+        PrototypeEvidence(
+            prototype=k,
+            score=float(scores[k]),
+            weight=float(weights[k]),
+            contribution=float(scores[k] * weights[k]),
+            location=divmod(peaks[i], activation.shape[-1]),
+            similarity=similarity[i],
+            activation=upsampled[i],
+            box=high_activation_box(upsampled[i]),
+            patches=patches(k),
+        )
+        for i, k in enumerate(order)
+    )
+
+
+def explain_prediction(
+    prediction: Prediction,
+    index: int,
+    class_weights: torch.Tensor,
+    classes: Sequence[str],
+    image: np.ndarray,
+    *,
+    top_classes: int = 1,
+    top_prototypes: int = 5,
+    gallery: Gallery | None = None,
+    patches_per_prototype: int = PATCHES_PER_PROTOTYPE,
+) -> Explanation:
+    """Explanation of image `index` of a prediction (pure data in, data out; no model runs).
+
+    Args:
+        class_weights: (C, K) effective class weights the logits were computed with.
+        image: (S, S, 3) uint8, the model's input; maps are upsampled to its size.
+    """
+    if top_classes < 1 or top_prototypes < 1:
+        raise ValueError(f"top_classes and top_prototypes must be >= 1, got {top_classes}, {top_prototypes}")
+
+    def patches(k: int) -> tuple[PatchRef, ...]:
+        return gallery.patches(k, patches_per_prototype) if gallery is not None else ()
+
+    scores, probabilities = prediction.scores[index], prediction.probabilities[index]  # (K,), (C,)
+    shown = []
+    for c in probabilities.argsort(descending=True)[:top_classes].tolist():
+        contributions = scores * class_weights[c]  # (K,)
+        order = contributions.argsort(descending=True)[:top_prototypes].tolist()
+        evidence = _evidence(prediction, index, class_weights[c], order, image.shape[0], patches)
+        logit = float(prediction.logits[index, c])
+        rest = logit - sum(item.contribution for item in evidence)
+        probability = float(probabilities[c])
+        count = int((contributions > 0).sum())
+        shown.append(ClassExplanation(c, classes[c], probability, logit, evidence, rest, count))
+    return Explanation(image, tuple(prediction.activation.shape[-2:]), tuple(shown))
+
+
+def explain(
+    model: ProtoQuant,
+    image: Image.Image | torch.Tensor,
+    *,
+    top_classes: int = 1,
+    top_prototypes: int = 5,
+    gallery: Gallery | None = None,
+    patches_per_prototype: int = PATCHES_PER_PROTOTYPE,
+) -> Explanation:
+    """Explain the model's decision on one PIL image or (3, h, w) tensor in [0, 1].
+
+    With `gallery` (see `protoquant.gallery`), every shown prototype references its nearest
+    training patches; the gallery must belong to `model`.
+    """
+    if gallery is not None:
+        gallery.check(model)
+    batch = model.preprocess(image[None] if isinstance(image, torch.Tensor) else [image])  # (1, 3, S, S)
+    prediction = model.predict_normalised(batch)
+    return explain_prediction(
+        prediction,
+        0,
+        model.head.class_weights.detach().cpu(),
+        model.classes,
+        to_uint8(batch[0], model.transform.mean, model.transform.std),
+        top_classes=top_classes,
+        top_prototypes=top_prototypes,
+        gallery=gallery,
+        patches_per_prototype=patches_per_prototype,
+    )
 
 
 @dataclass(frozen=True)
 class TrainingPatch:
-    """A training image region a prototype stands for (for display)."""
+    """Pixels of a training patch, for display."""
 
-    image_index: int
-    cell: tuple[int, int]  # (h, w) on the feature grid
+    ref: PatchRef
     crop: np.ndarray  # (h, w, 3) uint8 region around the cell
     cell_box: tuple[int, int, int, int]  # (x1, y1, x2, y2) of the cell inside `crop`, inclusive
-    cosine: float  # similarity of the prototype to this patch
 
 
-def training_patch(
-    dataset, image_index: int, cell: int, grid: tuple[int, int], transform, cosine: float
-) -> TrainingPatch:
-    """Crop cell `cell` (flat h * W + w) of training image `image_index`, as view 0 shows it."""
-    pixels = to_uint8(
-        transform(dataset.load_image(image_index), image_index, 0), transform.mean, transform.std
+def _window(first: int, last: int, margin: int, size: int) -> int:
+    """Start of a window of (last - first + 1 + 2 * margin) pixels around [first, last], kept inside [0, size)."""
+    return min(max(0, first - margin), max(0, size - (last - first + 1 + 2 * margin)))
+
+
+def crop_patch(view: np.ndarray, ref: PatchRef, grid: tuple[int, int]) -> TrainingPatch:
+    """Cut `ref`'s cell with PATCH_CONTEXT_CELLS of context on each side out of its (S, S, 3) view.
+
+    Every crop has the same size: at the image border the window shifts inwards instead of shrinking.
+    """
+    size = view.shape[0]
+    x1, y1, x2, y2 = ref.box
+    margin_x, margin_y = PATCH_CONTEXT_CELLS * size // grid[1], PATCH_CONTEXT_CELLS * size // grid[0]
+    left, top = _window(x1, x2, margin_x, size), _window(y1, y2, margin_y, size)
+    width, height = x2 - x1 + 1 + 2 * margin_x, y2 - y1 + 1 + 2 * margin_y
+    crop = view[top : top + height, left : left + width].copy()
+    return TrainingPatch(ref, crop, (x1 - left, y1 - top, x2 - left, y2 - top))
+
+
+def load_patches(
+    gallery: Gallery, refs: Iterable[PatchRef], dataset: ImageDataset | None = None
+) -> dict[tuple[int, int], TrainingPatch]:
+    """Crops of `refs` keyed by (prototype, rank); each training image is loaded once.
+
+    Args:
+        dataset: the training split; by default loaded from the gallery's recorded data config.
+    """
+    refs = list(refs)
+    dataset = dataset if dataset is not None else training_images(gallery)
+    transform = ViewTransform(**gallery.source.transform)
+    views: dict[int, np.ndarray] = {}
+    out = {}
+    for ref in refs:
+        if ref.image not in views:
+            tensor = transform(dataset.load_image(ref.image).convert("RGB"), ref.image, 0)  # (3, S, S)
+            views[ref.image] = to_uint8(tensor, transform.mean, transform.std)
+        out[ref.prototype, ref.rank] = crop_patch(views[ref.image], ref, gallery.grid)
+    return out
+
+
+@dataclass(frozen=True)
+class Report:
+    """Everything the HTML report shows, computed beforehand (the renderer runs no model)."""
+
+    title: str
+    facts: tuple[tuple[str, str], ...]  # (label, value) facts about the model
+    metrics: dict  # the run's metrics.json, {} where there is none
+    explanations: tuple[tuple[str, Explanation], ...]  # (image name, explanation)
+    gallery: Gallery
+    patches: dict[tuple[int, int], TrainingPatch]  # (prototype, rank) -> crop
+
+
+def model_facts(model: ProtoQuant, gallery: Gallery) -> tuple[tuple[str, str], ...]:
+    info, config = model.backbone.info, model.config
+    return (
+        ("backbone", f"{info.name} (weights: {Path(info.weights).name})"),
+        (
+            "input",
+            f"{config.backbone.image_size} × {config.backbone.image_size} px, {gallery.grid[0]} × {gallery.grid[1]} grid",
+        ),
+        ("prototypes", f"K = {model.head.num_prototypes}, temperature τ = {model.head.temperature:g}"),
+        (
+            "data",
+            f"{config.data.dataset}: {gallery.source.num_images} training images, {len(model.classes)} classes",
+        ),
     )
-    size = pixels.shape[0]
-    row, col = divmod(int(cell), grid[1])
-    cell_h, cell_w = size / grid[0], size / grid[1]
-    y1, y2 = (
-        int(max(0, (row - PATCH_CONTEXT_CELLS) * cell_h)),
-        int(min(size, (row + 1 + PATCH_CONTEXT_CELLS) * cell_h)),
+
+
+def read_run_metrics(checkpoint: str | Path) -> dict:
+    """The run's `metrics.json` beside the checkpoint folder, or {} where there is none."""
+    path = Path(checkpoint).parent / "metrics.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def build_report(
+    model: ProtoQuant,
+    images: Sequence[tuple[str, Image.Image]],
+    gallery: Gallery,
+    *,
+    metrics: dict | None = None,
+    top_classes: int = 2,
+    top_prototypes: int = 5,
+    dataset: ImageDataset | None = None,
+    title: str = "ProtoQuant explanations",
+) -> Report:
+    """Explain `images` (name, image) and load every gallery patch the report shows."""
+    explanations = tuple(
+        (name, explain(model, image, top_classes=top_classes, top_prototypes=top_prototypes, gallery=gallery))
+        for name, image in images
     )
-    x1, x2 = (
-        int(max(0, (col - PATCH_CONTEXT_CELLS) * cell_w)),
-        int(min(size, (col + 1 + PATCH_CONTEXT_CELLS) * cell_w)),
+    shown = {ref for _, e in explanations for c in e.classes for p in c.prototypes for ref in p.patches}
+    refs = shown | {ref for k in gallery.weighted_prototypes() for ref in gallery.patches(k)}
+    return Report(
+        title,
+        model_facts(model, gallery),
+        metrics or {},
+        explanations,
+        gallery,
+        load_patches(gallery, sorted(refs, key=lambda r: (r.prototype, r.rank)), dataset),
     )
-    box = (
-        int(col * cell_w) - x1,
-        int(row * cell_h) - y1,
-        int((col + 1) * cell_w) - x1 - 1,
-        int((row + 1) * cell_h) - y1 - 1,
-    )
-    return TrainingPatch(image_index, (row, col), pixels[y1:y2, x1:x2].copy(), box, float(cosine))
