@@ -48,18 +48,26 @@ def atomic_save_npy(path: Path, array: np.ndarray) -> None:
 
 
 class _Views(Dataset):
-    """(image, view) entries of an ImageDataset as normalised tensors."""
+    """Entry e of an ImageDataset (image e // views, view e % views) as a normalised tensor."""
 
-    def __init__(self, dataset: ImageDataset, transform: ViewTransform, views: int, entries: range):
-        self.dataset, self.transform, self.views, self.entries = dataset, transform, views, entries
+    def __init__(self, dataset: ImageDataset, transform: ViewTransform, views: int):
+        self.dataset, self.transform, self.views = dataset, transform, views
 
     def __len__(self) -> int:
-        return len(self.entries)
+        return len(self.dataset) * self.views
 
-    def __getitem__(self, i: int) -> torch.Tensor:
-        entry = self.entries[i]
+    def __getitem__(self, entry: int) -> torch.Tensor:
         index, view = divmod(entry, self.views)
         return self.transform(self.dataset.load_image(index), index, view)
+
+
+def _shard_batches(todo: list[int], size: int, total: int, batch_size: int) -> list[list[int]]:
+    """Batches of entry ids that never straddle a shard, shard after shard."""
+    batches = []
+    for shard in todo:
+        end = min((shard + 1) * size, total)
+        batches += [list(range(i, min(i + batch_size, end))) for i in range(shard * size, end, batch_size)]
+    return batches
 
 
 def cache_key(
@@ -124,18 +132,16 @@ def _write_manifest(plan: _Plan) -> None:
     atomic_write_bytes(plan.folder / "manifest.json", json.dumps(plan.manifest).encode())
 
 
-def _extract_shard(
-    backbone: FrozenBackbone, loader: DataLoader, device: torch.device, config: CacheConfig
+def _features(
+    backbone: FrozenBackbone, images: torch.Tensor, device: torch.device, config: CacheConfig
 ) -> np.ndarray:
-    chunks = []
-    for images in loader:
-        images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.autocast_bf16):
-            features = backbone(images)  # (B, D, H, W)
-        if config.grid_pool > 1:
-            features = F.avg_pool2d(features.float(), config.grid_pool, ceil_mode=True)  # (B, D, H/p, W/p)
-        chunks.append(features.float().permute(0, 2, 3, 1).to(torch.float16).cpu().numpy())  # (B, H, W, D)
-    return np.concatenate(chunks)
+    """(B, H, W, D) float16 features of a batch of normalised images."""
+    images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.autocast_bf16):
+        features = backbone(images)  # (B, D, H, W)
+    if config.grid_pool > 1:
+        features = F.avg_pool2d(features.float(), config.grid_pool, ceil_mode=True)  # (B, D, H/p, W/p)
+    return features.float().permute(0, 2, 3, 1).to(torch.float16).cpu().numpy()  # (B, H, W, D)
 
 
 def _finished(plan: _Plan) -> set[int]:
@@ -202,17 +208,23 @@ def build_cache(
         unit="view",
         disable=not ctx.is_main,
     )
-    for shard, count in zip(todo, counts):
-        entries = range(shard * size, shard * size + count)
-        loader = DataLoader(
-            _Views(dataset, transform, views, entries),
-            batch_size=config.batch_size,
-            num_workers=config.num_workers,
-            pin_memory=device.type == "cuda",
-        )
-        _write_shard(plan, shard, _extract_shard(backbone, loader, device, config))
-        _log_shard(plan, shard, entries, ctx)
-        progress.update(count)
+    # One DataLoader for every shard this process computes, so workers stay alive and busy.
+    loader = DataLoader(
+        _Views(dataset, transform, views),
+        batch_sampler=_shard_batches(todo, size, total, config.batch_size),
+        num_workers=config.num_workers,
+        pin_memory=device.type == "cuda",
+    )
+    pending = dict(zip(todo, counts))
+    chunks: list[np.ndarray] = []
+    for images in loader:
+        chunks.append(_features(backbone, images, device, config))
+        shard = todo[0]
+        if sum(len(c) for c in chunks) == pending[shard]:
+            _write_shard(plan, shard, np.concatenate(chunks))
+            _log_shard(plan, shard, range(shard * size, shard * size + pending[shard]), ctx)
+            progress.update(pending[shard])
+            chunks, todo = [], todo[1:]
     progress.close()
     distributed.barrier()
     if len(_finished(plan)) < plan.num_shards:
