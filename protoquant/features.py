@@ -173,6 +173,40 @@ def _log_shard(plan: _Plan, shard: int, entries: range, ctx: distributed.Context
         handle.write(json.dumps(record) + "\n")
 
 
+def _compute_shards(
+    plan: _Plan,
+    todo: list[int],
+    views: _Views,
+    backbone: FrozenBackbone,
+    device: torch.device,
+    config: CacheConfig,
+    ctx: distributed.Context,
+) -> None:
+    """Run the backbone over the entries of shards `todo` and write each shard when complete."""
+    backbone = backbone.to(device).to(memory_format=torch.channels_last)
+    size, total = plan.manifest["shard_size"], plan.manifest["num_entries"]
+    counts = dict((s, min(size, total - s * size)) for s in todo)
+    desc = f"caching {views.dataset.name}/{views.dataset.split}"
+    progress = tqdm(total=sum(counts.values()), desc=desc, unit="view", disable=not ctx.is_main)
+    # One DataLoader for every shard this process computes, so workers stay alive and busy.
+    loader = DataLoader(
+        views,
+        batch_sampler=_shard_batches(todo, size, total, config.batch_size),
+        num_workers=config.num_workers,
+        pin_memory=device.type == "cuda",
+    )
+    remaining, chunks = list(todo), []
+    for images in loader:
+        chunks.append(_features(backbone, images, device, config))
+        shard = remaining[0]
+        if sum(len(c) for c in chunks) == counts[shard]:
+            _write_shard(plan, shard, np.concatenate(chunks))
+            _log_shard(plan, shard, range(shard * size, shard * size + counts[shard]), ctx)
+            progress.update(counts[shard])
+            chunks, remaining = [], remaining[1:]
+    progress.close()
+
+
 def build_cache(
     dataset: ImageDataset,
     backbone: FrozenBackbone,
@@ -199,33 +233,7 @@ def build_cache(
     mine = shards if shards is not None else range(ctx.rank, plan.num_shards, ctx.world_size)
     finished = _finished(plan)
     todo = [s for s in mine if s not in finished]
-    backbone = backbone.to(device).to(memory_format=torch.channels_last)
-    size, total = plan.manifest["shard_size"], plan.manifest["num_entries"]
-    counts = [min(size, total - s * size) for s in todo]
-    progress = tqdm(
-        total=sum(counts),
-        desc=f"caching {dataset.name}/{dataset.split}",
-        unit="view",
-        disable=not ctx.is_main,
-    )
-    # One DataLoader for every shard this process computes, so workers stay alive and busy.
-    loader = DataLoader(
-        _Views(dataset, transform, views),
-        batch_sampler=_shard_batches(todo, size, total, config.batch_size),
-        num_workers=config.num_workers,
-        pin_memory=device.type == "cuda",
-    )
-    pending = dict(zip(todo, counts))
-    chunks: list[np.ndarray] = []
-    for images in loader:
-        chunks.append(_features(backbone, images, device, config))
-        shard = todo[0]
-        if sum(len(c) for c in chunks) == pending[shard]:
-            _write_shard(plan, shard, np.concatenate(chunks))
-            _log_shard(plan, shard, range(shard * size, shard * size + pending[shard]), ctx)
-            progress.update(pending[shard])
-            chunks, todo = [], todo[1:]
-    progress.close()
+    _compute_shards(plan, todo, _Views(dataset, transform, views), backbone, device, config, ctx)
     distributed.barrier()
     if len(_finished(plan)) < plan.num_shards:
         return None
