@@ -74,7 +74,12 @@ def _evaluate(model, splits, caches, settings: MetricSettings, memo: FeatureMemo
 
 
 def _pm(block: dict) -> str:
-    return f"{block['mean']:.3f} ± {block['std']:.3f} ({block['num_pure']} > 0.5, {block['num_with_images']} with images)"
+    with_images = block.get("mean_with_images")
+    tail = f", mean {with_images:.3f} over those" if with_images is not None else ""
+    return (
+        f"{block['mean']:.3f} ± {block['std']:.3f} ({block['num_pure']} > 0.5; "
+        f"{block['num_with_images']} of {block['num_prototypes']} with images{tail})"
+    )
 
 
 def _rows(report: dict) -> list[tuple[str, str]]:
@@ -142,7 +147,7 @@ def main() -> None:
     parser.add_argument("--out", default="runs/interpretability")
     parser.add_argument("--retrain", action="store_true", help="train again even if <out>/model exists")
     parser.add_argument("--attack-images", type=int, default=8, help="test images attacked (misalignment)")
-    parser.add_argument("--funnybirds-images", type=int, default=100, help="test images for FunnyBirds")
+    parser.add_argument("--funnybirds-images", type=int, default=60, help="test images for FunnyBirds")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     start = time.perf_counter()

@@ -54,6 +54,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     print(f"\n  metrics:     {result.out / 'metrics.json'}")
     print(f"  checkpoint:  {result.out / 'model'}")
     print(f"  explanation: {result.out / 'explanation.png'}")
+    print(f"  report:      {(result.out / 'report' / 'index.html').resolve()}")
     return 0
 
 
@@ -71,16 +72,39 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from protoquant.evaluate import evaluate_checkpoint
+    from protoquant.evaluate import evaluate_checkpoint, write_report
+    from protoquant.metrics import format_table
 
     report = evaluate_checkpoint(
-        args.model, split=args.split, root=args.root, dataset=args.dataset, batch_size=args.batch_size
+        args.model,
+        split=args.split,
+        root=args.root,
+        dataset=args.dataset,
+        batch_size=args.batch_size,
+        metrics=args.metrics,
+        overrides=args.set,
     )
-    text = json.dumps(report, indent=2)
-    if args.out:
-        with open(args.out, "w") as handle:
-            handle.write(text)
-    print(text)
+    written = write_report(report, args.out) if args.out else []
+    if args.metrics:
+        print(f"{report['model']} on {report['dataset']}/{report['split']} ({report['num_images']} images)")
+        print(format_table(report))
+        for path in written:
+            print(f"  wrote {path}")
+    else:
+        print(json.dumps(report, indent=2))
+    return 0
+
+
+def _cmd_audit(args: argparse.Namespace) -> int:
+    from protoquant.evaluate import audit_checkpoint, format_audit, write_report
+
+    report = audit_checkpoint(
+        args.model, against=args.against, noise=not args.no_noise, batch_size=args.batch_size
+    )
+    print(f"grounding audit of {args.model}" + (f" against {args.against}" if args.against else ""))
+    print(format_audit(report))
+    for path in write_report(report, args.out) if args.out else []:
+        print(f"  wrote {path}")
     return 0
 
 
@@ -110,6 +134,51 @@ def _cmd_predict(args: argparse.Namespace) -> int:
                 }
             )
         )
+    return 0
+
+
+def _cmd_explain(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from PIL import Image
+
+    from protoquant.explain import build_report, read_run_metrics
+    from protoquant.gallery import ensure_gallery
+    from protoquant.model import ProtoQuant
+    from protoquant.render import write_report
+
+    model = ProtoQuant.load(args.model)
+    gallery = ensure_gallery(model, args.model)
+    images = []
+    for path in args.images:
+        try:
+            image = Image.open(path)
+            image.load()
+        except OSError as err:
+            raise SystemExit(f"cannot read image {path}: {err}") from err
+        images.append((Path(path).name, image))
+    report = build_report(
+        model,
+        images,
+        gallery,
+        metrics=read_run_metrics(args.model),
+        top_classes=args.top_classes,
+        top_prototypes=args.top_prototypes,
+    )
+    print(write_report(report, args.out).resolve())
+    return 0
+
+
+def _cmd_gallery(args: argparse.Namespace) -> int:
+    from protoquant.gallery import GALLERY_META, ensure_gallery
+    from protoquant.model import ProtoQuant
+
+    model = ProtoQuant.load(args.model)
+    gallery = ensure_gallery(model, args.model, top_k=args.top_k, rebuild=True)
+    print(
+        f"gallery of {gallery.num_prototypes} prototypes x {gallery.top_k} training patches "
+        f"({len(gallery.weighted_prototypes())} weighted): {args.model}/{GALLERY_META}"
+    )
     return 0
 
 
@@ -146,14 +215,58 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--dataset", help="dataset name (default: the one it was trained on)")
     evaluate.add_argument("--root", help="dataset folder (default: the one it was trained on)")
     evaluate.add_argument("--batch-size", type=int, default=64)
-    evaluate.add_argument("--out", help="also write the JSON report here")
+    evaluate.add_argument(
+        "--out", help="also write the JSON report here (per-image rows go to <out>.<metric>.csv)"
+    )
+    evaluate.add_argument(
+        "--metrics",
+        help="interpretability metrics: 'all' or a comma list of "
+        "accuracy,size,consistency,stability,purity,misalignment,funnybirds,grounding",
+    )
+    evaluate.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="metric setting (repeatable), e.g. misalignment_images=20, random_start_only=true; "
+        "fields: protoquant.metrics.MetricSettings",
+    )
     evaluate.set_defaults(func=_cmd_evaluate)
+
+    audit = sub.add_parser(
+        "audit", help="grounding report: nearest training patch, usage, dead/duplicate codes, drift"
+    )
+    audit.add_argument("--model", required=True, help="checkpoint folder")
+    audit.add_argument("--against", help="second checkpoint (same backbone): report prototype drift")
+    audit.add_argument("--no-noise", action="store_true", help="skip the input-noise stability check")
+    audit.add_argument("--batch-size", type=int, default=64)
+    audit.add_argument(
+        "--out", help="also write the JSON report here (per-prototype rows to <out>.grounding.csv)"
+    )
+    audit.set_defaults(func=_cmd_audit)
 
     predict = sub.add_parser("predict", help="classify image files")
     predict.add_argument("--model", required=True, help="checkpoint folder")
     predict.add_argument("images", nargs="+", help="image files")
     predict.add_argument("--top", type=int, default=3, help="classes to print per image")
     predict.set_defaults(func=_cmd_predict)
+
+    explain = sub.add_parser(
+        "explain", help="static HTML report explaining image files (this looks like that)"
+    )
+    explain.add_argument("images", nargs="+", help="image files")
+    explain.add_argument("--model", required=True, help="checkpoint folder (its gallery is built if missing)")
+    explain.add_argument("--out", required=True, help="report folder; DIR/index.html is written")
+    explain.add_argument("--top-classes", type=int, default=2, help="classes explained per image")
+    explain.add_argument("--top-prototypes", type=int, default=5, help="prototypes shown per class")
+    explain.set_defaults(func=_cmd_explain)
+
+    gallery = sub.add_parser(
+        "gallery", help="build or refresh a checkpoint's prototype gallery from the cache"
+    )
+    gallery.add_argument("--model", required=True, help="checkpoint folder")
+    gallery.add_argument("--top-k", type=int, default=5, help="training patches kept per prototype")
+    gallery.set_defaults(func=_cmd_gallery)
 
     data = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", required=True)
     check = data.add_parser(

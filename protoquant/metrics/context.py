@@ -1,0 +1,168 @@
+"""What the runners share: the model, the evaluated split, its cached features, annotations.
+
+Features of the unmodified images come from the feature cache (built with the model's own
+view-0 transform, so they are exactly what the model sees). Images the protocols change (noise,
+attacks, re-rendered interventions) go through the frozen backbone and are rounded to the cache's
+float16 storage, so clean and changed inputs share one precision. `FeatureMemo` keeps those
+features so that two heads on one backbone (ProtoQuant and the baseline) pay for them once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image
+
+from protoquant.data.base import ImageDataset
+from protoquant.data.transforms import ViewTransform
+from protoquant.features import FeatureStore, build_cache
+from protoquant.head import HeadOutput
+from protoquant.metrics.common import keypoints_to_input
+from protoquant.metrics.settings import MetricSettings
+from protoquant.model import ProtoQuant
+from protoquant.train import Subset
+
+
+def cache_transform(model: ProtoQuant) -> ViewTransform:
+    """The transform the training pipeline caches with (view 0 is the evaluation view)."""
+    config, info = model.config, model.backbone.info
+    return ViewTransform(
+        config.backbone.image_size,
+        config.backbone.crop_ratio,
+        info.mean,
+        info.std,
+        config.cache.min_crop_scale,
+        config.seed,
+    )
+
+
+def split_store(model: ProtoQuant, dataset: ImageDataset, device: torch.device) -> FeatureStore:
+    """Cached view-0 features of `dataset` (built on first use, then read from disk)."""
+    config = model.config
+    return build_cache(
+        dataset, model.backbone, cache_transform(model), views=1, config=config.cache, device=device
+    )
+
+
+class FeatureMemo:
+    """Backbone features of changed images, keyed by (backbone weights, dataset, image, change)."""
+
+    def __init__(self) -> None:
+        self._items: dict[tuple, torch.Tensor] = {}
+
+    def get(self, key: tuple) -> torch.Tensor | None:
+        return self._items.get(key)
+
+    def put(self, key: tuple, features: torch.Tensor) -> None:
+        self._items[key] = features.to(torch.float16).cpu()  # (D, H, W)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+@dataclass(frozen=True)
+class ImageParts:
+    """Part ground truth of one image, without masks (kept for every image of a split)."""
+
+    keypoints: np.ndarray  # (P, 2) float (x, y) in the image's pixels
+    visible: np.ndarray  # (P,) bool
+    image_hw: tuple[int, int]  # (height, width) of the image the keypoints refer to
+    part_names: tuple[str, ...]
+
+
+@dataclass
+class EvalContext:
+    """Model + evaluated split + cached features; runners read everything through it."""
+
+    model: ProtoQuant
+    dataset: ImageDataset
+    settings: MetricSettings
+    device: torch.device
+    store: FeatureStore
+    train: Subset | None = None  # cached training features (grounding)
+    memo: FeatureMemo = field(default_factory=FeatureMemo)
+    _parts: dict[int, ImageParts] = field(default_factory=dict)
+    _scope: tuple | None = None
+
+    @property
+    def image_size(self) -> int:
+        return int(self.model.config.backbone.image_size)
+
+    @property
+    def labels(self) -> np.ndarray:
+        return np.asarray(self.dataset.labels, dtype=np.int64)
+
+    def head_batches(self, entries: np.ndarray | None = None) -> Iterator[tuple[np.ndarray, HeadOutput]]:
+        """Yield (image indices (B,), head output) over the cached split, no gradients."""
+        entries = self.store.entries(first_view_only=True) if entries is None else entries
+        head = self.model.head
+        for start in range(0, len(entries), self.settings.batch_size):
+            chunk = entries[start : start + self.settings.batch_size]
+            with torch.no_grad():
+                out = head(self.store.get(chunk).to(self.device))
+            yield self.store.image_index[chunk], _cpu(out)
+
+    def parts(self, index: int) -> ImageParts:
+        """Keypoints, visibility and image size of image `index` (cached)."""
+        if index not in self._parts:
+            annotation = self.dataset.annotations(index)
+            if annotation is None:
+                raise ValueError(f"dataset {self.dataset.name} has no part annotations (image {index})")
+            self._parts[index] = ImageParts(
+                annotation.keypoints,
+                annotation.visible,
+                self._image_hw(index, annotation),
+                annotation.part_names,
+            )
+        return self._parts[index]
+
+    def input_keypoints(self, index: int) -> torch.Tensor:
+        """(P, 2) int64 part centres in the model's S x S input pixels."""
+        parts = self.parts(index)
+        height, width = parts.image_hw
+        crop = self.model.config.backbone.crop_ratio
+        return torch.from_numpy(keypoints_to_input(parts.keypoints, (width, height), self.image_size, crop))
+
+    def _image_hw(self, index: int, annotation) -> tuple[int, int]:
+        if annotation.masks is not None:
+            return tuple(int(v) for v in annotation.masks.shape[-2:])
+        width, height = self.dataset.load_image(index).size
+        return int(height), int(width)
+
+    def preprocess(self, images: list[Image.Image], indices: np.ndarray) -> torch.Tensor:
+        """(B, 3, S, S) normalised view-0 tensors, exactly the cache's transform."""
+        transform = cache_transform(self.model)
+        return torch.stack([transform(image.convert("RGB"), int(i), 0) for image, i in zip(images, indices)])
+
+    def backbone_features(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, D, H, W) features of normalised images, rounded to the cache's float16 storage."""
+        bf16 = self.model.config.cache.autocast_bf16
+        with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
+            images = images.to(self.device).contiguous(memory_format=torch.channels_last)  # as the cache
+            features = self.model.backbone(images)
+        return features.float().to(torch.float16).float()
+
+    def memo_features(
+        self, keys: list[tuple], make_images: Callable[[list[tuple]], torch.Tensor]
+    ) -> torch.Tensor:
+        """(B, D, H, W) features for `keys`, computing only the missing ones via `make_images(missing)`."""
+        if self._scope is None:
+            self._scope = (self.model.backbone.info.weights_hash, self.dataset.fingerprint())
+        scope = self._scope
+        missing = [k for k in keys if self.memo.get((*scope, *k)) is None]
+        for start in range(0, len(missing), self.settings.batch_size):
+            chunk = missing[start : start + self.settings.batch_size]
+            for key, features in zip(chunk, self.backbone_features(make_images(chunk))):
+                self.memo.put((*scope, *key), features)
+        return torch.stack([self.memo.get((*scope, *k)).float() for k in keys])
+
+    def head_output(self, features: torch.Tensor) -> HeadOutput:
+        with torch.no_grad():
+            return _cpu(self.model.head(features.to(self.device)))
+
+
+def _cpu(out: HeadOutput) -> HeadOutput:
+    return HeadOutput(out.logits.cpu(), out.scores.cpu(), out.similarity.cpu(), out.activation.cpu())
