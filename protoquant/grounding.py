@@ -44,3 +44,22 @@ def nearest_patches(
             best_cell[better] = flat[better] % (height * width)
             position += batch
     return NearestPatches(best, best_entry, best_cell)
+
+
+SNAP_CHUNK = 256  # codes whose patches are gathered at once
+
+
+def snap_to_patches(
+    codes: torch.Tensor, subset: Subset, batch_size: int, device: torch.device
+) -> torch.Tensor:
+    """(K, D) codes replaced by their nearest training patch features: exact grounding."""
+    nearest = nearest_patches(codes, subset, batch_size, device)
+    width = subset.store.grid[1]
+    snapped = []
+    for start in range(0, len(codes), SNAP_CHUNK):
+        entry = nearest.entry[start : start + SNAP_CHUNK].numpy()
+        cell = nearest.cell[start : start + SNAP_CHUNK]
+        maps = subset.store.get(entry)  # (k, D, H, W)
+        rows, cols = cell // width, cell % width
+        snapped.append(maps[torch.arange(len(entry)), :, rows, cols])  # (k, D)
+    return torch.cat(snapped).to(codes)

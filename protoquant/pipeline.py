@@ -17,7 +17,7 @@ from protoquant.config import RunConfig, save_yaml
 from protoquant.data import Splits, load_splits
 from protoquant.data.transforms import ViewTransform
 from protoquant.features import FeatureStore, atomic_write_bytes, build_cache
-from protoquant.grounding import nearest_patches
+from protoquant.grounding import nearest_patches, snap_to_patches
 from protoquant.head import ProtoQuantHead
 from protoquant.model import ProtoQuant
 from protoquant.train import (
@@ -98,6 +98,11 @@ def train_stages(caches: Caches, num_classes: int, config: RunConfig, device: to
     codebook, history = train_codebook(
         caches.train, caches.val, probe, config.codebook, seed=seed, device=device
     )
+    if config.codebook.snap_to_patches:
+        with torch.no_grad():
+            codebook.codes.copy_(
+                snap_to_patches(codebook.codes, caches.train_plain, config.codebook.batch_size, device)
+            )
     usage = code_usage(codebook.codes, caches.train_plain, config.codebook.batch_size, device)
     codes = codebook.codes.detach()
     head, selection = train_head(
