@@ -193,13 +193,7 @@ def _cmd_data_check(args: argparse.Namespace) -> int:
     return 1 if report["problems"] else 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="protoquant", description="Interpretable classification with quantized prototypical parts."
-    )
-    parser.add_argument("-v", "--verbose", action="store_true", help="log every epoch")
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _add_training(sub) -> None:
     demo = sub.add_parser("demo", help="whole pipeline on the built-in data, then an explanation figure")
     demo.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     _add_config_flags(demo)
@@ -209,6 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(train)
     train.set_defaults(func=_cmd_train)
 
+
+def _add_evaluation(sub) -> None:
     evaluate = sub.add_parser("evaluate", help="accuracy of a checkpoint on a dataset split")
     evaluate.add_argument("--model", required=True, help="checkpoint folder")
     evaluate.add_argument("--split", default="test", choices=["train", "val", "test"])
@@ -245,6 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     audit.set_defaults(func=_cmd_audit)
 
+
+def _add_explanation(sub) -> None:
     predict = sub.add_parser("predict", help="classify image files")
     predict.add_argument("--model", required=True, help="checkpoint folder")
     predict.add_argument("images", nargs="+", help="image files")
@@ -268,6 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
     gallery.add_argument("--top-k", type=int, default=5, help="training patches kept per prototype")
     gallery.set_defaults(func=_cmd_gallery)
 
+
+def _add_data(sub) -> None:
     data = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", required=True)
     check = data.add_parser(
         "check", help="verify a dataset copy: counts, classes, unreadable files, annotations"
@@ -279,6 +279,16 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--json", action="store_true", help="print the report as JSON")
     check.add_argument("--skip-images", action="store_true", help="do not open every image (faster)")
     check.set_defaults(func=_cmd_data_check)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="protoquant", description="Interpretable classification with quantized prototypical parts."
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log every epoch")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_training, _add_evaluation, _add_explanation, _add_data):
+        add(sub)
     return parser
 
 
