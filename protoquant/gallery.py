@@ -23,7 +23,6 @@ from safetensors.torch import load_file, save_file
 
 from protoquant.config import DataConfig, from_dict, to_dict
 from protoquant.data import ImageDataset, load_splits
-from protoquant.data.transforms import ViewTransform
 from protoquant.features import build_cache
 from protoquant.head import cosine_similarity_map
 from protoquant.model import ProtoQuant
@@ -293,16 +292,9 @@ def training_images(gallery: Gallery) -> ImageDataset:
 
 def training_subset(model: ProtoQuant, device: str | torch.device = "cpu") -> Subset:
     """View 0 of every training image in the model's feature cache (read back; built only if missing)."""
-    config, info = model.config, model.backbone.info
+    config = model.config
     train = load_splits(config.data, config.seed).train
-    transform = ViewTransform(
-        config.backbone.image_size,
-        config.backbone.crop_ratio,
-        info.mean,
-        info.std,
-        config.cache.min_crop_scale,
-        config.seed,
-    )
+    transform = model.transform  # the training cache's transform (view 0 = evaluation view)
     store = build_cache(
         train, model.backbone, transform, views=config.cache.train_views, config=config.cache, device=device
     )

@@ -23,7 +23,7 @@ from torch import nn
 
 from protoquant.backbones import FrozenBackbone, create_backbone, state_hash
 from protoquant.config import RunConfig, from_dict, to_dict
-from protoquant.data.transforms import ViewTransform
+from protoquant.data.transforms import view_transform
 from protoquant.head import HeadOutput, ProtoQuantHead
 
 CHECKPOINT_FORMAT = 1
@@ -52,9 +52,7 @@ class ProtoQuant(nn.Module):
         self.classes = tuple(classes)
         self.config = config
         info = backbone.info
-        self.transform = ViewTransform(
-            config.backbone.image_size, config.backbone.crop_ratio, info.mean, info.std
-        )
+        self.transform = view_transform(config, info.mean, info.std)
 
     def forward(self, images: torch.Tensor) -> HeadOutput:
         """images: (B, 3, S, S) normalised tensors."""

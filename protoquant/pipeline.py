@@ -15,7 +15,7 @@ from protoquant.backbones import FrozenBackbone, create_backbone
 from protoquant.codebook import Codebook
 from protoquant.config import RunConfig, save_yaml
 from protoquant.data import Splits, load_splits
-from protoquant.data.transforms import ViewTransform
+from protoquant.data.transforms import view_transform
 from protoquant.features import FeatureStore, atomic_write_bytes, build_cache
 from protoquant.grounding import nearest_patches, snap_to_patches
 from protoquant.head import ProtoQuantHead
@@ -60,14 +60,7 @@ def resolve_device(name: str) -> torch.device:
 
 def build_caches(splits: Splits, backbone: FrozenBackbone, config: RunConfig, device: torch.device) -> Caches:
     info = backbone.info
-    transform = ViewTransform(
-        config.backbone.image_size,
-        config.backbone.crop_ratio,
-        info.mean,
-        info.std,
-        config.cache.min_crop_scale,
-        config.seed,
-    )
+    transform = view_transform(config, info.mean, info.std)
 
     def store(dataset, views: int) -> FeatureStore:
         return build_cache(dataset, backbone, transform, views=views, config=config.cache, device=device)

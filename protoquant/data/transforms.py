@@ -8,6 +8,7 @@ cache manifest records.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -15,6 +16,8 @@ import numpy as np
 import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
+
+from protoquant.config import RunConfig
 
 ASPECT_RANGE = (3 / 4, 4 / 3)  # RandomResizedCrop aspect-ratio range (torchvision default)
 CROP_TRIES = 10  # attempts before falling back to the centre crop
@@ -74,3 +77,16 @@ def _crop_box(
             return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
     side = min(width, height)
     return (height - side) // 2, (width - side) // 2, side, side
+
+
+def view_transform(config: RunConfig, mean: Sequence[float], std: Sequence[float]) -> ViewTransform:
+    """The transform a run caches with; its view 0 is also the evaluation transform."""
+    backbone = config.backbone
+    return ViewTransform(
+        backbone.image_size,
+        backbone.crop_ratio,
+        tuple(mean),
+        tuple(std),
+        config.cache.min_crop_scale,
+        config.seed,
+    )

@@ -28,15 +28,7 @@ from protoquant.train import Subset
 
 def cache_transform(model: ProtoQuant) -> ViewTransform:
     """The transform the training pipeline caches with (view 0 is the evaluation view)."""
-    config, info = model.config, model.backbone.info
-    return ViewTransform(
-        config.backbone.image_size,
-        config.backbone.crop_ratio,
-        info.mean,
-        info.std,
-        config.cache.min_crop_scale,
-        config.seed,
-    )
+    return model.transform
 
 
 def split_store(model: ProtoQuant, dataset: ImageDataset, device: torch.device) -> FeatureStore:
