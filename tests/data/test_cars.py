@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import scipy.io
-from layouts import CARS_CLASSES, CARS_FIELDS, CARS_TEST, CARS_TRAIN, cars_struct, write_cars
 
 from protoquant.config import load_yaml
 from protoquant.data.cars import StanfordCars
+from tests.data.layouts import CARS_CLASSES, CARS_FIELDS, CARS_TEST, CARS_TRAIN, cars_struct, write_cars
 
 
 @pytest.fixture

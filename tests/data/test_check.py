@@ -6,10 +6,10 @@ import json
 from pathlib import Path
 
 import scipy.io
-from layouts import cars_struct, write_cars, write_cub, write_funnybirds, write_image_folder
 
 from protoquant.config import DataConfig
 from protoquant.data.check import check_dataset, format_check
+from tests.data.layouts import cars_struct, write_cars, write_cub, write_funnybirds, write_image_folder
 
 KEYS = ["dataset", "num_classes", "splits", "has_parts", "has_boxes", "problems"]
 

@@ -6,12 +6,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from layouts import CUB_CLASSES, CUB_PARTS, write_cub
 from PIL import Image
 
 from protoquant.config import DataConfig, load_yaml
 from protoquant.data import load_splits
 from protoquant.data.cub import CUB200
+from tests.data.layouts import CUB_CLASSES, CUB_PARTS, write_cub
 
 BEAK, BACK = CUB_PARTS.index("beak"), CUB_PARTS.index("back")
 

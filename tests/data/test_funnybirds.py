@@ -8,10 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from layouts import FB_BACKGROUND, FB_BEAK, FB_SIZE, write_funnybirds
 from PIL import Image
 
 from protoquant.data.funnybirds import FunnyBirds
+from tests.data.layouts import FB_BACKGROUND, FB_BEAK, FB_SIZE, write_funnybirds
 
 
 @pytest.fixture(scope="module")

@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from layouts import write_image, write_image_folder, write_lines
 
 from protoquant.config import DataConfig
 from protoquant.data import load_dataset
 from protoquant.data.image_folder import ImageFolder
+from tests.data.layouts import write_image, write_image_folder, write_lines
 
 
 @pytest.fixture

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 import torchvision
-from layouts import IMAGENET_WORDS, write_imagenet
 
 from protoquant.config import load_yaml
 from protoquant.data.imagenet import ImageNet
+from tests.data.layouts import IMAGENET_WORDS, write_imagenet
 
 WNIDS = ("n01440764", "n01443537", "n02102040")  # sorted
 VAL_LABELS = [1, 0, 2, 0, 1]  # IMAGENET_VAL wnids of val images 1..5 as sorted-wnid indices

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from layouts import write_image
 from PIL import Image
 
 from protoquant.data.images import open_rgb, read_rows, to_rgb
+from tests.data.layouts import write_image
 
 
 def saved(tmp_path: Path, image: Image.Image, name: str) -> Path:
