@@ -75,7 +75,9 @@ class CodebookConfig:
     batch_size: int = 64  # feature maps per step
     reset_dead_codes: bool = True  # re-seed codes unused for an epoch from random training patches
     cutmix_prob: float = 0.0  # feature-space CutMix per batch: swaps real patches, so codes stay grounded
-    snap_to_patches: bool = False  # after stage 1, replace each code by its nearest training patch (exact grounding)
+    snap_to_patches: bool = (
+        False  # after stage 1, replace each code by its nearest training patch (exact grounding)
+    )
 
 
 @dataclass(frozen=True)
