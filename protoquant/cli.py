@@ -12,6 +12,7 @@ import json
 import logging
 import sys
 
+from protoquant import distributed
 from protoquant.config import RunConfig, flat_fields, load_yaml, to_dict, with_overrides
 
 logger = logging.getLogger("protoquant")
@@ -50,6 +51,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         _print_config_help(base)
         return 0
     result = run_demo(_config_from(args, base))
+    if not distributed.context().is_main:  # under torchrun, rank 0 reports
+        return 0
     print(f"\nProtoQuant demo\n{format_table(summary_rows(result.metrics))}")
     print(f"\n  metrics:     {result.out / 'metrics.json'}")
     print(f"  checkpoint:  {result.out / 'model'}")
@@ -66,6 +69,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         _print_config_help(RunConfig())
         return 0
     result = run(_config_from(args, RunConfig()))
+    if not distributed.context().is_main:  # under torchrun, rank 0 reports
+        return 0
     print(format_table(summary_rows(result.metrics)))
     print(f"\n  checkpoint: {result.out / 'model'}\n  metrics:    {result.out / 'metrics.json'}")
     return 0

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from protoquant import distributed
 from protoquant.config import CacheConfig, CodebookConfig, HeadConfig, RunConfig
 from protoquant.explain import build_report, explain, load_patches
 from protoquant.gallery import Gallery, build_gallery, save_gallery
@@ -107,6 +108,8 @@ def run_demo(config: RunConfig | None = None) -> RunResult:
     """Run the pipeline (demo settings unless `config` is given), store the prototype gallery in the
     checkpoint, and write `<out>/explanation.png` and the report `<out>/report/index.html`."""
     result = run(config or demo_config())
+    if not distributed.context().is_main:  # under torchrun, rank 0 writes gallery, figure and report
+        return result
     gallery = demo_gallery(result)
     figure = write_explanation_figure(result, gallery)
     report = write_demo_report(result, gallery)

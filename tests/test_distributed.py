@@ -69,3 +69,17 @@ def test_two_process_training_matches_one_process(runs):
     assert metrics_two["timing"]["processes"] == 2
     for stage in ("linear_probe", "quantized", "protoquant"):
         assert metrics_one[stage]["test_accuracy"] == metrics_two[stage]["test_accuracy"]
+
+
+def test_cli_train_under_torchrun_reports_once(tmp_path):
+    from tests.test_cli import TINY
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(JOB.parents[1])}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    command = [*torchrun, "-m", "protoquant.cli", "train", "--out", str(tmp_path / "out"), *TINY]
+    command += ["--cache.root", str(tmp_path / "cache")]
+    done = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.stdout.count("checkpoint:") == 1  # only rank 0 reports
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["timing"]["processes"] == 2
