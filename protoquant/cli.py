@@ -113,18 +113,22 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _open_images(paths: list[str]) -> list:
+    """Every image file as RGB, or exit naming the file that cannot be read."""
+    from protoquant.data.images import open_rgb
+
+    try:
+        return [open_rgb(path) for path in paths]
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"cannot read image: {err}") from err
+
+
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from PIL import Image
 
     from protoquant.model import ProtoQuant
 
     model = ProtoQuant.load(args.model)
-    for path in args.images:
-        try:
-            image = Image.open(path)
-            image.load()
-        except OSError as err:
-            raise SystemExit(f"cannot read image {path}: {err}") from err
+    for path, image in zip(args.images, _open_images(args.images)):
         prediction = model.predict([image])
         probs = prediction.probabilities[0]
         top = probs.argsort(descending=True)[: args.top].tolist()
@@ -145,8 +149,6 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 def _cmd_explain(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from PIL import Image
-
     from protoquant.explain import build_report, read_run_metrics
     from protoquant.gallery import ensure_gallery
     from protoquant.model import ProtoQuant
@@ -154,14 +156,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
 
     model = ProtoQuant.load(args.model)
     gallery = ensure_gallery(model, args.model)
-    images = []
-    for path in args.images:
-        try:
-            image = Image.open(path)
-            image.load()
-        except OSError as err:
-            raise SystemExit(f"cannot read image {path}: {err}") from err
-        images.append((Path(path).name, image))
+    images = [(Path(path).name, image) for path, image in zip(args.images, _open_images(args.images))]
     report = build_report(
         model,
         images,

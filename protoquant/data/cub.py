@@ -74,31 +74,29 @@ def _ids_file(path: Path, columns: int, ids: dict[int, int]) -> dict[int, tuple[
     return rows
 
 
+def _id_rows(path: Path, what: str) -> dict[int, str]:
+    """`<id> <rest>` lines -> {id: rest}; duplicate ids and empty files are errors naming the line."""
+    rows: dict[int, str] = {}
+    for line, (number, rest) in read_rows(path, 2, rest=True):
+        key = int(parse_number(number, int, f"{path}:{line}", what))
+        if key in rows:
+            raise ValueError(f"{path}:{line}: {what} {key} appears twice")
+        rows[key] = rest
+    if not rows:
+        raise ValueError(f"{path}: no lines")
+    return rows
+
+
 def _numbered_names(path: Path) -> tuple[str, ...]:
     """`<id> <name>` lines with ids 1..n (any order) -> names in id order."""
-    names: dict[int, str] = {}
-    for line, (number, name) in read_rows(path, 2, rest=True):
-        key = int(parse_number(number, int, f"{path}:{line}", "id"))
-        if key in names:
-            raise ValueError(f"{path}:{line}: id {key} appears twice")
-        names[key] = name
-    if not names:
-        raise ValueError(f"{path}: no lines")
+    names = _id_rows(path, "id")
     if sorted(names) != list(range(1, len(names) + 1)):
         raise ValueError(f"{path}: ids must be 1..{len(names)} without gaps, found {sorted(names)[:10]}...")
     return tuple(names[k] for k in range(1, len(names) + 1))
 
 
 def _read_images(path: Path) -> dict[int, str]:
-    images: dict[int, str] = {}
-    for line, (number, rel) in read_rows(path, 2, rest=True):
-        image_id = int(parse_number(number, int, f"{path}:{line}", "image id"))
-        if image_id in images:
-            raise ValueError(f"{path}:{line}: image id {image_id} appears twice")
-        images[image_id] = rel
-    if not images:
-        raise ValueError(f"{path}: no images listed")
-    return images
+    return _id_rows(path, "image id")
 
 
 def _check_part_lines(path: Path, rows: list, ids: dict[int, int], num_parts: int) -> None:
