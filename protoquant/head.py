@@ -16,16 +16,22 @@ from torch import nn
 def cosine_similarity_map(features: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     """Cosine similarity of every location to every prototype.
 
+    Computed as one (B, H*W, D) @ (D, K) matrix product with prototypes last, so the
+    softmax over prototypes and the spatial max read contiguous memory; channels-last
+    features (what the backbones return) are flattened without a copy.
+
     Args:
         features: (B, D, H, W) patch features.
         codebook: (K, D) prototypes.
 
     Returns:
-        (B, K, H, W) similarities in [-1, 1].
+        (B, K, H, W) similarities in [-1, 1] (a view of a (B, H, W, K) tensor).
     """
-    unit_features = F.normalize(features, dim=1)  # (B, D, H, W)
+    batch, channels, height, width = features.shape
+    patches = features.permute(0, 2, 3, 1).reshape(batch, height * width, channels)  # (B, HW, D)
     unit_codes = F.normalize(codebook, dim=1)  # (K, D)
-    return torch.einsum("bdhw,kd->bkhw", unit_features, unit_codes)
+    similarity = F.normalize(patches, dim=2) @ unit_codes.t()  # (B, HW, K)
+    return similarity.view(batch, height, width, -1).permute(0, 3, 1, 2)  # (B, K, H, W)
 
 
 def presence_scores(similarity: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -34,8 +40,10 @@ def presence_scores(similarity: torch.Tensor, temperature: float) -> tuple[torch
     Returns:
         activation (B, K, H, W) and scores (B, K) = activation's spatial max.
     """
-    activation = torch.softmax(similarity / temperature, dim=1)  # (B, K, H, W)
-    return activation, activation.flatten(2).amax(dim=2)  # (B, K)
+    prototypes_last = similarity.permute(0, 2, 3, 1)  # (B, H, W, K); contiguous when from cosine_similarity_map
+    activation = torch.softmax(prototypes_last / temperature, dim=3)  # (B, H, W, K)
+    scores = activation.flatten(1, 2).amax(dim=1)  # (B, K)
+    return activation.permute(0, 3, 1, 2), scores
 
 
 class NonNegativeLinear(nn.Module):
