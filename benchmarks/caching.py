@@ -1,20 +1,24 @@
 """Benchmark 3: caching throughput vs the bare backbone forward pass; bf16 autocast vs fp32.
 
-Caching = decode + transform + backbone + fp16 shard writes (the real `build_cache`).
-Bare = the backbone alone on a ready tensor batch of the same size. Also reports bf16
-autocast speed and how close its features are to fp32 (mean patch cosine, and the
-linear-probe accuracy trained on each).
+Caching is the real `build_cache` reading JPEG files from disk: decode + transform in
+DataLoader workers, normalisation and backbone on the device, fp16 shard writes on a
+background thread. Bare is the backbone alone on a ready batch of the same size, already on
+the device. The two alternate for `--rounds` rounds (a fresh cache each time) and the
+ratio of medians is reported, which is robust to the load of a shared machine. With
+`--bf16` it also caches under bf16 autocast and compares the features with fp32 (mean
+patch cosine, and linear-probe accuracy trained on each).
 
-    python benchmarks/caching.py [--images 256] [--workers 0]
+    python benchmarks/caching.py [--images 256] [--rounds 3] [--workers 0,-1] [--device cuda] [--bf16]
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 import time
+from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from common import machine
@@ -22,70 +26,117 @@ from common import machine
 from protoquant.backbones import create_backbone
 from protoquant.config import BackboneConfig, CacheConfig, ProbeConfig
 from protoquant.data import SyntheticParts
+from protoquant.data.image_folder import ImageFolder
 from protoquant.data.splits import stratified_split
 from protoquant.data.transforms import ViewTransform
-from protoquant.features import build_cache
+from protoquant.features import build_cache, loader_workers
 from protoquant.train import Subset, evaluate_probe, train_probe
 
+CLASSES = 8
 
-def bare_throughput(backbone, count: int, batch: int, bf16: bool) -> float:
-    images = torch.randn(batch, 3, 224, 224).contiguous(memory_format=torch.channels_last)
-    start = time.perf_counter()
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        for _ in range(count // batch):
+
+def write_jpegs(root: Path, count: int, size: tuple[int, int]) -> ImageFolder:
+    """`count` synthetic images saved as JPEG files (quality 90) in root/{train,test}/<class>/."""
+    source = SyntheticParts("train", num_classes=CLASSES, images_per_class=-(-count // CLASSES), seed=3)
+    for i in range(count):
+        for split in ("train", "test") if i < CLASSES else ("train",):
+            folder = root / split / source.classes[source.labels[i]]
+            folder.mkdir(parents=True, exist_ok=True)
+            source.load_image(i).resize(size).save(folder / f"{i:05d}.jpg", quality=90)
+    return ImageFolder(root, "train")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def bare_rate(backbone, count: int, batch: int, device: torch.device, bf16: bool) -> float:
+    images = torch.randn(batch, 3, 224, 224, device=device).contiguous(memory_format=torch.channels_last)
+    steps = max(1, count // batch)
+    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        backbone(images)  # warm-up
+        _sync(device)
+        start = time.perf_counter()
+        for _ in range(steps):
             backbone(images)
-    return (count // batch) * batch / (time.perf_counter() - start)
+        _sync(device)
+    return steps * batch / (time.perf_counter() - start)
 
 
-def cache(dataset, backbone, transform, root: str, bf16: bool, workers: int):
-    config = CacheConfig(root=root, autocast_bf16=bf16, num_workers=workers)
+def cache_rate(dataset, backbone, transform, device, config: CacheConfig):
+    """(images/s, store) of one fresh caching run into config.root."""
     start = time.perf_counter()
-    store = build_cache(dataset, backbone, transform, views=1, config=config)
-    return store, len(dataset) / (time.perf_counter() - start)
+    store = build_cache(dataset, backbone, transform, views=1, config=config, device=device)
+    return len(dataset) / (time.perf_counter() - start), store
 
 
 def probe_accuracy(store) -> float:
+    """Linear probe on 70 % of the images, accuracy on the rest (same split for every store)."""
     train, held = stratified_split(store.labels, 0.3, seed=0)
-    val, test = np.array_split(held, 2)
+    cpu = torch.device("cpu")
     probe = train_probe(
-        Subset(store, train),
-        Subset(store, val),
-        10,
-        ProbeConfig(epochs=60),
-        seed=0,
-        device=torch.device("cpu"),
+        Subset(store, train), Subset(store, held), CLASSES, ProbeConfig(epochs=60), seed=0, device=cpu
     )
-    return evaluate_probe(probe, Subset(store, test), torch.device("cpu"))
+    return evaluate_probe(probe, Subset(store, held), cpu)
+
+
+def report(results: dict, settings: list[int], precisions: tuple[bool, ...], images: int, batch: int) -> None:
+    print("| precision | workers | bare forward img/s | caching img/s | ratio (target >= 0.9) |")
+    print("|---|---|---|---|---|")
+    auto = loader_workers(CacheConfig(batch_size=batch), images)
+    for bf16 in precisions:
+        bare = statistics.median(results[("bare", bf16)])
+        for workers in settings:
+            rate = statistics.median(results[(workers, bf16)])
+            shown = f"auto ({auto})" if workers < 0 else str(workers)
+            print(f"| {'bf16' if bf16 else 'fp32'} | {shown} | {bare:.1f} | {rate:.1f} | {rate / bare:.2f} |")
+
+
+def compare_bf16(fp32, bf16) -> None:
+    """Mean patch cosine between the two caches, and a linear probe trained on each."""
+    cosine = F.cosine_similarity(fp32.get(fp32.entries()), bf16.get(bf16.entries()), dim=1).mean()
+    accuracy = probe_accuracy(fp32), probe_accuracy(bf16)
+    print(
+        f"bf16 vs fp32 features: mean patch cosine {cosine:.4f}; probe held-out accuracy fp32 "
+        f"{accuracy[0]:.3f}, bf16 {accuracy[1]:.3f}"
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--images", type=int, default=256)
-    parser.add_argument("--workers", type=int, default=0)
+    parser.add_argument("--size", default="500x375", help="JPEG width x height (CUB-like by default)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--workers", default="0,-1", help="DataLoader workers to compare; -1 = automatic")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--bf16", action="store_true", help="also cache under bf16 autocast and compare")
     args = parser.parse_args()
-    dataset = SyntheticParts("test", num_classes=10, images_per_class=args.images // 10, seed=3)
-    backbone = create_backbone(BackboneConfig()).to(memory_format=torch.channels_last)
+    device = torch.device(args.device)
+    backbone = create_backbone(BackboneConfig()).to(device).to(memory_format=torch.channels_last)
     transform = ViewTransform(224, 1.0, backbone.info.mean, backbone.info.std)
-    print(
-        f"machine: {machine()}; {len(dataset)} synthetic images, MobileNetV2 224 px, batch 32, workers {args.workers}"
-    )
-    rows, stores = [], {}
-    for bf16 in (False, True):
-        bare = bare_throughput(backbone, len(dataset), 32, bf16)
-        with tempfile.TemporaryDirectory() as tmp:
-            store, rate = cache(dataset, backbone, transform, tmp, bf16, args.workers)
-            stores[bf16] = (store.get(store.entries()), probe_accuracy(store))
-        rows.append((("bf16" if bf16 else "fp32"), bare, rate))
-    for precision, bare, rate in rows:
+    settings = [int(w) for w in args.workers.split(",")]
+    precisions = (False, True) if args.bf16 else (False,)
+    with tempfile.TemporaryDirectory() as tmp:
+        dataset = write_jpegs(Path(tmp), args.images, tuple(int(v) for v in args.size.split("x")))
+        print(f"machine: {machine()}; device {device}")
         print(
-            f"{precision}: bare forward {bare:.1f} img/s, caching {rate:.1f} img/s, ratio {rate / bare:.2f} (target >= 0.9)"
+            f"{len(dataset)} JPEG files {args.size}, MobileNetV2 224 px, batch {args.batch}, {args.rounds} rounds"
         )
-    (fp32, acc32), (bf16, acc16) = stores[False], stores[True]
-    cosine = F.cosine_similarity(fp32, bf16, dim=1).mean()
-    print(
-        f"bf16 vs fp32 features: mean patch cosine {cosine:.4f}; probe test accuracy fp32 {acc32:.3f}, bf16 {acc16:.3f}"
-    )
-    print(f"bf16 caching speed-up: {rows[1][2] / rows[0][2]:.2f}x")
+        results, stores = {}, {}
+        for round_ in range(args.rounds):
+            for bf16 in precisions:
+                rate = bare_rate(backbone, len(dataset), args.batch, device, bf16)
+                results.setdefault(("bare", bf16), []).append(rate)
+                for workers in settings:
+                    root = f"{tmp}/cache-{round_}-{workers}"
+                    config = CacheConfig(root, num_workers=workers, batch_size=args.batch, autocast_bf16=bf16)
+                    rate, stores[bf16] = cache_rate(dataset, backbone, transform, device, config)
+                    results.setdefault((workers, bf16), []).append(rate)
+        report(results, settings, precisions, len(dataset), args.batch)
+        if args.bf16:
+            compare_bf16(stores[False], stores[True])
 
 
 if __name__ == "__main__":

@@ -21,7 +21,8 @@ from common import machine
 from torch import nn
 
 from protoquant.config import CodebookConfig, HeadConfig
-from protoquant.features import FeatureStore, atomic_save_npy
+from protoquant.features import FeatureStore
+from protoquant.shards import atomic_save_npy
 from protoquant.train import Subset, train_codebook
 from protoquant.train_head import train_head
 

@@ -48,7 +48,7 @@ class CacheConfig:
     train_views: int = 2  # views per training image: view 0 is the plain centre crop, others augmented
     shard_size: int = 512  # feature maps per shard file
     batch_size: int = 32  # backbone batch size
-    num_workers: int = 0  # DataLoader workers decoding images
+    num_workers: int = -1  # DataLoader workers decoding images; -1: one per CPU (per local rank), up to 16
     autocast_bf16: bool = False  # compute features under bf16 autocast (stored as fp16 either way)
     grid_pool: int = 1  # average-pool the feature grid by this factor before storing (ViT-B/16: 2 -> 7x7)
     min_crop_scale: float = 0.5  # augmented views: RandomResizedCrop lower area bound
@@ -93,6 +93,7 @@ class HeadConfig:
     l1: float = 0.0  # L1 penalty on effective class weights (keep tiny: 1e-4 already costs accuracy)
     top_k_per_class: int = 0  # 0 = off; else keep the k largest weights per class and fine-tune
     top_k_epochs: int = 30  # fine-tuning epochs after the top-k limit
+    scores_dtype: str = "float32"  # "float16" halves the memory of the fixed (N, K) training scores
 
 
 @dataclass(frozen=True)

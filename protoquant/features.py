@@ -29,26 +29,17 @@ from protoquant.backbones import FrozenBackbone
 from protoquant.config import CacheConfig
 from protoquant.data.base import ImageDataset, stable_hash
 from protoquant.data.transforms import ViewTransform
+from protoquant.shards import ShardWriter, atomic_write_bytes, shard_paths
 
 logger = logging.getLogger(__name__)
 
 CACHE_FORMAT = 1  # bump when the on-disk layout changes
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
-def atomic_save_npy(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.npy")
-    np.save(tmp, array)
-    os.replace(tmp, path)
+MAX_AUTO_WORKERS = 16  # DataLoader workers chosen automatically, at most
+AUTO_MIN_BATCHES = 4  # automatic workers only from this many batches per process
 
 
 class _Views(Dataset):
-    """Entry e of an ImageDataset (image e // views, view e % views) as a normalised tensor."""
+    """Entry e of an ImageDataset (image e // views, view e % views) as uint8 pixels (3, S, S)."""
 
     def __init__(self, dataset: ImageDataset, transform: ViewTransform, views: int):
         self.dataset, self.transform, self.views = dataset, transform, views
@@ -58,7 +49,7 @@ class _Views(Dataset):
 
     def __getitem__(self, entry: int) -> torch.Tensor:
         index, view = divmod(entry, self.views)
-        return self.transform(self.dataset.load_image(index), index, view)
+        return self.transform.pixels(self.dataset.load_image(index), index, view)
 
 
 def _shard_batches(todo: list[int], size: int, total: int, batch_size: int) -> list[list[int]]:
@@ -132,45 +123,81 @@ def _write_manifest(plan: _Plan) -> None:
     atomic_write_bytes(plan.folder / "manifest.json", json.dumps(plan.manifest).encode())
 
 
-def _features(
-    backbone: FrozenBackbone, images: torch.Tensor, device: torch.device, config: CacheConfig
-) -> np.ndarray:
-    """(B, H, W, D) float16 features of a batch of normalised images."""
-    images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+def _launch(
+    backbone: FrozenBackbone,
+    pixels: torch.Tensor,
+    transform: ViewTransform,
+    device: torch.device,
+    config: CacheConfig,
+) -> tuple[torch.Tensor, torch.Tensor, torch.cuda.Event | None]:
+    """Start one batch: normalise on the device, run the backbone, start the copy back.
+
+    Returns (B, H, W, D) float16 features, their (B, D) float32 spatial mean, and on CUDA the
+    event after which both host tensors are filled (the copy runs while the next batch loads).
+    """
+    images = transform.normalise(pixels.to(device, non_blocking=True))
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.autocast_bf16):
-        features = backbone(images)  # (B, D, H, W)
+        features = backbone(images.contiguous(memory_format=torch.channels_last))  # (B, D, H, W)
     if config.grid_pool > 1:
         features = F.avg_pool2d(features.float(), config.grid_pool, ceil_mode=True)  # (B, D, H/p, W/p)
-    return features.float().permute(0, 2, 3, 1).to(torch.float16).cpu().numpy()  # (B, H, W, D)
+    stored = features.float().permute(0, 2, 3, 1).to(torch.float16).contiguous()  # (B, H, W, D)
+    pooled = stored.float().mean(dim=(1, 2))  # (B, D): the mean of what is stored
+    if device.type != "cuda":
+        return stored, pooled, None
+    host = stored.to("cpu", non_blocking=True), pooled.to("cpu", non_blocking=True)
+    event = torch.cuda.Event()
+    event.record()
+    return *host, event
 
 
 def _finished(plan: _Plan) -> set[int]:
     """Shards whose two files exist (each is renamed into place only once fully written)."""
-    return {
-        s
-        for s in range(plan.num_shards)
-        if (plan.folder / f"features-{s:05d}.npy").is_file()
-        and (plan.folder / f"pooled-{s:05d}.npy").is_file()
-    }
+    return {s for s in range(plan.num_shards) if all(p.is_file() for p in shard_paths(plan.folder, s))}
 
 
-def _write_shard(plan: _Plan, shard: int, features: np.ndarray) -> None:
-    atomic_save_npy(plan.folder / f"features-{shard:05d}.npy", features)  # (n, H, W, D) fp16
-    pooled = features.astype(np.float32).mean(axis=(1, 2))  # (n, D)
-    atomic_save_npy(plan.folder / f"pooled-{shard:05d}.npy", pooled)
+class _Assembler:
+    """Collects finished batches into shards, in order, and hands each full shard to the writer."""
+
+    def __init__(self, plan: _Plan, todo: list[int], writer: ShardWriter, ctx: distributed.Context, progress):
+        self.plan, self.remaining, self.writer, self.ctx, self.progress = (
+            plan,
+            list(todo),
+            writer,
+            ctx,
+            progress,
+        )
+        self.size, total = plan.manifest["shard_size"], plan.manifest["num_entries"]
+        self.counts = {s: min(self.size, total - s * self.size) for s in todo}
+        self.chunks: list[tuple[np.ndarray, np.ndarray]] = []
+
+    def add(self, features: torch.Tensor, pooled: torch.Tensor, event: torch.cuda.Event | None) -> None:
+        if event is not None:
+            event.synchronize()
+        self.chunks.append((features.numpy(), pooled.numpy()))
+        shard = self.remaining[0]
+        count = self.counts[shard]
+        if sum(len(f) for f, _ in self.chunks) == count:
+            first = shard * self.size
+            record = {"shard": shard, "first": first, "count": count, "rank": self.ctx.rank}
+            record["world"] = self.ctx.world_size
+            features = np.concatenate([f for f, _ in self.chunks])
+            pooled = np.concatenate([p for _, p in self.chunks])
+            self.writer.submit(self.plan.folder, shard, features, pooled, record)
+            self.progress.update(count)
+            self.chunks, self.remaining = [], self.remaining[1:]
 
 
-def _log_shard(plan: _Plan, shard: int, entries: range, ctx: distributed.Context) -> None:
-    """Append which process wrote which shard (an audit trail: every entry exactly once)."""
-    record = {
-        "shard": shard,
-        "first": entries.start,
-        "count": len(entries),
-        "rank": ctx.rank,
-        "world": ctx.world_size,
-    }
-    with open(plan.folder / f"written-rank{ctx.rank}.jsonl", "a") as handle:
-        handle.write(json.dumps(record) + "\n")
+def loader_workers(config: CacheConfig, entries: int) -> int:
+    """DataLoader workers for caching `entries` views: config.num_workers, or if < 0 (auto)
+    every CPU this process may use (shared between the local ranks), up to MAX_AUTO_WORKERS,
+    and none for fewer than AUTO_MIN_BATCHES batches (starting workers would cost more)."""
+    if config.num_workers >= 0:
+        return config.num_workers
+    if entries < AUTO_MIN_BATCHES * config.batch_size:
+        return 0
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(1, min(MAX_AUTO_WORKERS, cpus // local_ranks))
 
 
 def _compute_shards(
@@ -182,29 +209,34 @@ def _compute_shards(
     config: CacheConfig,
     ctx: distributed.Context,
 ) -> None:
-    """Run the backbone over the entries of shards `todo` and write each shard when complete."""
+    """Run the backbone over the entries of shards `todo` and write each shard when complete.
+
+    Three things overlap: DataLoader workers decode the next batches, the device computes
+    this batch (its results are collected one batch later), and a thread writes full shards.
+    """
     backbone = backbone.to(device).to(memory_format=torch.channels_last)
     size, total = plan.manifest["shard_size"], plan.manifest["num_entries"]
-    counts = dict((s, min(size, total - s * size)) for s in todo)
+    batches = _shard_batches(todo, size, total, config.batch_size)
+    workers = loader_workers(config, sum(len(b) for b in batches))
     desc = f"caching {views.dataset.name}/{views.dataset.split}"
-    progress = tqdm(total=sum(counts.values()), desc=desc, unit="view", disable=not ctx.is_main)
+    progress = tqdm(total=sum(len(b) for b in batches), desc=desc, unit="view", disable=not ctx.is_main)
     # One DataLoader for every shard this process computes, so workers stay alive and busy.
-    loader = DataLoader(
-        views,
-        batch_sampler=_shard_batches(todo, size, total, config.batch_size),
-        num_workers=config.num_workers,
-        pin_memory=device.type == "cuda",
-    )
-    remaining, chunks = list(todo), []
-    for images in loader:
-        chunks.append(_features(backbone, images, device, config))
-        shard = remaining[0]
-        if sum(len(c) for c in chunks) == counts[shard]:
-            _write_shard(plan, shard, np.concatenate(chunks))
-            _log_shard(plan, shard, range(shard * size, shard * size + counts[shard]), ctx)
-            progress.update(counts[shard])
-            chunks, remaining = [], remaining[1:]
-    progress.close()
+    loader = DataLoader(views, batch_sampler=batches, num_workers=workers, pin_memory=device.type == "cuda")
+    writer = ShardWriter()
+    assembler = _Assembler(plan, todo, writer, ctx, progress)
+    pending = None
+    try:
+        with torch.inference_mode():
+            for pixels in loader:
+                launched = _launch(backbone, pixels, views.transform, device, config)
+                if pending is not None:
+                    assembler.add(*pending)
+                pending = launched
+            if pending is not None:
+                assembler.add(*pending)
+    finally:
+        writer.close()
+        progress.close()
 
 
 def build_cache(

@@ -40,7 +40,8 @@ def presence_scores(similarity: torch.Tensor, temperature: float) -> tuple[torch
     Returns:
         activation (B, K, H, W) and scores (B, K) = activation's spatial max.
     """
-    prototypes_last = similarity.permute(0, 2, 3, 1)  # (B, H, W, K); contiguous when from cosine_similarity_map
+    # (B, H, W, K): contiguous when the similarity comes from cosine_similarity_map
+    prototypes_last = similarity.permute(0, 2, 3, 1)
     activation = torch.softmax(prototypes_last / temperature, dim=3)  # (B, H, W, K)
     scores = activation.flatten(1, 2).amax(dim=1)  # (B, K)
     return activation.permute(0, 3, 1, 2), scores

@@ -16,10 +16,11 @@ from protoquant.codebook import Codebook
 from protoquant.config import RunConfig, save_yaml
 from protoquant.data import Splits, load_splits
 from protoquant.data.transforms import view_transform
-from protoquant.features import FeatureStore, atomic_write_bytes, build_cache
+from protoquant.features import FeatureStore, build_cache
 from protoquant.grounding import nearest_patches, snap_to_patches
 from protoquant.head import ProtoQuantHead
 from protoquant.model import ProtoQuant
+from protoquant.shards import atomic_write_bytes
 from protoquant.train import (
     Subset,
     code_usage,

@@ -23,24 +23,45 @@ from protoquant.train import Subset, reduced_accuracy, wrap_ddp
 logger = logging.getLogger(__name__)
 
 
+SCORE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+
+
+def scores_dtype(config: HeadConfig) -> torch.dtype:
+    """The dtype that stage 2 keeps its fixed (N, K) scores in (head.scores_dtype)."""
+    if config.scores_dtype not in SCORE_DTYPES:
+        raise ValueError(
+            f"head.scores_dtype must be one of {sorted(SCORE_DTYPES)}, got {config.scores_dtype!r}"
+        )
+    return SCORE_DTYPES[config.scores_dtype]
+
+
 def compute_scores(
-    head: ProtoQuantHead, subset: Subset, batch_size: int, device: torch.device
+    head: ProtoQuantHead,
+    subset: Subset,
+    batch_size: int,
+    device: torch.device,
+    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """(N, K) pooled prototype presence of every entry in the subset (on the CPU)."""
+    """(N, K) pooled prototype presence of every entry in the subset (on the CPU, as `dtype`)."""
     out = []
     with torch.no_grad():
         for features, _ in subset.store.batches(subset.entries, batch_size):
-            out.append(head.scores(features.to(device)).cpu())
+            out.append(head.scores(features.to(device)).to("cpu", dtype))
     return torch.cat(out)
 
 
 def all_scores(
-    head: ProtoQuantHead, subset: Subset, batch_size: int, device: torch.device, ctx: distributed.Context
+    head: ProtoQuantHead,
+    subset: Subset,
+    batch_size: int,
+    device: torch.device,
+    ctx: distributed.Context,
+    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """(N, K) scores of every entry on every rank; under torchrun each rank computes its share."""
     shard = Subset(subset.store, distributed.shard_for_rank(subset.entries, ctx))
     return distributed.gather_strided(
-        compute_scores(head, shard, batch_size, device), len(subset.entries), ctx
+        compute_scores(head, shard, batch_size, device, dtype), len(subset.entries), ctx
     )
 
 
@@ -71,14 +92,14 @@ def fit_class_layer(
     for epoch in range(epochs):
         for rows in distributed.rank_batches(np.arange(len(y_train)), config.batch_size, seed, epoch, ctx):
             batch = torch.from_numpy(rows).to(device)
-            loss = F.cross_entropy(model(x_train[batch]), y_train[batch])
+            loss = F.cross_entropy(model(x_train[batch].float()), y_train[batch])
             if config.l1:
                 loss = loss + config.l1 * layer.effective_weight.sum()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
         with torch.no_grad():
-            correct = int((layer(x_val).argmax(1) == y_val).sum())
+            correct = int((layer(x_val.float()).argmax(1) == y_val).sum())
         val_acc = reduced_accuracy(correct, len(y_val))
         if val_acc > best_acc:
             best_acc, best_state = val_acc, copy.deepcopy(layer.state_dict())
@@ -109,11 +130,12 @@ def train_head(
     """Stage 2 with frozen codes; returns the head and the selection record (grid, choice, val accuracy)."""
     ctx = ctx or distributed.context()
     val = Subset(val.store, distributed.shard_for_rank(val.entries, ctx))
+    dtype = scores_dtype(config)
     trials, best = [], None
     for temperature in config.temperature_grid or (config.temperature,):
         head = _new_head(codebook, usage, num_classes, config, temperature, seed).to(device)
-        train_scores = (all_scores(head, train, config.batch_size, device, ctx), train.labels)
-        val_scores = (compute_scores(head, val, config.batch_size, device), val.labels)
+        train_scores = (all_scores(head, train, config.batch_size, device, ctx, dtype), train.labels)
+        val_scores = (compute_scores(head, val, config.batch_size, device, dtype), val.labels)
         for lr in tqdm(
             config.lr_grid or (config.lr,),
             desc=f"stage 2: tau={temperature}",

@@ -37,6 +37,22 @@ def test_compute_scores_are_the_head_scores(codes, caches) -> None:
     torch.testing.assert_close(scores, head.scores(caches.val.store.get(caches.val.entries)))
 
 
+def test_float16_scores_halve_the_memory_and_train_the_same_head(codes, caches) -> None:
+    head = ProtoQuantHead(codes, 3)
+    full = compute_scores(head, caches.train, 4, CPU)
+    half = compute_scores(head, caches.train, 4, CPU, torch.float16)
+    assert half.dtype == torch.float16 and half.element_size() * 2 == full.element_size()
+    torch.testing.assert_close(half.float(), full, rtol=1e-3, atol=1e-4)  # fp16: 11-bit mantissa
+    reference, _ = _train(codes, caches)
+    compact, _ = _train(codes, caches, scores_dtype="float16")
+    torch.testing.assert_close(compact.class_weights, reference.class_weights, rtol=0, atol=2e-3)
+
+
+def test_unknown_scores_dtype_names_the_field(codes, caches) -> None:
+    with pytest.raises(ValueError, match="head.scores_dtype"):
+        _train(codes, caches, scores_dtype="int8")
+
+
 def test_fit_class_layer_keeps_the_best_validation_weights() -> None:
     generator = torch.Generator().manual_seed(0)
     x_train, y_train = torch.rand(40, 6, generator=generator), torch.randint(0, 3, (40,), generator=generator)

@@ -48,6 +48,14 @@ class ViewTransform:
 
     def __call__(self, image: Image.Image, index: int, view: int) -> torch.Tensor:
         """(3, S, S) float tensor of view `view` of image `index`."""
+        return self.normalise(self.pixels(image, index, view))
+
+    def pixels(self, image: Image.Image, index: int, view: int) -> torch.Tensor:
+        """(3, S, S) uint8 tensor of view `view` of image `index`, before normalisation.
+
+        Data loaders return these (a quarter of the bytes of float pixels to collate, pin and
+        copy to the accelerator); `normalise` finishes the transform where the backbone runs.
+        """
         if view == 0 and self.crop_ratio >= 1.0:  # the part-prototype protocols: plain resize to S x S
             crop = TF.resize(image, [self.image_size, self.image_size])
         elif view == 0:  # ImageNet convention: shorter side to S / ratio, centre crop S
@@ -59,8 +67,17 @@ class ViewTransform:
             crop = TF.resized_crop(image, top, left, height, width, [self.image_size, self.image_size])
             if rng.random() < 0.5:
                 crop = TF.hflip(crop)
-        tensor = TF.to_tensor(crop)  # (3, S, S) in [0, 1]
-        return TF.normalize(tensor, list(self.mean), list(self.std))
+        return TF.pil_to_tensor(crop)  # (3, S, S) uint8
+
+    def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 pixels (..., 3, S, S) -> float32 normalised, on the pixels' device.
+
+        The same arithmetic as torchvision's to_tensor + normalize (divide by 255, subtract
+        the mean, divide by the std), so the result is identical wherever it runs.
+        """
+        mean = torch.tensor(self.mean, device=pixels.device).view(-1, 1, 1)
+        std = torch.tensor(self.std, device=pixels.device).view(-1, 1, 1)
+        return pixels.float().div_(255).sub_(mean).div_(std)
 
 
 def _crop_box(
