@@ -2,9 +2,11 @@
 
 Same data, same initial codebook, same stage-1 loss and number of epochs. (a) pays for one
 caching pass plus epochs that read the cache; (b) runs the backbone on every image in
-every epoch, as the reference implementation does. Prints both times and (b)/(a).
+every epoch, as the reference implementation does. Both load images the same way (a
+DataLoader with the cache's automatic workers) and run on the same device. Prints both
+times and (b)/(a).
 
-    python benchmarks/training_cost.py [--images 200] [--epochs 20]
+    python benchmarks/training_cost.py [--images 200] [--epochs 20] [--device cuda]
 """
 
 from __future__ import annotations
@@ -17,40 +19,70 @@ import numpy as np
 import torch
 from common import machine
 from torch import nn
+from torch.utils.data import DataLoader, Dataset
 
 from protoquant.backbones import create_backbone
 from protoquant.codebook import Codebook
 from protoquant.config import BackboneConfig, CacheConfig, CodebookConfig
 from protoquant.data import SyntheticParts
 from protoquant.data.transforms import ViewTransform
-from protoquant.features import build_cache
+from protoquant.features import ImageViews, build_cache, loader_workers
 from protoquant.train import Stage1Loss, Subset, init_codebook
 
 
-def epochs_from_cache(subset: Subset, loss_fn: Stage1Loss, epochs: int, batch: int) -> None:
+class Labelled(Dataset):
+    """(uint8 pixels, label) of every image: what a training loop over images reads."""
+
+    def __init__(self, views: ImageViews, labels: np.ndarray) -> None:
+        self.views, self.labels = views, labels
+
+    def __len__(self) -> int:
+        return len(self.views)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.views[index], int(self.labels[index])
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _step(loss_fn: Stage1Loss, optimizer, features: torch.Tensor, labels: torch.Tensor) -> None:
+    loss = loss_fn(features, labels)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+
+
+def epochs_from_cache(subset: Subset, loss_fn: Stage1Loss, epochs: int, batch: int, device) -> None:
     optimizer = torch.optim.Adam(loss_fn.codebook.parameters(), lr=1e-3)
     rng = np.random.default_rng(0)
     for _ in range(epochs):
         for features, labels in subset.store.batches(subset.entries, batch, shuffle=True, generator=rng):
-            loss = loss_fn(features, labels)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+            _step(loss_fn, optimizer, features.to(device), labels.to(device))
+    _sync(device)
 
 
-def epochs_with_backbone(dataset, backbone, transform, loss_fn: Stage1Loss, epochs: int, batch: int) -> None:
+def epochs_with_backbone(dataset, backbone, transform, loss_fn, epochs: int, batch: int, device) -> None:
     optimizer = torch.optim.Adam(loss_fn.codebook.parameters(), lr=1e-3)
-    rng = np.random.default_rng(0)
+    workers = loader_workers(CacheConfig(batch_size=batch), len(dataset))
+    loader = DataLoader(
+        Labelled(ImageViews(dataset, transform, 1), dataset.labels),
+        batch_size=batch,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(0),
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        pin_memory=device.type == "cuda",
+    )
     for _ in range(epochs):
-        order = rng.permutation(len(dataset))
-        for start in range(0, len(order), batch):
-            rows = order[start : start + batch]
-            images = torch.stack([transform(dataset.load_image(int(i)), int(i), 0) for i in rows])
-            features = backbone(images.contiguous(memory_format=torch.channels_last))  # (B, D, H, W)
-            loss = loss_fn(features, torch.from_numpy(dataset.labels[rows]))
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+        for pixels, labels in loader:
+            with torch.no_grad():
+                images = transform.normalise(pixels.to(device, non_blocking=True))
+                features = backbone(images.contiguous(memory_format=torch.channels_last))  # (B, D, H, W)
+            _step(loss_fn, optimizer, features, labels.to(device))
+    _sync(device)
 
 
 def main() -> None:
@@ -59,28 +91,31 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--codes", type=int, default=256)
     parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
+    device = torch.device(args.device)
     dataset = SyntheticParts("train", num_classes=10, images_per_class=args.images // 10)
-    backbone = create_backbone(BackboneConfig()).to(memory_format=torch.channels_last)
+    backbone = create_backbone(BackboneConfig()).to(device).to(memory_format=torch.channels_last)
     info = backbone.info
     transform = ViewTransform(224, 1.0, info.mean, info.std)
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
-        store = build_cache(dataset, backbone, transform, views=1, config=CacheConfig(root=tmp))
+        config = CacheConfig(root=tmp, batch_size=args.batch)
+        store = build_cache(dataset, backbone, transform, views=1, config=config, device=device)
         cache_seconds = time.perf_counter() - start
         subset = Subset(store, store.entries())
         codes = init_codebook(subset, CodebookConfig(num_codes=args.codes, kmeans_patches=5000), seed=0)
         probe = nn.Linear(info.channels, dataset.num_classes).requires_grad_(False)
+        loss_fn = Stage1Loss(Codebook(codes), probe, 1.0).to(device)
         start = time.perf_counter()
-        epochs_from_cache(subset, Stage1Loss(Codebook(codes), probe, 1.0), args.epochs, args.batch)
+        epochs_from_cache(subset, loss_fn, args.epochs, args.batch, device)
         cached_epochs = time.perf_counter() - start
+    loss_fn = Stage1Loss(Codebook(codes), probe, 1.0).to(device)
     start = time.perf_counter()
-    epochs_with_backbone(
-        dataset, backbone, transform, Stage1Loss(Codebook(codes), probe, 1.0), args.epochs, args.batch
-    )
+    epochs_with_backbone(dataset, backbone, transform, loss_fn, args.epochs, args.batch, device)
     rerun = time.perf_counter() - start
     cached = cache_seconds + cached_epochs
-    print(f"machine: {machine()}")
+    print(f"machine: {machine()}; device {device}")
     print(
         f"{len(dataset)} images, MobileNetV2 224 px, K={args.codes}, {args.epochs} stage-1 epochs, batch {args.batch}"
     )

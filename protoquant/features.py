@@ -38,7 +38,7 @@ MAX_AUTO_WORKERS = 16  # DataLoader workers chosen automatically, at most
 AUTO_MIN_BATCHES = 4  # automatic workers only from this many batches per process
 
 
-class _Views(Dataset):
+class ImageViews(Dataset):
     """Entry e of an ImageDataset (image e // views, view e % views) as uint8 pixels (3, S, S)."""
 
     def __init__(self, dataset: ImageDataset, transform: ViewTransform, views: int):
@@ -203,7 +203,7 @@ def loader_workers(config: CacheConfig, entries: int) -> int:
 def _compute_shards(
     plan: _Plan,
     todo: list[int],
-    views: _Views,
+    views: ImageViews,
     backbone: FrozenBackbone,
     device: torch.device,
     config: CacheConfig,
@@ -265,7 +265,7 @@ def build_cache(
     mine = shards if shards is not None else range(ctx.rank, plan.num_shards, ctx.world_size)
     finished = _finished(plan)
     todo = [s for s in mine if s not in finished]
-    _compute_shards(plan, todo, _Views(dataset, transform, views), backbone, device, config, ctx)
+    _compute_shards(plan, todo, ImageViews(dataset, transform, views), backbone, device, config, ctx)
     distributed.barrier()
     if len(_finished(plan)) < plan.num_shards:
         return None

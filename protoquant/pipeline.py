@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,9 +55,27 @@ class RunResult:
 
 
 def resolve_device(name: str) -> torch.device:
+    """The device this process computes on.
+
+    "auto" is CUDA when available, else the CPU. A CUDA device without an index is the
+    process's own GPU: cuda:LOCAL_RANK under torchrun (one GPU per process), cuda:0 otherwise.
+    """
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type != "cuda":
+        return device
+    if device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    visible = torch.cuda.device_count()
+    if device.index >= visible:
+        raise RuntimeError(
+            f"run.device {name!r} means GPU {device.index} for this process (LOCAL_RANK "
+            f"{os.environ.get('LOCAL_RANK', '0')}), but {visible} GPU(s) are visible: start at most "
+            f"{visible} processes per node (torchrun --nproc_per_node {visible})"
+        )
+    torch.cuda.set_device(device)
+    return device
 
 
 def build_caches(splits: Splits, backbone: FrozenBackbone, config: RunConfig, device: torch.device) -> Caches:

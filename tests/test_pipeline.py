@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from protoquant.config import load_yaml
-from protoquant.pipeline import GLOBAL_SIZE_THRESHOLD, run
+from protoquant.pipeline import GLOBAL_SIZE_THRESHOLD, resolve_device, run
 from protoquant.train import code_usage
 
 METRIC_KEYS = [
@@ -132,3 +132,29 @@ def test_training_is_seeded_and_never_looks_at_the_test_set(tiny_run, rerun) -> 
     assert all(torch.equal(first[k], second[k]) for k in first)
     for section in ("linear_probe", "quantized", "protoquant"):
         assert result.metrics[section]["val_accuracy"] == tiny_run.result.metrics[section]["val_accuracy"]
+
+
+def test_device_auto_is_the_cpu_without_gpus(monkeypatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+    assert resolve_device("cpu") == torch.device("cpu")
+
+
+@pytest.mark.parametrize(
+    ("local_rank", "name", "expected"), [("1", "cuda", 1), ("1", "auto", 1), ("0", "cuda:1", 1)]
+)
+def test_each_torchrun_process_gets_its_own_gpu(monkeypatch, local_rank, name, expected) -> None:
+    chosen = []
+    monkeypatch.setenv("LOCAL_RANK", local_rank)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    assert resolve_device(name) == torch.device("cuda", expected)
+    assert chosen == [torch.device("cuda", expected)]
+
+
+def test_more_processes_than_gpus_is_a_clear_error(monkeypatch) -> None:
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(RuntimeError, match="nproc_per_node 1"):
+        resolve_device("cuda")

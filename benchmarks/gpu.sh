@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# GPU checks and benchmarks in one go (one CUDA device): device agreement with the CPU, then
+# benchmarks 2, 3, 1 and 5 with --device cuda, then benchmark 5 on the CPU cores.
+# Each step has its own time limit and writes OUT/<step>.log; a failing step does not stop the rest.
+#
+#     bash benchmarks/gpu.sh [OUT]     # logs in OUT (default runs/gpu), runs in $WORK (runs/gpu-work)
+set -u
+out=${1:-runs/gpu}
+work=${WORK:-runs/gpu-work}  # training runs and their caches (kept out of OUT)
+mkdir -p "$out"
+export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TQDM_DISABLE=1
+py=${PYTHON:-python3}
+cd "$(dirname "$0")/.."
+step() {  # step NAME SECONDS COMMAND...
+    local name=$1 limit=$2
+    shift 2
+    echo "== $name: $*"
+    local start=$SECONDS
+    timeout "$limit" "$@" >"$out/$name.log" 2>&1
+    local rc=$?
+    tr "\r" "\n" <"$out/$name.log" | grep -v -i "warn\|rationality\|/s\]\|^\s*$" | tail -n 12
+    echo "== $name: exit $rc after $((SECONDS - start)) s"
+}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+step device_check 90 "$py" benchmarks/device_check.py --device cuda
+step inference 90 "$py" benchmarks/inference.py --device cuda --repeats 51
+step caching 150 "$py" benchmarks/caching.py --device cuda --images 1024 --batch 128 --workers 0,4,-1 --bf16
+step training_cost 90 "$py" benchmarks/training_cost.py --device cuda
+step distributed_cuda 90 "$py" benchmarks/distributed.py --device cuda --processes 1 --out "$work/dist-cuda"
+step distributed_cpu 150 "$py" benchmarks/distributed.py --device cpu --processes 1,2 --out "$work/dist-cpu"
