@@ -112,9 +112,12 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--bf16", action="store_true", help="also cache under bf16 autocast and compare")
+    parser.add_argument("--backbone", default="torchvision/mobilenet_v2", help="others use random weights")
     args = parser.parse_args()
     device = torch.device(args.device)
-    backbone = create_backbone(BackboneConfig()).to(device).to(memory_format=torch.channels_last)
+    weights = "default" if args.backbone == "torchvision/mobilenet_v2" else "none"
+    backbone = create_backbone(BackboneConfig(name=args.backbone, weights=weights))
+    backbone = backbone.to(device).to(memory_format=torch.channels_last)
     transform = ViewTransform(224, 1.0, backbone.info.mean, backbone.info.std)
     settings = [int(w) for w in args.workers.split(",")]
     precisions = (False, True) if args.bf16 else (False,)
@@ -122,7 +125,7 @@ def main() -> None:
         dataset = write_jpegs(Path(tmp), args.images, tuple(int(v) for v in args.size.split("x")))
         print(f"machine: {machine()}; device {device}")
         print(
-            f"{len(dataset)} JPEG files {args.size}, MobileNetV2 224 px, batch {args.batch}, {args.rounds} rounds"
+            f"{len(dataset)} JPEG files {args.size}, {args.backbone} 224 px, batch {args.batch}, {args.rounds} rounds"
         )
         results, stores = {}, {}
         for round_ in range(args.rounds):

@@ -32,7 +32,11 @@ def launch(processes: int, out: Path, device: str) -> tuple[float, dict]:
                "-m", "protoquant.cli", "train", "--out", str(out), "--cache.root", str(out / "cache"), *FLAGS, "--device", device]  # fmt: skip
     threads = str(max(1, (os.cpu_count() or 1) // processes))
     start = time.perf_counter()
-    subprocess.run(command, check=True, env={**os.environ, "OMP_NUM_THREADS": threads}, capture_output=True)
+    done = subprocess.run(
+        command, env={**os.environ, "OMP_NUM_THREADS": threads}, capture_output=True, text=True
+    )
+    if done.returncode:
+        sys.exit(f"{' '.join(command)} failed ({done.returncode}):\n{done.stderr[-4000:]}")
     return time.perf_counter() - start, json.loads((out / "metrics.json").read_text())
 
 

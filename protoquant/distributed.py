@@ -34,13 +34,18 @@ def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
+def backend_for(device: torch.device) -> str:
+    """gloo on the CPU; on GPUs NCCL for CUDA tensors and gloo for the CPU tensors that
+    bookkeeping (counts, gathered scores) still reduces."""
+    return "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+
+
 def init(device: torch.device) -> Context:
     """Join the process group if launched by torchrun (idempotent); returns this process's context."""
     if not launched_by_torchrun():
         return Context()
     if not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend)
+        dist.init_process_group(backend=backend_for(device))
     return Context(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
 
 

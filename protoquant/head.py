@@ -6,11 +6,32 @@ scores (B, K), class_weights (C, K), logits (B, C).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+def memoised(
+    owner: object, name: str, sources: tuple[torch.Tensor, ...], compute: Callable[[], torch.Tensor]
+):
+    """compute(), reused while `sources` are the same tensors, unchanged in place, and no
+    gradient flows to them (frozen prototypes and trained class weights at inference)."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in sources):
+        return compute()
+    try:
+        versions = tuple(t._version for t in sources)
+    except RuntimeError:  # inference tensors keep no version counter
+        return compute()
+    memo = owner.__dict__.setdefault("_memo", {})
+    hit = memo.get(name)
+    if hit is not None and all(a is b for a, b in zip(hit[0], sources)) and hit[1] == versions:
+        return hit[2]
+    value = compute()
+    memo[name] = (sources, versions, value)  # holding the sources keeps their identity unique
+    return value
 
 
 def cosine_similarity_map(features: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
@@ -27,9 +48,13 @@ def cosine_similarity_map(features: torch.Tensor, codebook: torch.Tensor) -> tor
     Returns:
         (B, K, H, W) similarities in [-1, 1] (a view of a (B, H, W, K) tensor).
     """
+    return similarity_to_unit_codes(features, F.normalize(codebook, dim=1))
+
+
+def similarity_to_unit_codes(features: torch.Tensor, unit_codes: torch.Tensor) -> torch.Tensor:
+    """cosine_similarity_map for prototypes already normalised to unit length, (K, D)."""
     batch, channels, height, width = features.shape
     patches = features.permute(0, 2, 3, 1).reshape(batch, height * width, channels)  # (B, HW, D)
-    unit_codes = F.normalize(codebook, dim=1)  # (K, D)
     similarity = F.normalize(patches, dim=2) @ unit_codes.t()  # (B, HW, K)
     return similarity.view(batch, height, width, -1).permute(0, 3, 1, 2)  # (B, K, H, W)
 
@@ -61,7 +86,9 @@ class NonNegativeLinear(nn.Module):
     @property
     def effective_weight(self) -> torch.Tensor:
         """(C, K) weights as used in the forward pass, all >= 0."""
-        return torch.relu(self.weight) * self.mask
+        return memoised(
+            self, "effective", (self.weight, self.mask), lambda: torch.relu(self.weight) * self.mask
+        )
 
     def forward(self, scores: torch.Tensor) -> torch.Tensor:
         return scores @ self.effective_weight.t()  # (B, K) @ (K, C) -> (B, C)
@@ -110,12 +137,17 @@ class ProtoQuantHead(nn.Module):
         """(C, K) effective, non-negative class weights."""
         return self.class_layer.effective_weight
 
+    @property
+    def unit_codes(self) -> torch.Tensor:
+        """(K, D) prototypes normalised to unit length (computed once while the codebook is unchanged)."""
+        return memoised(self, "unit_codes", (self.codebook,), lambda: F.normalize(self.codebook, dim=1))
+
     def scores(self, features: torch.Tensor) -> torch.Tensor:
         """(B, K) pooled prototype presence for features (B, D, H, W)."""
-        return presence_scores(cosine_similarity_map(features, self.codebook), self.temperature)[1]
+        return presence_scores(similarity_to_unit_codes(features, self.unit_codes), self.temperature)[1]
 
     def forward(self, features: torch.Tensor) -> HeadOutput:
-        similarity = cosine_similarity_map(features, self.codebook)
+        similarity = similarity_to_unit_codes(features, self.unit_codes)
         activation, scores = presence_scores(similarity, self.temperature)
         return HeadOutput(self.class_layer(scores), scores, similarity, activation)
 

@@ -8,8 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from safetensors.torch import load_file
 
+from protoquant import distributed
 from protoquant.features import FeatureStore
 
 JOB = Path(__file__).with_name("distributed_job.py")
@@ -83,3 +85,9 @@ def test_cli_train_under_torchrun_reports_once(tmp_path):
     assert done.stdout.count("checkpoint:") == 1  # only rank 0 reports
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["timing"]["processes"] == 2
+
+
+def test_gpu_process_groups_also_reduce_cpu_tensors() -> None:
+    # accuracy counts, code usage and stage-2 scores are reduced as CPU tensors: NCCL alone rejects them
+    assert distributed.backend_for(torch.device("cuda", 0)) == "cpu:gloo,cuda:nccl"
+    assert distributed.backend_for(torch.device("cpu")) == "gloo"

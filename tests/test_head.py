@@ -138,3 +138,32 @@ def test_limit_top_k_larger_than_k_keeps_everything() -> None:
     layer = NonNegativeLinear(K, C)
     limit_top_k(layer, K + 10)
     assert torch.equal(layer.mask, torch.ones(C, K))
+
+
+def _fresh_logits(head: ProtoQuantHead, features: torch.Tensor) -> torch.Tensor:
+    """Logits recomputed from the head's current tensors, without any reuse."""
+    scores = presence_scores(cosine_similarity_map(features, head.codebook), head.temperature)[1]
+    return scores @ (torch.relu(head.class_layer.weight) * head.class_layer.mask).t()
+
+
+def test_reused_codes_and_weights_follow_every_change(head, features) -> None:
+    head.requires_grad_(False)
+    with torch.no_grad():
+        head(features)  # fills the reuse
+        head.codebook.mul_(-1.0)  # in place
+        torch.testing.assert_close(head(features).logits, _fresh_logits(head, features))
+        head.load_state_dict({**head.state_dict(), "class_layer.weight": torch.rand(C, K)})
+        torch.testing.assert_close(head(features).logits, _fresh_logits(head, features))
+        limit_top_k(head.class_layer, 2)
+        torch.testing.assert_close(head(features).logits, _fresh_logits(head, features))
+        head.codebook = torch.randn(K, D)  # a new tensor
+        torch.testing.assert_close(head(features).logits, _fresh_logits(head, features))
+    with torch.inference_mode():
+        torch.testing.assert_close(head(features).logits, _fresh_logits(head, features))
+
+
+def test_class_weights_still_train(head, features) -> None:
+    head(features)  # reuse filled while weights require grad: must not be kept
+    loss = head(features).logits.sum()
+    loss.backward()
+    assert head.class_layer.weight.grad is not None and head.class_layer.weight.grad.abs().sum() > 0
