@@ -137,7 +137,7 @@ def accuracies(trained: Trained, caches: Caches, batch: int, device: torch.devic
 def grounding_summary(head: ProtoQuantHead, caches: Caches, batch: int, device: torch.device) -> dict:
     """Nearest-training-patch cosine of the codes that training patches use."""
     nearest = nearest_patches(head.codebook, caches.train_plain, batch, device)
-    used = head.usage > 0
+    used = (head.usage > 0).cpu()  # nearest_patches answers on the CPU
     if not used.any():
         return {"mean_nearest_cosine_used": float("nan"), "min_nearest_cosine_used": float("nan")}
     return {
@@ -191,8 +191,6 @@ def run(config: RunConfig, *, backbone: FrozenBackbone | None = None) -> RunResu
     out = Path(config.out)
     device = resolve_device(config.device)
     ctx = distributed.init(device)
-    if device.type == "cuda" and ctx.distributed:
-        device = torch.device("cuda", ctx.local_rank)
     start = time.perf_counter()
     splits = load_splits(config.data, config.seed)
     backbone = backbone or create_backbone(config.backbone)
