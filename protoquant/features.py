@@ -232,11 +232,13 @@ def _compute_shards(
                 if pending is not None:
                     assembler.add(*pending)
                 pending = launched
+    finally:  # also after a failure: the last launched batch may complete a shard
+        try:
             if pending is not None:
                 assembler.add(*pending)
-    finally:
-        writer.close()
-        progress.close()
+        finally:
+            writer.close()
+            progress.close()
 
 
 def build_cache(

@@ -10,8 +10,11 @@ import numpy as np
 import pytest
 import torch
 
+import protoquant.features as cache_module
+from protoquant import shards
 from protoquant.backbones import FrozenBackbone
 from protoquant.config import CacheConfig
+from protoquant.data.base import ImageDataset
 from protoquant.data.transforms import ViewTransform
 from protoquant.features import FeatureStore, build_cache, cache_key
 
@@ -247,3 +250,73 @@ def test_no_temporary_files_are_left_behind(counting, tiny_synthetic, cache_conf
         == len([n for n in names if n.startswith("pooled-")])
         == 5
     )
+
+
+# --- the data path: workers, writer thread, failures -----------------------------------------
+
+
+def test_dataloader_workers_give_the_same_cache(counting, tiny_synthetic, cache_config, tmp_path) -> None:
+    transform = _transform(counting)
+    alone = build_cache(
+        tiny_synthetic, counting, transform, views=2, config=replace(cache_config, num_workers=0)
+    )
+    workers = replace(cache_config, root=str(tmp_path / "workers"), num_workers=2)
+    shared = build_cache(tiny_synthetic, counting, transform, views=2, config=workers)
+    assert torch.equal(_all_features(shared), _all_features(alone))
+    assert torch.equal(shared.pooled(), alone.pooled())
+
+
+def test_automatic_workers_share_the_cpus_between_local_ranks(monkeypatch) -> None:
+    monkeypatch.setattr(cache_module.os, "sched_getaffinity", lambda pid: set(range(12)), raising=False)
+    config = CacheConfig(batch_size=8)  # num_workers -1: automatic
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert cache_module.loader_workers(config, 1000) == 12
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert cache_module.loader_workers(config, 1000) == 3
+    assert cache_module.loader_workers(config, cache_module.AUTO_MIN_BATCHES * 8 - 1) == 0  # too few batches
+    assert cache_module.loader_workers(replace(config, num_workers=5), 10) == 5  # explicit wins
+    monkeypatch.setattr(cache_module.os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert cache_module.loader_workers(config, 1000) == cache_module.MAX_AUTO_WORKERS
+
+
+class FailingAt(ImageDataset):
+    """tiny_synthetic whose image `bad` cannot be read (a crash in the middle of caching)."""
+
+    def __init__(self, base, bad: int) -> None:
+        self.base, self.bad = base, bad
+        self.name, self.split, self.classes, self.labels = base.name, base.split, base.classes, base.labels
+
+    def fingerprint(self) -> str:
+        return self.base.fingerprint()
+
+    def load_image(self, index: int):
+        if index == self.bad:
+            raise OSError(f"image {index} unreadable")
+        return self.base.load_image(index)
+
+
+def test_a_crash_keeps_every_finished_shard_and_resume_does_the_rest(
+    counting, tiny_synthetic, cache_config
+) -> None:
+    transform, config = _transform(counting), replace(cache_config, num_workers=0)
+    with pytest.raises(OSError, match="image 9 unreadable"):  # entries 18, 19 (views=2): shard 2
+        build_cache(FailingAt(tiny_synthetic, 9), counting, transform, views=2, config=config)
+    (folder,) = _folders(config)
+    assert _shard_files(folder) == sorted(
+        f"{kind}-{s:05d}.npy" for kind in ("features", "pooled") for s in (0, 1)
+    )
+    counting.images = 0
+    store = build_cache(tiny_synthetic, counting, transform, views=2, config=config)
+    assert counting.images == 36 - 2 * config.shard_size and store.manifest["complete"]
+
+
+def test_a_failed_shard_write_is_raised(counting, tiny_synthetic, cache_config, monkeypatch) -> None:
+    def disk_full(path, array):
+        raise OSError(f"{path}: no space left on device")
+
+    monkeypatch.setattr(shards, "atomic_save_npy", disk_full)
+    with pytest.raises(OSError, match="no space left"):
+        build_cache(tiny_synthetic, counting, _transform(counting), views=2, config=cache_config)
+    (folder,) = _folders(cache_config)
+    assert _shard_files(folder) == []
