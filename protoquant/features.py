@@ -160,13 +160,8 @@ class _Assembler:
     """Collects finished batches into shards, in order, and hands each full shard to the writer."""
 
     def __init__(self, plan: _Plan, todo: list[int], writer: ShardWriter, ctx: distributed.Context, progress):
-        self.plan, self.remaining, self.writer, self.ctx, self.progress = (
-            plan,
-            list(todo),
-            writer,
-            ctx,
-            progress,
-        )
+        self.plan, self.writer, self.ctx, self.progress = plan, writer, ctx, progress
+        self.remaining = list(todo)  # shards still to fill, in the order their batches arrive
         self.size, total = plan.manifest["shard_size"], plan.manifest["num_entries"]
         self.counts = {s: min(self.size, total - s * self.size) for s in todo}
         self.chunks: list[tuple[np.ndarray, np.ndarray]] = []
@@ -178,9 +173,8 @@ class _Assembler:
         shard = self.remaining[0]
         count = self.counts[shard]
         if sum(len(f) for f, _ in self.chunks) == count:
-            first = shard * self.size
-            record = {"shard": shard, "first": first, "count": count, "rank": self.ctx.rank}
-            record["world"] = self.ctx.world_size
+            record = {"shard": shard, "first": shard * self.size, "count": count}
+            record |= {"rank": self.ctx.rank, "world": self.ctx.world_size}  # who wrote it (audit trail)
             features = np.concatenate([f for f, _ in self.chunks])
             pooled = np.concatenate([p for _, p in self.chunks])
             self.writer.submit(self.plan.folder, shard, features, pooled, record)
