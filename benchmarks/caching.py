@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from common import machine
+from common import machine, sync
 
 from protoquant.backbones import create_backbone
 from protoquant.config import BackboneConfig, CacheConfig, ProbeConfig
@@ -46,21 +46,16 @@ def write_jpegs(root: Path, count: int, size: tuple[int, int]) -> ImageFolder:
     return ImageFolder(root, "train")
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def bare_rate(backbone, count: int, batch: int, device: torch.device, bf16: bool) -> float:
     images = torch.randn(batch, 3, 224, 224, device=device).contiguous(memory_format=torch.channels_last)
     steps = max(1, count // batch)
     with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
         backbone(images)  # warm-up
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         for _ in range(steps):
             backbone(images)
-        _sync(device)
+        sync(device)
     return steps * batch / (time.perf_counter() - start)
 
 

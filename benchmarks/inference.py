@@ -18,7 +18,7 @@ import statistics
 import time
 
 import torch
-from common import machine
+from common import machine, sync
 
 from protoquant.backbones import create_backbone
 from protoquant.config import BackboneConfig
@@ -32,12 +32,10 @@ BACKBONES = (
 
 
 def _timed(fn, device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    sync(device)
     start = time.perf_counter()
     fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    sync(device)
     return time.perf_counter() - start
 
 

@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 import torch
-from common import machine
+from common import machine, sync
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -43,11 +43,6 @@ class Labelled(Dataset):
         return self.views[index], int(self.labels[index])
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def _step(loss_fn: Stage1Loss, optimizer, features: torch.Tensor, labels: torch.Tensor) -> None:
     loss = loss_fn(features, labels)
     optimizer.zero_grad()
@@ -61,7 +56,7 @@ def epochs_from_cache(subset: Subset, loss_fn: Stage1Loss, epochs: int, batch: i
     for _ in range(epochs):
         for features, labels in subset.store.batches(subset.entries, batch, shuffle=True, generator=rng):
             _step(loss_fn, optimizer, features.to(device), labels.to(device))
-    _sync(device)
+    sync(device)
 
 
 def epochs_with_backbone(dataset, backbone, transform, loss_fn, epochs: int, batch: int, device) -> None:
@@ -82,7 +77,7 @@ def epochs_with_backbone(dataset, backbone, transform, loss_fn, epochs: int, bat
                 images = transform.normalise(pixels.to(device, non_blocking=True))
                 features = backbone(images.contiguous(memory_format=torch.channels_last))  # (B, D, H, W)
             _step(loss_fn, optimizer, features, labels.to(device))
-    _sync(device)
+    sync(device)
 
 
 def main() -> None:

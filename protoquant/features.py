@@ -212,9 +212,10 @@ def _compute_shards(
     backbone = backbone.to(device).to(memory_format=torch.channels_last)
     size, total = plan.manifest["shard_size"], plan.manifest["num_entries"]
     batches = _shard_batches(todo, size, total, config.batch_size)
-    workers = loader_workers(config, sum(len(b) for b in batches))
+    entries = sum(len(b) for b in batches)
+    workers = loader_workers(config, entries)
     desc = f"caching {views.dataset.name}/{views.dataset.split}"
-    progress = tqdm(total=sum(len(b) for b in batches), desc=desc, unit="view", disable=not ctx.is_main)
+    progress = tqdm(total=entries, desc=desc, unit="view", disable=not ctx.is_main)
     # One DataLoader for every shard this process computes, so workers stay alive and busy.
     loader = DataLoader(views, batch_sampler=batches, num_workers=workers, pin_memory=device.type == "cuda")
     writer = ShardWriter()

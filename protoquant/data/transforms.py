@@ -72,12 +72,9 @@ class ViewTransform:
     def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
         """uint8 pixels (..., 3, S, S) -> float32 normalised, on the pixels' device.
 
-        The same arithmetic as torchvision's to_tensor + normalize (divide by 255, subtract
-        the mean, divide by the std), so the result is identical wherever it runs.
+        Exactly torchvision's to_tensor (divide by 255) followed by its normalize, wherever it runs.
         """
-        mean = torch.tensor(self.mean, device=pixels.device).view(-1, 1, 1)
-        std = torch.tensor(self.std, device=pixels.device).view(-1, 1, 1)
-        return pixels.float().div_(255).sub_(mean).div_(std)
+        return TF.normalize(pixels.float().div_(255), list(self.mean), list(self.std), inplace=True)
 
 
 def _crop_box(
