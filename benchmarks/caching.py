@@ -23,14 +23,15 @@ import torch
 import torch.nn.functional as F
 from common import machine, sync
 
-from protoquant.backbones import create_backbone
+from protoquant.backbones.frozen import create_backbone
+from protoquant.cache.build import build_cache, loader_workers
+from protoquant.cache.view import CacheView
 from protoquant.config import BackboneConfig, CacheConfig, ProbeConfig
 from protoquant.data import SyntheticParts
 from protoquant.data.image_folder import ImageFolder
 from protoquant.data.splits import stratified_split
 from protoquant.data.transforms import ViewTransform
-from protoquant.features import build_cache, loader_workers
-from protoquant.train import Subset, evaluate_probe, train_probe
+from protoquant.train.probe import evaluate_probe, train_probe
 
 CLASSES = 8
 
@@ -71,9 +72,9 @@ def probe_accuracy(store) -> float:
     train, held = stratified_split(store.labels, 0.3, seed=0)
     cpu = torch.device("cpu")
     probe = train_probe(
-        Subset(store, train), Subset(store, held), CLASSES, ProbeConfig(epochs=60), seed=0, device=cpu
+        CacheView(store, train), CacheView(store, held), CLASSES, ProbeConfig(epochs=60), seed=0, device=cpu
     )
-    return evaluate_probe(probe, Subset(store, held), cpu)
+    return evaluate_probe(probe, CacheView(store, held), cpu)
 
 
 def report(results: dict, settings: list[int], precisions: tuple[bool, ...], images: int, batch: int) -> None:

@@ -17,11 +17,11 @@ import tempfile
 import torch.nn.functional as F
 from common import machine
 
-from protoquant.backbones import create_backbone
+from protoquant.backbones.frozen import create_backbone
+from protoquant.cache.build import build_cache
 from protoquant.config import BackboneConfig, CacheConfig
 from protoquant.data import SyntheticParts
 from protoquant.data.transforms import ViewTransform
-from protoquant.features import build_cache
 from protoquant.head import ProtoQuantHead
 
 

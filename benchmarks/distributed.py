@@ -22,7 +22,7 @@ from pathlib import Path
 
 from common import machine
 
-FLAGS = ["--codebook.num_codes", "256", "--codebook.epochs", "10", "--head.temperature_grid", "0.05,0.1",
+FLAGS = ["--codebook.num_prototypes", "256", "--codebook.epochs", "10", "--head.temperature_grid", "0.05,0.1",
          "--head.lr_grid", "0.05,0.2"]  # fmt: skip
 
 

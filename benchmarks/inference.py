@@ -20,7 +20,7 @@ import time
 import torch
 from common import machine, sync
 
-from protoquant.backbones import create_backbone
+from protoquant.backbones.frozen import create_backbone
 from protoquant.config import BackboneConfig
 from protoquant.head import ProtoQuantHead
 

@@ -22,12 +22,13 @@ from pathlib import Path
 
 import torch
 
-from protoquant.baseline import baseline_model, train_baseline_head
 from protoquant.data import load_splits
 from protoquant.demo import demo_config
+from protoquant.distributed import resolve_device
 from protoquant.metrics import FeatureMemo, MetricSettings, evaluate_metrics
 from protoquant.model import ProtoQuant
-from protoquant.pipeline import build_caches, resolve_device, run
+from protoquant.pipeline import build_caches, run
+from protoquant.train.baseline import baseline_model, train_baseline_head
 
 METRICS = [
     "accuracy",

@@ -20,17 +20,18 @@ import torch
 from common import machine
 from torch import nn
 
+from protoquant.cache.build import FeatureStore
+from protoquant.cache.shards import atomic_save_npy
+from protoquant.cache.view import CacheView
 from protoquant.config import CodebookConfig, HeadConfig
-from protoquant.features import FeatureStore
-from protoquant.shards import atomic_save_npy
-from protoquant.train import Subset, train_codebook
-from protoquant.train_head import train_head
+from protoquant.train.codebook import train_codebook
+from protoquant.train.head import train_head
 
 GRID, CHANNELS, CLASSES, SHARD = (7, 7), 1280, 10, 512
 
 
 def fake_cache(folder: Path, entries: int, seed: int) -> FeatureStore:
-    """A complete cache folder of `entries` random maps (format of protoquant.features)."""
+    """A complete cache folder of `entries` random maps (format of protoquant.cache.build)."""
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True)
     labels = rng.integers(0, CLASSES, entries)
@@ -46,16 +47,16 @@ def fake_cache(folder: Path, entries: int, seed: int) -> FeatureStore:
     return FeatureStore(folder)
 
 
-def train_time(store: FeatureStore, val: Subset) -> float:
+def train_time(store: FeatureStore, val: CacheView) -> float:
     device = torch.device("cpu")
-    train = Subset(store, store.entries())
+    train = CacheView(store, store.entries())
     probe = nn.Linear(CHANNELS, CLASSES).requires_grad_(False)
     start = time.perf_counter()
-    config = CodebookConfig(num_codes=256, epochs=2, kmeans_patches=5000, kmeans_iters=5)
-    codebook, _ = train_codebook(train, val, probe, config, seed=0, device=device)
+    config = CodebookConfig(num_prototypes=256, epochs=2, kmeans_patches=5000, kmeans_iters=5)
+    quantizer, _ = train_codebook(train, val, probe, config, seed=0, device=device)
     train_head(
-        codebook.codes.detach(),
-        codebook.usage,
+        quantizer.codebook.detach(),
+        quantizer.usage,
         train,
         val,
         CLASSES,
@@ -75,7 +76,7 @@ def main() -> None:
     print("|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         val_store = fake_cache(Path(tmp) / "val", 200, seed=99)
-        val = Subset(val_store, val_store.entries())
+        val = CacheView(val_store, val_store.entries())
         base = None
         for factor in (1, 4, 16):
             entries = args.base * factor

@@ -21,13 +21,14 @@ from common import machine, sync
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from protoquant.backbones import create_backbone
-from protoquant.codebook import Codebook
+from protoquant.backbones.frozen import create_backbone
+from protoquant.cache.build import ImageViews, build_cache, loader_workers
+from protoquant.cache.view import CacheView
+from protoquant.codebook import VectorQuantizer
 from protoquant.config import BackboneConfig, CacheConfig, CodebookConfig
 from protoquant.data import SyntheticParts
 from protoquant.data.transforms import ViewTransform
-from protoquant.features import ImageViews, build_cache, loader_workers
-from protoquant.train import Stage1Loss, Subset, init_codebook
+from protoquant.train.codebook import Stage1Loss, init_codebook
 
 
 class Labelled(Dataset):
@@ -50,8 +51,8 @@ def _step(loss_fn: Stage1Loss, optimizer, features: torch.Tensor, labels: torch.
     optimizer.step()
 
 
-def epochs_from_cache(subset: Subset, loss_fn: Stage1Loss, epochs: int, batch: int, device) -> None:
-    optimizer = torch.optim.Adam(loss_fn.codebook.parameters(), lr=1e-3)
+def epochs_from_cache(subset: CacheView, loss_fn: Stage1Loss, epochs: int, batch: int, device) -> None:
+    optimizer = torch.optim.Adam(loss_fn.quantizer.parameters(), lr=1e-3)
     rng = np.random.default_rng(0)
     for _ in range(epochs):
         for features, labels in subset.store.batches(subset.entries, batch, shuffle=True, generator=rng):
@@ -60,7 +61,7 @@ def epochs_from_cache(subset: Subset, loss_fn: Stage1Loss, epochs: int, batch: i
 
 
 def epochs_with_backbone(dataset, backbone, transform, loss_fn, epochs: int, batch: int, device) -> None:
-    optimizer = torch.optim.Adam(loss_fn.codebook.parameters(), lr=1e-3)
+    optimizer = torch.optim.Adam(loss_fn.quantizer.parameters(), lr=1e-3)
     workers = loader_workers(CacheConfig(batch_size=batch), len(dataset))
     loader = DataLoader(
         Labelled(ImageViews(dataset, transform, 1), dataset.labels),
@@ -102,14 +103,14 @@ def main() -> None:
         config = CacheConfig(root=tmp, batch_size=args.batch)
         store = build_cache(dataset, backbone, transform, views=1, config=config, device=device)
         cache_seconds = time.perf_counter() - start
-        subset = Subset(store, store.entries())
-        codes = init_codebook(subset, CodebookConfig(num_codes=args.codes, kmeans_patches=5000), seed=0)
+        subset = CacheView(store, store.entries())
+        codes = init_codebook(subset, CodebookConfig(num_prototypes=args.codes, kmeans_patches=5000), seed=0)
         probe = nn.Linear(info.channels, dataset.num_classes).requires_grad_(False)
-        loss_fn = Stage1Loss(Codebook(codes), probe, 1.0).to(device)
+        loss_fn = Stage1Loss(VectorQuantizer(codes), probe, 1.0).to(device)
         start = time.perf_counter()
         epochs_from_cache(subset, loss_fn, args.epochs, args.batch, device)
         cached_epochs = time.perf_counter() - start
-    loss_fn = Stage1Loss(Codebook(codes), probe, 1.0).to(device)
+    loss_fn = Stage1Loss(VectorQuantizer(codes), probe, 1.0).to(device)
     start = time.perf_counter()
     epochs_with_backbone(dataset, backbone, transform, loss_fn, args.epochs, args.batch, device)
     rerun = time.perf_counter() - start

@@ -1,7 +1,7 @@
 """Command line: thin subcommands, each calling one library function.
 
 Training flags are derived from the config dataclasses: every field is a
-`--section.field VALUE` flag (e.g. `--codebook.num_codes 512`), applied on top of
+`--section.field VALUE` flag (e.g. `--codebook.num_prototypes 512`), applied on top of
 `--config FILE.yaml` when given. `protoquant train --help-config` lists them.
 """
 
@@ -77,8 +77,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from protoquant.evaluate import evaluate_checkpoint, write_report
     from protoquant.metrics import format_table
+    from protoquant.metrics.evaluate import evaluate_checkpoint, write_report
 
     report = evaluate_checkpoint(
         args.model,
@@ -101,7 +101,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_audit(args: argparse.Namespace) -> int:
-    from protoquant.evaluate import audit_checkpoint, format_audit, write_report
+    from protoquant.metrics.evaluate import audit_checkpoint, format_audit, write_report
 
     report = audit_checkpoint(
         args.model, against=args.against, noise=not args.no_noise, batch_size=args.batch_size
@@ -149,8 +149,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 def _cmd_explain(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from protoquant.explain import build_report, read_run_metrics
-    from protoquant.gallery import ensure_gallery
+    from protoquant.explain.explanation import build_report, read_run_metrics
+    from protoquant.explain.gallery import ensure_gallery
     from protoquant.model import ProtoQuant
     from protoquant.render import write_report
 
@@ -170,7 +170,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
 
 
 def _cmd_gallery(args: argparse.Namespace) -> int:
-    from protoquant.gallery import GALLERY_META, ensure_gallery
+    from protoquant.explain.gallery import GALLERY_META, ensure_gallery
     from protoquant.model import ProtoQuant
 
     model = ProtoQuant.load(args.model)

@@ -15,7 +15,7 @@ from torch import nn
 ASSIGN_CHUNK = 16_384  # patches per chunk when assigning large sets (bounds memory)
 
 
-def nearest_codes(patches: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+def nearest_prototypes(patches: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     """Index of the most cosine-similar code for each patch.
 
     Args:
@@ -42,58 +42,58 @@ class QuantizeOutput:
     indices: torch.Tensor  # (B, H, W) code index per location
 
 
-class Codebook(nn.Module):
+class VectorQuantizer(nn.Module):
     """K trainable code vectors in R^D with assignment-usage counts."""
 
     def __init__(self, codes: torch.Tensor) -> None:
         super().__init__()
-        self.codes = nn.Parameter(codes.detach().clone())  # (K, D)
+        self.codebook = nn.Parameter(codes.detach().clone())  # (K, D)
         self.register_buffer("usage", torch.zeros(codes.shape[0]))  # (K,) assignments counted in training
 
     @property
-    def num_codes(self) -> int:
-        return int(self.codes.shape[0])
+    def num_prototypes(self) -> int:
+        return int(self.codebook.shape[0])
 
     def forward(self, features: torch.Tensor) -> QuantizeOutput:
         batch, _, height, width = features.shape
         with torch.no_grad():
-            indices = nearest_codes(to_patches(features), self.codes)  # (B*H*W,)
+            indices = nearest_prototypes(to_patches(features), self.codebook)  # (B*H*W,)
             if self.training:
-                self.usage += torch.bincount(indices, minlength=self.num_codes).to(self.usage)
-        quantized = self.codes[indices]  # (B*H*W, D), gradients flow to the codes
+                self.usage += torch.bincount(indices, minlength=self.num_prototypes).to(self.usage)
+        quantized = self.codebook[indices]  # (B*H*W, D), gradients flow to the codes
         quantized = quantized.reshape(batch, height, width, -1).permute(0, 3, 1, 2)  # (B, D, H, W)
         return QuantizeOutput(quantized, indices.reshape(batch, height, width))
 
 
-def orthogonal_init(num_codes: int, dim: int, generator: torch.Generator) -> torch.Tensor:
+def orthogonal_init(num_prototypes: int, dim: int, generator: torch.Generator) -> torch.Tensor:
     """(K, D) random (semi-)orthogonal rows: the reference code's initialisation."""
-    codes = torch.empty(num_codes, dim)
-    gaussian = torch.randn(max(num_codes, dim), min(num_codes, dim), generator=generator)
+    codes = torch.empty(num_prototypes, dim)
+    gaussian = torch.randn(max(num_prototypes, dim), min(num_prototypes, dim), generator=generator)
     q, r = torch.linalg.qr(gaussian)  # orthonormal columns
     q = q * torch.sign(torch.diagonal(r))  # (max, min)
-    codes.copy_(q if num_codes >= dim else q.t())
+    codes.copy_(q if num_prototypes >= dim else q.t())
     return codes
 
 
 def kmeans_init(
-    patches: torch.Tensor, num_codes: int, iters: int, generator: torch.Generator
+    patches: torch.Tensor, num_prototypes: int, iters: int, generator: torch.Generator
 ) -> torch.Tensor:
     """k-means with cosine assignment and mean update, seeded from random patches.
 
     Empty clusters are re-seeded with random patches each iteration.
 
     Args:
-        patches: (N, D) training patch features, N >= num_codes.
+        patches: (N, D) training patch features, N >= num_prototypes.
 
     Returns:
         (K, D) centroids (raw feature scale, not normalised).
     """
-    if len(patches) < num_codes:
-        raise ValueError(f"k-means needs at least K={num_codes} patches, got {len(patches)}")
-    centroids = patches[torch.randperm(len(patches), generator=generator)[:num_codes]].clone()
+    if len(patches) < num_prototypes:
+        raise ValueError(f"k-means needs at least K={num_prototypes} patches, got {len(patches)}")
+    centroids = patches[torch.randperm(len(patches), generator=generator)[:num_prototypes]].clone()
     for _ in range(iters):
-        assignment = nearest_codes(patches, centroids)  # (N,)
-        counts = torch.bincount(assignment, minlength=num_codes).to(patches.dtype)  # (K,)
+        assignment = nearest_prototypes(patches, centroids)  # (N,)
+        counts = torch.bincount(assignment, minlength=num_prototypes).to(patches.dtype)  # (K,)
         sums = torch.zeros_like(centroids).index_add_(0, assignment, patches)  # (K, D)
         empty = counts == 0
         centroids = sums / counts.clamp(min=1)[:, None]

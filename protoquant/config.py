@@ -7,6 +7,7 @@ YAML, and the CLI derives its `--section.field` flags from these definitions.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,99 +15,220 @@ from typing import Any
 
 import yaml
 
+logger = logging.getLogger(__name__)
+
+WEIGHT_THRESHOLD = (
+    1e-3  # prototype k counts for class c if w[c, k] exceeds this (METRICS.md explanation size)
+)
+
+
+def knob(
+    default: Any,
+    help: str,
+    *,
+    choices: tuple | None = None,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    above: float | None = None,
+) -> Any:
+    """A config field with its help text and the values it accepts (checked by `validate`).
+
+    `minimum`/`maximum` are inclusive bounds, `above` an exclusive lower bound; for tuple fields
+    they apply to every item.
+    """
+    meta = {"help": help, "choices": choices, "minimum": minimum, "maximum": maximum, "above": above}
+    return field(default=default, metadata=meta)
+
+
+def _problem(value: Any, meta: dict) -> str | None:
+    """Why `value` breaks the field's declared choices or bounds, or None."""
+    for item in value if isinstance(value, tuple) else (value,):
+        if meta.get("choices") and item not in meta["choices"]:
+            return f"must be one of {', '.join(map(repr, meta['choices']))}, got {item!r}"
+        if isinstance(item, bool) or not isinstance(item, int | float):
+            continue
+        if item != item:  # NaN
+            return "must be a number, got nan"
+        if meta.get("minimum") is not None and item < meta["minimum"]:
+            return f"must be >= {meta['minimum']:g}, got {item!r}"
+        if meta.get("maximum") is not None and item > meta["maximum"]:
+            return f"must be <= {meta['maximum']:g}, got {item!r}"
+        if meta.get("above") is not None and item <= meta["above"]:
+            return f"must be > {meta['above']:g}, got {item!r}"
+    return None
+
+
+class _Checked:
+    """Mixin: a config section checks every field's choices and bounds when it is built."""
+
+    section = ""  # dotted prefix in error messages ("codebook.")
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            problem = _problem(getattr(self, f.name), f.metadata)
+            if problem:
+                raise ValueError(f"config field '{self.section}{f.name}' {problem}")
+
 
 @dataclass(frozen=True)
-class DataConfig:
-    dataset: str = "synthetic"  # registry name, see protoquant.data.DATASETS
-    root: str = ""  # dataset folder on disk ("" for generated data)
-    val_fraction: float = 0.1  # share of train carved out (stratified) for model selection
-    max_train_per_class: int = 0  # 0 = all; otherwise a seeded, stratified subset
-    max_test_per_class: int = 0  # 0 = all
-    synthetic_classes: int = 10  # built-in data: number of classes
-    synthetic_train_per_class: int = 60  # built-in data: train images per class
-    synthetic_test_per_class: int = 40  # built-in data: test images per class
-    synthetic_seed: int = 0  # built-in data: generator seed
-    crop_to_box: bool = False  # cub/cars: crop each image (and its parts) to the object's box
-    split_file: str = ""  # image-folder: optional '<relative path> <train|test>' file (relative to root)
+class DataConfig(_Checked):
+    section = "data."
 
-
-@dataclass(frozen=True)
-class BackboneConfig:
-    name: str = "torchvision/mobilenet_v2"  # "timm/<model>" or "torchvision/<model>"
-    weights: str = "default"  # "default" (the library's pretrained weights), "none" (random), or a file path
-    download: bool = False  # allow the ecosystem to download missing weights (off: fail at once)
-    init_seed: int = 0  # seeds random initialisation when weights = "none" (reproducible random backbones)
-    image_size: int = 224  # square input side after resize and centre crop
-    crop_ratio: float = (
-        1.0  # 1: resize to S x S (part-prototype protocols); <1: shorter side to S/ratio, centre crop
+    dataset: str = knob(
+        "synthetic",
+        "dataset registry name: synthetic, fashion-mnist, cub, cars, imagenet, funnybirds or image-folder",
+    )
+    root: str = knob("", "dataset folder on disk ('' for generated data)")
+    val_fraction: float = knob(
+        0.1, "share of train carved out (seeded, stratified) for model selection", minimum=0.0, maximum=0.9
+    )
+    max_train_per_class: int = knob(0, "0 = all; otherwise a seeded, stratified subset", minimum=0)
+    max_test_per_class: int = knob(0, "0 = all; otherwise a seeded, stratified subset", minimum=0)
+    synthetic_classes: int = knob(10, "built-in data: number of classes", minimum=2)
+    synthetic_train_per_class: int = knob(60, "built-in data: training images per class", minimum=1)
+    synthetic_test_per_class: int = knob(40, "built-in data: test images per class", minimum=1)
+    synthetic_seed: int = knob(0, "built-in data: generator seed")
+    crop_to_box: bool = knob(False, "cub/cars: crop each image (and its parts) to the object's box")
+    split_file: str = knob(
+        "", "image-folder: optional '<relative path> <train|test>' file, relative to the root"
     )
 
 
 @dataclass(frozen=True)
-class CacheConfig:
-    root: str = "cache"  # folder holding one subfolder per cached (dataset, split, backbone, transform)
-    train_views: int = 2  # views per training image: view 0 is the plain centre crop, others augmented
-    shard_size: int = 512  # feature maps per shard file
-    batch_size: int = 32  # backbone batch size
-    num_workers: int = -1  # DataLoader workers decoding images; -1: one per CPU (per local rank), up to 16
-    autocast_bf16: bool = False  # compute features under bf16 autocast (stored as fp16 either way)
-    grid_pool: int = 1  # average-pool the feature grid by this factor before storing (ViT-B/16: 2 -> 7x7)
-    min_crop_scale: float = 0.5  # augmented views: RandomResizedCrop lower area bound
+class BackboneConfig(_Checked):
+    section = "backbone."
 
-
-@dataclass(frozen=True)
-class ProbeConfig:
-    epochs: int = 100  # full-batch-style passes over pooled features (cheap)
-    lr: float = 1e-2  # AdamW learning rate
-    weight_decay: float = 1e-4  # AdamW weight decay
-    batch_size: int = 256
-
-
-@dataclass(frozen=True)
-class CodebookConfig:
-    num_codes: int = 1024  # K: codebook size = number of prototypes
-    init: str = "kmeans"  # "kmeans" (data, default) or "orthogonal" (random)
-    kmeans_patches: int = 100_000  # training patches sampled for k-means initialisation
-    kmeans_iters: int = 20  # Lloyd iterations for initialisation
-    epochs: int = 15
-    lr: float = 1e-3  # Adam learning rate (paper range 5e-4 - 1e-3)
-    warmup_epochs: float = 1.0  # linear warmup before cosine decay
-    commitment_weight: float = 1.0  # w in CE + w * MSE(code, stopgrad(feature))
-    batch_size: int = 64  # feature maps per step
-    reset_dead_codes: bool = True  # re-seed codes unused for an epoch from random training patches
-    cutmix_prob: float = 0.0  # feature-space CutMix per batch: swaps real patches, so codes stay grounded
-    snap_to_patches: bool = (
-        False  # after stage 1, replace each code by its nearest training patch (exact grounding)
+    name: str = knob(
+        "torchvision/mobilenet_v2", "'timm/<model>', 'timm/hf-hub:<repo>' or 'torchvision/<model>'"
+    )
+    weights: str = knob(
+        "default", "'default' (the model's pretrained weights), 'none' (random) or a file path"
+    )
+    download: bool = knob(False, "allow downloading missing weights (off: fail at once, offline)")
+    init_seed: int = knob(0, "seeds the random initialisation when weights = 'none'")
+    image_size: int = knob(224, "square input side after resize and centre crop", minimum=16)
+    crop_ratio: float = knob(
+        1.0,
+        "1: resize to S x S (the whole image, as the part-prototype protocols need); "
+        "< 1: shorter side to S / ratio, then centre crop",
+        above=0.0,
+        maximum=1.0,
     )
 
 
 @dataclass(frozen=True)
-class HeadConfig:
-    temperature: float = 0.1  # tau of the softmax over codes (paper value)
-    temperature_grid: tuple[float, ...] = ()  # if set, tau is chosen on the validation split
-    lr: float = 5e-2  # Adam learning rate for the class layer
-    lr_grid: tuple[float, ...] = ()  # if set, lr is chosen on the validation split
-    epochs: int = 100
-    batch_size: int = 256
-    weight_init_mean: float = 1.0  # class weights ~ N(mean, std) before the ReLU
-    weight_init_std: float = 0.1
-    l1: float = 0.0  # L1 penalty on effective class weights (keep tiny: 1e-4 already costs accuracy)
-    top_k_per_class: int = 0  # 0 = off; else keep the k largest weights per class and fine-tune
-    top_k_epochs: int = 30  # fine-tuning epochs after the top-k limit
-    scores_dtype: str = "float32"  # "float16" halves the memory of the fixed (N, K) training scores
+class CacheConfig(_Checked):
+    section = "cache."
+
+    root: str = knob("cache", "folder holding one subfolder per cached (dataset, split, backbone, transform)")
+    train_views: int = knob(
+        2, "views per training image: view 0 is the plain crop, the others augmented", minimum=1
+    )
+    shard_size: int = knob(512, "feature maps per shard file", minimum=1)
+    batch_size: int = knob(32, "backbone batch size", minimum=1)
+    num_workers: int = knob(
+        -1, "DataLoader workers decoding images; -1: one per CPU (per local rank), up to 16", minimum=-1
+    )
+    autocast_bf16: bool = knob(False, "compute features under bf16 autocast (stored as fp16 either way)")
+    grid_pool: int = knob(
+        1, "average-pool the feature grid by this factor before storing (ViT-B/16: 2 -> 7 x 7)", minimum=1
+    )
+    min_crop_scale: float = knob(
+        0.5, "augmented views: RandomResizedCrop lower area bound", above=0.0, maximum=1.0
+    )
 
 
 @dataclass(frozen=True)
-class RunConfig:
+class ProbeConfig(_Checked):
+    section = "probe."
+
+    epochs: int = knob(100, "passes over the pooled features (cheap)", minimum=1)
+    lr: float = knob(1e-2, "AdamW learning rate", above=0.0)
+    weight_decay: float = knob(1e-4, "AdamW weight decay", minimum=0.0)
+    batch_size: int = knob(256, "pooled feature vectors per step", minimum=1)
+
+
+@dataclass(frozen=True)
+class CodebookConfig(_Checked):
+    section = "codebook."
+
+    num_prototypes: int = knob(1024, "K: codebook size = number of prototypes", minimum=1)
+    init: str = knob(
+        "kmeans",
+        "k-means on training patches (default) or orthogonal random",
+        choices=("kmeans", "orthogonal"),
+    )
+    kmeans_patches: int = knob(100_000, "training patches sampled for the k-means initialisation", minimum=1)
+    kmeans_iters: int = knob(20, "Lloyd iterations of the k-means initialisation", minimum=1)
+    epochs: int = knob(15, "stage-1 epochs over the cached training maps", minimum=1)
+    lr: float = knob(1e-3, "Adam learning rate (paper range 5e-4 - 1e-3)", above=0.0)
+    warmup_epochs: float = knob(1.0, "linear warmup before the cosine decay", minimum=0.0)
+    commitment_weight: float = knob(1.0, "w in CE + w * MSE(prototype, stopgrad(feature))", minimum=0.0)
+    batch_size: int = knob(64, "feature maps per step", minimum=1)
+    reset_dead_prototypes: bool = knob(
+        True, "re-seed prototypes unused for an epoch from random training patches"
+    )
+    cutmix_prob: float = knob(
+        0.0,
+        "feature-space CutMix per batch: swaps real patches, so prototypes stay grounded",
+        minimum=0.0,
+        maximum=1.0,
+    )
+    snap_to_patches: bool = knob(
+        False, "after stage 1, replace each prototype by its nearest training patch (exact grounding)"
+    )
+
+
+@dataclass(frozen=True)
+class HeadConfig(_Checked):
+    section = "head."
+
+    temperature: float = knob(0.1, "tau of the softmax over prototypes (paper value)", above=0.0)
+    temperature_grid: tuple[float, ...] = knob(
+        (), "if set, tau is chosen from these on the validation split", above=0.0
+    )
+    lr: float = knob(5e-2, "Adam learning rate of the class layer", above=0.0)
+    lr_grid: tuple[float, ...] = knob(
+        (), "if set, lr is chosen from these on the validation split", above=0.0
+    )
+    epochs: int = knob(100, "stage-2 epochs over the fixed pooled scores", minimum=1)
+    batch_size: int = knob(256, "pooled score vectors per step", minimum=1)
+    weight_init_mean: float = knob(1.0, "class weights ~ N(mean, std) before the ReLU")
+    weight_init_std: float = knob(0.1, "class weights ~ N(mean, std) before the ReLU", minimum=0.0)
+    l1: float = knob(
+        0.0, "L1 penalty on the effective class weights (keep tiny: 1e-4 already costs accuracy)", minimum=0.0
+    )
+    top_k_per_class: int = knob(
+        0, "0 = off; else keep each class's k largest weights and fine-tune", minimum=0
+    )
+    top_k_epochs: int = knob(30, "fine-tuning epochs after the top-k limit", minimum=1)
+    scores_dtype: str = knob(
+        "float32",
+        "dtype of the fixed (N, K) training scores; float16 halves their memory",
+        choices=("float32", "float16"),
+    )
+
+
+@dataclass(frozen=True)
+class RunConfig(_Checked):
+    section = ""
+
     data: DataConfig = field(default_factory=DataConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     codebook: CodebookConfig = field(default_factory=CodebookConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
-    seed: int = 0  # seeds splits, views, initialisation and shuffling
-    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
-    out: str = "runs/default"  # output folder (checkpoint, metrics.json, figures)
+    seed: int = knob(0, "seeds splits, views, initialisation and shuffling")
+    device: str = knob("auto", "'auto', 'cpu', 'cuda', 'cuda:1', ...")
+    out: str = knob("runs/default", "output folder (checkpoint, metrics.json, figures, report)")
+
+
+# Fields renamed since checkpoints were first written: old dotted name -> new dotted name.
+RENAMED_FIELDS = {
+    "codebook.num_codes": "codebook.num_prototypes",
+    "codebook.reset_dead_codes": "codebook.reset_dead_prototypes",
+}
 
 
 def _coerce(value: Any, annotation: Any, where: str) -> Any:
@@ -143,6 +265,8 @@ def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
     """Build dataclass `cls` from a nested dict; unknown keys raise an error naming them."""
     if not isinstance(data, dict):
         raise ValueError(f"config section '{where or cls.__name__}' must be a mapping, got {data!r}")
+    if cls is RunConfig:
+        data = upgrade(data)
     hints = _hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
@@ -159,6 +283,20 @@ def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
         else:
             kwargs[name] = _coerce(value, hint, where + name)
     return cls(**kwargs)
+
+
+def upgrade(data: dict[str, Any]) -> dict[str, Any]:
+    """A nested config dict with fields renamed since it was written (`RENAMED_FIELDS`) moved to their new names."""
+    data = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
+    for old, new in RENAMED_FIELDS.items():
+        (section, old_name), (_, new_name) = old.split("."), new.split(".")
+        node = data.get(section)
+        if isinstance(node, dict) and old_name in node:
+            if new_name in node:
+                raise ValueError(f"config has both '{old}' and its new name '{new}'; keep '{new}'")
+            logger.warning("config field '%s' is now '%s'", old, new)
+            node[new_name] = node.pop(old_name)
+    return data
 
 
 def to_dict(config: Any) -> dict[str, Any]:

@@ -9,9 +9,11 @@ from PIL import Image
 
 from protoquant import distributed
 from protoquant.config import CacheConfig, CodebookConfig, HeadConfig, RunConfig
-from protoquant.explain import build_report, explain, load_patches
-from protoquant.gallery import Gallery, build_gallery, save_gallery
-from protoquant.pipeline import RunResult, resolve_device, run
+from protoquant.distributed import resolve_device
+from protoquant.explain.explanation import build_report, explain, load_patches
+from protoquant.explain.gallery import build_gallery, save_gallery
+from protoquant.explain.types import Gallery
+from protoquant.pipeline import RunResult, run
 from protoquant.render import render_explanation, write_report
 
 logger = logging.getLogger(__name__)
@@ -25,7 +27,7 @@ def demo_config(out: str = "runs/demo") -> RunConfig:
     return RunConfig(
         out=out,
         cache=CacheConfig(root=str(Path(out) / "cache")),
-        codebook=CodebookConfig(num_codes=256, epochs=10, kmeans_patches=50_000),
+        codebook=CodebookConfig(num_prototypes=256, epochs=10, kmeans_patches=50_000),
         head=HeadConfig(temperature_grid=(0.05, 0.1), lr_grid=(5e-2, 2e-1), epochs=100),
     )
 
@@ -81,7 +83,7 @@ def summary_rows(metrics: dict) -> list[tuple[str, str]]:
         ("linear probe (reference)", f"{100 * metrics['linear_probe']['test_accuracy']:.1f} % test accuracy"),
         (
             "stage 1: quantized",
-            f"{100 * metrics['quantized']['test_accuracy']:.1f} % ({metrics['quantized']['used_codes']}/{metrics['quantized']['num_codes']} codes used)",
+            f"{100 * metrics['quantized']['test_accuracy']:.1f} % ({metrics['quantized']['used_prototypes']}/{metrics['quantized']['num_prototypes']} codes used)",
         ),
         (
             "stage 2: ProtoQuant",

@@ -111,3 +111,27 @@ def gather_strided(local: torch.Tensor, total: int, ctx: Context) -> torch.Tenso
 def cleanup() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def resolve_device(name: str) -> torch.device:
+    """The device this process computes on.
+
+    "auto" is CUDA when available, else the CPU. A CUDA device without an index is the
+    process's own GPU: cuda:LOCAL_RANK under torchrun (one GPU per process), cuda:0 otherwise.
+    """
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type != "cuda":
+        return device
+    if device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    visible = torch.cuda.device_count()
+    if device.index >= visible:
+        raise RuntimeError(
+            f"run.device {name!r} means GPU {device.index} for this process (LOCAL_RANK "
+            f"{os.environ.get('LOCAL_RANK', '0')}), but {visible} GPU(s) are visible: start at most "
+            f"{visible} processes per node (torchrun --nproc_per_node {visible})"
+        )
+    torch.cuda.set_device(device)
+    return device

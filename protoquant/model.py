@@ -21,7 +21,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from protoquant.backbones import FrozenBackbone, create_backbone, state_hash
+from protoquant.backbones.frozen import FrozenBackbone, create_backbone, state_hash
 from protoquant.config import RunConfig, from_dict, to_dict
 from protoquant.data.transforms import view_transform
 from protoquant.head import HeadOutput, ProtoQuantHead
@@ -91,7 +91,7 @@ class ProtoQuant(nn.Module):
 
     def explain(self, image, *, top_classes: int = 1, top_prototypes: int = 5, gallery=None):
         """Explain one image (PIL, or (3, h, w) in [0, 1]); see `protoquant.explain.explain`."""
-        from protoquant.explain import explain  # lazy: explain imports this module
+        from protoquant.explain.explanation import explain  # lazy: explain imports this module
 
         return explain(self, image, top_classes=top_classes, top_prototypes=top_prototypes, gallery=gallery)
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,37 +11,31 @@ from pathlib import Path
 import torch
 
 from protoquant import distributed
-from protoquant.backbones import FrozenBackbone, create_backbone
-from protoquant.codebook import Codebook
-from protoquant.config import RunConfig, save_yaml
+from protoquant.backbones.frozen import FrozenBackbone, create_backbone
+from protoquant.cache.build import FeatureStore, build_cache
+from protoquant.cache.shards import atomic_write_bytes
+from protoquant.cache.view import CacheView
+from protoquant.codebook import VectorQuantizer
+from protoquant.config import WEIGHT_THRESHOLD, RunConfig, save_yaml
 from protoquant.data import Splits, load_splits
 from protoquant.data.transforms import view_transform
-from protoquant.features import FeatureStore, build_cache
-from protoquant.grounding import nearest_patches, snap_to_patches
+from protoquant.distributed import resolve_device
+from protoquant.explain.grounding import nearest_patches, snap_to_patches
 from protoquant.head import ProtoQuantHead
 from protoquant.model import ProtoQuant
-from protoquant.shards import atomic_write_bytes
-from protoquant.train import (
-    Subset,
-    code_usage,
-    evaluate_probe,
-    evaluate_quantized,
-    train_codebook,
-    train_probe,
-)
-from protoquant.train_head import evaluate_head, global_size, train_head
+from protoquant.train.codebook import evaluate_quantized, prototype_usage, train_codebook
+from protoquant.train.head import evaluate_head, global_size, train_head
+from protoquant.train.probe import evaluate_probe, train_probe
 
 logger = logging.getLogger(__name__)
-
-GLOBAL_SIZE_THRESHOLD = 1e-3  # a prototype counts if max_c w[c, k] exceeds this (METRICS.md)
 
 
 @dataclass(frozen=True)
 class Caches:
-    train: Subset  # every view of every training image
-    train_plain: Subset  # view 0 of every training image (usage, grounding)
-    val: Subset  # view 0 of validation images
-    test: Subset  # view 0 of test images
+    train: CacheView  # every view of every training image
+    train_plain: CacheView  # view 0 of every training image (usage, grounding)
+    val: CacheView  # view 0 of validation images
+    test: CacheView  # view 0 of test images
 
 
 @dataclass(frozen=True)
@@ -52,30 +45,6 @@ class RunResult:
     splits: Splits
     caches: Caches
     out: Path
-
-
-def resolve_device(name: str) -> torch.device:
-    """The device this process computes on.
-
-    "auto" is CUDA when available, else the CPU. A CUDA device without an index is the
-    process's own GPU: cuda:LOCAL_RANK under torchrun (one GPU per process), cuda:0 otherwise.
-    """
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
-    if device.type != "cuda":
-        return device
-    if device.index is None:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    visible = torch.cuda.device_count()
-    if device.index >= visible:
-        raise RuntimeError(
-            f"run.device {name!r} means GPU {device.index} for this process (LOCAL_RANK "
-            f"{os.environ.get('LOCAL_RANK', '0')}), but {visible} GPU(s) are visible: start at most "
-            f"{visible} processes per node (torchrun --nproc_per_node {visible})"
-        )
-    torch.cuda.set_device(device)
-    return device
 
 
 def build_caches(splits: Splits, backbone: FrozenBackbone, config: RunConfig, device: torch.device) -> Caches:
@@ -88,17 +57,17 @@ def build_caches(splits: Splits, backbone: FrozenBackbone, config: RunConfig, de
     train = store(splits.train, config.cache.train_views)
     val, test = store(splits.val, 1), store(splits.test, 1)
     return Caches(
-        train=Subset(train, train.entries()),
-        train_plain=Subset(train, train.entries(first_view_only=True)),
-        val=Subset(val, val.entries()),
-        test=Subset(test, test.entries()),
+        train=CacheView(train, train.entries()),
+        train_plain=CacheView(train, train.entries(first_view_only=True)),
+        val=CacheView(val, val.entries()),
+        test=CacheView(test, test.entries()),
     )
 
 
 @dataclass(frozen=True)
 class Trained:
     probe: torch.nn.Linear
-    codebook: Codebook
+    quantizer: VectorQuantizer
     head: ProtoQuantHead
     history: list[dict]
     selection: dict
@@ -108,20 +77,20 @@ def train_stages(caches: Caches, num_classes: int, config: RunConfig, device: to
     """Stage 0 (probe), stage 1 (codebook) and stage 2 (head), all from the cache."""
     seed = config.seed
     probe = train_probe(caches.train, caches.val, num_classes, config.probe, seed=seed, device=device)
-    codebook, history = train_codebook(
+    quantizer, history = train_codebook(
         caches.train, caches.val, probe, config.codebook, seed=seed, device=device
     )
     if config.codebook.snap_to_patches:
         with torch.no_grad():
-            codebook.codes.copy_(
-                snap_to_patches(codebook.codes, caches.train_plain, config.codebook.batch_size, device)
+            quantizer.codebook.copy_(
+                snap_to_patches(quantizer.codebook, caches.train_plain, config.codebook.batch_size, device)
             )
-    usage = code_usage(codebook.codes, caches.train_plain, config.codebook.batch_size, device)
-    codes = codebook.codes.detach()
+    usage = prototype_usage(quantizer.codebook, caches.train_plain, config.codebook.batch_size, device)
+    codes = quantizer.codebook.detach()
     head, selection = train_head(
         codes, usage, caches.train, caches.val, num_classes, config.head, seed=seed, device=device
     )
-    return Trained(probe, codebook, head, history, selection)
+    return Trained(probe, quantizer, head, history, selection)
 
 
 def accuracies(trained: Trained, caches: Caches, batch: int, device: torch.device) -> dict:
@@ -129,7 +98,7 @@ def accuracies(trained: Trained, caches: Caches, batch: int, device: torch.devic
     out = {}
     for name, subset in (("val", caches.val), ("test", caches.test)):
         out[("linear_probe", name)] = evaluate_probe(trained.probe, subset, device)
-        out[("quantized", name)] = evaluate_quantized(trained.codebook, trained.probe, subset, batch, device)
+        out[("quantized", name)] = evaluate_quantized(trained.quantizer, trained.probe, subset, batch, device)
         out[("protoquant", name)] = evaluate_head(trained.head, subset, batch, device)
     return {f"{stage}.{split}_accuracy": value for (stage, split), value in out.items()}
 
@@ -169,12 +138,12 @@ def collect_metrics(
         "linear_probe": {k: accuracy[f"linear_probe.{k}"] for k in ("val_accuracy", "test_accuracy")},
         "quantized": {
             **{k: accuracy[f"quantized.{k}"] for k in ("val_accuracy", "test_accuracy")},
-            "num_codes": trained.codebook.num_codes,
-            "used_codes": int((head.usage > 0).sum()),
+            "num_prototypes": trained.quantizer.num_prototypes,
+            "used_prototypes": int((head.usage > 0).sum()),
         },
         "protoquant": {
             **{k: accuracy[f"protoquant.{k}"] for k in ("val_accuracy", "test_accuracy")},
-            "num_prototypes": global_size(head, GLOBAL_SIZE_THRESHOLD),
+            "num_prototypes": global_size(head, WEIGHT_THRESHOLD),
             "temperature": trained.selection["temperature"],
             "lr": trained.selection["lr"],
             "selection": trained.selection["trials"],

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 import protoquant.pipeline as pipeline
-from protoquant.backbones import FrozenBackbone, create_backbone
+from protoquant.backbones.frozen import FrozenBackbone, create_backbone
 from protoquant.config import (
     BackboneConfig,
     CacheConfig,
@@ -104,7 +104,7 @@ def tiny_run_config(root) -> RunConfig:
         cache=CacheConfig(root=str(root / "cache"), train_views=2, shard_size=16, batch_size=16),
         probe=ProbeConfig(epochs=20),
         codebook=CodebookConfig(
-            num_codes=NUM_CODES, kmeans_patches=200, kmeans_iters=5, epochs=2, batch_size=16
+            num_prototypes=NUM_CODES, kmeans_patches=200, kmeans_iters=5, epochs=2, batch_size=16
         ),
         head=HeadConfig(epochs=20),
         seed=0,
@@ -128,9 +128,9 @@ def tiny_run(tmp_path_factory) -> TinyRun:
     captured: dict[str, torch.Tensor] = {}
 
     def recording_train_codebook(*args, **kwargs):
-        codebook, history = train_codebook(*args, **kwargs)
-        captured["stage1"] = codebook.codes.detach().clone()
-        return codebook, history
+        quantizer, history = train_codebook(*args, **kwargs)
+        captured["stage1"] = quantizer.codebook.detach().clone()
+        return quantizer, history
 
     def recording_train_head(codebook, *args, **kwargs):
         captured["head_input"] = codebook.detach().clone()

@@ -9,7 +9,7 @@ from protoquant.cli import main
 TINY = [
     "--backbone.name", "timm/test_convnext", "--backbone.weights", "none", "--backbone.image_size", "64",
     "--data.synthetic_classes", "3", "--data.synthetic_train_per_class", "6", "--data.synthetic_test_per_class", "3",
-    "--cache.train_views", "1", "--codebook.num_codes", "8", "--codebook.epochs", "2",
+    "--cache.train_views", "1", "--codebook.num_prototypes", "8", "--codebook.epochs", "2",
     "--codebook.kmeans_patches", "500", "--probe.epochs", "5", "--head.epochs", "5",
     "--head.temperature_grid", "", "--head.lr_grid", "",
 ]  # fmt: skip
@@ -19,7 +19,7 @@ def test_help_config_lists_every_section(capsys):
     assert main(["train", "--help-config"]) == 0
     text = capsys.readouterr().out
     for flag in (
-        "--codebook.num_codes",
+        "--codebook.num_prototypes",
         "--head.temperature",
         "--data.dataset",
         "--backbone.weights",
@@ -36,8 +36,8 @@ def test_unknown_dataset_is_a_clear_error(capsys, tmp_path):
 
 
 def test_bad_flag_value_names_the_field(capsys, tmp_path):
-    assert main(["train", "--out", str(tmp_path), "--codebook.num_codes", "many"]) == 2
-    assert "codebook.num_codes" in capsys.readouterr().err
+    assert main(["train", "--out", str(tmp_path), "--codebook.num_prototypes", "many"]) == 2
+    assert "codebook.num_prototypes" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")

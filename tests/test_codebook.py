@@ -1,4 +1,4 @@
-"""Codebook: nearest-code assignment, quantized maps, usage counts, initialisation."""
+"""VectorQuantizer: nearest-code assignment, quantized maps, usage counts, initialisation."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from protoquant import codebook as codebook_module
-from protoquant.codebook import Codebook, kmeans_init, nearest_codes, orthogonal_init, to_patches
+from protoquant.codebook import VectorQuantizer, kmeans_init, nearest_prototypes, orthogonal_init, to_patches
 
 
 def _generator(seed: int = 0) -> torch.Generator:
@@ -30,68 +30,68 @@ def test_nearest_codes_matches_brute_force_cosine_argmax() -> None:
     patches = torch.randn(500, 8, generator=_generator(1)) * torch.rand(500, 1, generator=_generator(2)) * 10
     codes = torch.randn(20, 8, generator=_generator(3)) * 3
     expected = F.cosine_similarity(patches[:, None, :], codes[None, :, :], dim=2).argmax(dim=1)  # (N,)
-    assert torch.equal(nearest_codes(patches, codes), expected)
+    assert torch.equal(nearest_prototypes(patches, codes), expected)
 
 
 def test_nearest_codes_ignores_vector_length() -> None:
     codes = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     patches = torch.tensor([[100.0, 1.0], [0.01, 0.02], [-1.0, 3.0]])
-    assert nearest_codes(patches, codes).tolist() == [0, 1, 1]
-    assert nearest_codes(patches, codes * torch.tensor([[50.0], [0.1]])).tolist() == [0, 1, 1]
+    assert nearest_prototypes(patches, codes).tolist() == [0, 1, 1]
+    assert nearest_prototypes(patches, codes * torch.tensor([[50.0], [0.1]])).tolist() == [0, 1, 1]
 
 
 def test_nearest_codes_is_chunk_independent(monkeypatch) -> None:
     patches, codes = torch.randn(103, 8, generator=_generator(4)), torch.randn(7, 8, generator=_generator(5))
-    whole = nearest_codes(patches, codes)
+    whole = nearest_prototypes(patches, codes)
     monkeypatch.setattr(codebook_module, "ASSIGN_CHUNK", 10)
-    assert torch.equal(nearest_codes(patches, codes), whole)
-    assert nearest_codes(patches[:0], codes).shape == (0,)
+    assert torch.equal(nearest_prototypes(patches, codes), whole)
+    assert nearest_prototypes(patches[:0], codes).shape == (0,)
 
 
 def test_quantized_vectors_are_codebook_rows() -> None:
     features = _features()
-    codebook = Codebook(torch.randn(6, 8, generator=_generator(7)))
-    out = codebook(features)
+    quantizer = VectorQuantizer(torch.randn(6, 8, generator=_generator(7)))
+    out = quantizer(features)
     assert out.quantized.shape == features.shape and out.indices.shape == (3, 4, 5)
     for b in range(3):
         for h in range(4):
             for w in range(5):
-                assert torch.equal(out.quantized[b, :, h, w], codebook.codes[out.indices[b, h, w]])
-    expected = nearest_codes(to_patches(features), codebook.codes).reshape(3, 4, 5)
+                assert torch.equal(out.quantized[b, :, h, w], quantizer.codebook[out.indices[b, h, w]])
+    expected = nearest_prototypes(to_patches(features), quantizer.codebook).reshape(3, 4, 5)
     assert torch.equal(out.indices, expected)
 
 
 def test_gradients_reach_only_the_used_codes() -> None:
     features = _features()
-    codebook = Codebook(torch.randn(40, 8, generator=_generator(8)))
-    out = codebook(features)
+    quantizer = VectorQuantizer(torch.randn(40, 8, generator=_generator(8)))
+    out = quantizer(features)
     (out.quantized - features).pow(2).mean().backward()
     used = torch.zeros(40, dtype=torch.bool)
     used[out.indices.unique()] = True
-    grad_norm = codebook.codes.grad.norm(dim=1)
+    grad_norm = quantizer.codebook.grad.norm(dim=1)
     assert (grad_norm[used] > 0).all() and (grad_norm[~used] == 0).all()
 
 
 def test_usage_counts_only_in_training_mode_and_sum_to_patches() -> None:
     features = _features()
-    codebook = Codebook(torch.randn(6, 8, generator=_generator(9)))
-    codebook.eval()
-    codebook(features)
-    assert codebook.usage.sum() == 0
-    codebook.train()
-    out = codebook(features)
-    assert codebook.usage.sum() == features.shape[0] * features.shape[2] * features.shape[3]
-    assert torch.equal(codebook.usage, torch.bincount(out.indices.flatten(), minlength=6).float())
-    codebook(features)
-    assert codebook.usage.sum() == 2 * 3 * 4 * 5
-    assert "usage" in codebook.state_dict()
+    quantizer = VectorQuantizer(torch.randn(6, 8, generator=_generator(9)))
+    quantizer.eval()
+    quantizer(features)
+    assert quantizer.usage.sum() == 0
+    quantizer.train()
+    out = quantizer(features)
+    assert quantizer.usage.sum() == features.shape[0] * features.shape[2] * features.shape[3]
+    assert torch.equal(quantizer.usage, torch.bincount(out.indices.flatten(), minlength=6).float())
+    quantizer(features)
+    assert quantizer.usage.sum() == 2 * 3 * 4 * 5
+    assert "usage" in quantizer.state_dict()
 
 
 def test_orthogonal_init_rows_are_orthonormal_when_k_le_d() -> None:
-    for num_codes, dim in [(8, 8), (5, 16)]:
-        codes = orthogonal_init(num_codes, dim, _generator())
-        assert codes.shape == (num_codes, dim)
-        torch.testing.assert_close(codes @ codes.t(), torch.eye(num_codes), atol=1e-5, rtol=0)
+    for num_prototypes, dim in [(8, 8), (5, 16)]:
+        codes = orthogonal_init(num_prototypes, dim, _generator())
+        assert codes.shape == (num_prototypes, dim)
+        torch.testing.assert_close(codes @ codes.t(), torch.eye(num_prototypes), atol=1e-5, rtol=0)
 
 
 def test_orthogonal_init_columns_are_orthonormal_when_k_gt_d() -> None:
@@ -117,7 +117,7 @@ def test_kmeans_finds_separated_clusters() -> None:
     labels = torch.arange(200) % 4
     patches = directions[labels] + 0.05 * torch.randn(200, 4, generator=_generator(12))
     centroids = kmeans_init(patches, 4, 10, _generator(13))
-    assignment = nearest_codes(patches, centroids)
+    assignment = nearest_prototypes(patches, centroids)
     # every cluster maps to exactly one centroid and vice versa
     pairs = set(zip(labels.tolist(), assignment.tolist()))
     assert len(pairs) == 4 and len({a for _, a in pairs}) == 4

@@ -23,7 +23,7 @@ from protoquant.config import (
 def _custom() -> RunConfig:
     return RunConfig(
         backbone=BackboneConfig(name="timm/test_vit", weights="none", image_size=64, crop_ratio=0.875),
-        codebook=CodebookConfig(num_codes=32, init="orthogonal", lr=5e-4),
+        codebook=CodebookConfig(num_prototypes=32, init="orthogonal", lr=5e-4),
         head=HeadConfig(temperature_grid=(0.05, 0.1), lr_grid=(0.05,), top_k_per_class=3),
         seed=7,
         out="runs/x",
@@ -41,7 +41,7 @@ def test_dict_round_trip_and_plain_types() -> None:
     config = _custom()
     data = to_dict(config)
     assert data["head"]["temperature_grid"] == [0.05, 0.1]  # tuples become lists
-    assert data["codebook"]["num_codes"] == 32
+    assert data["codebook"]["num_prototypes"] == 32
     assert from_dict(RunConfig, data) == config
     assert isinstance(from_dict(RunConfig, data).head.temperature_grid, tuple)
 
@@ -53,9 +53,9 @@ def test_configs_are_frozen() -> None:
 
 def test_missing_sections_keep_their_defaults(tmp_path) -> None:
     path = tmp_path / "partial.yaml"
-    path.write_text("codebook:\n  num_codes: 64\nseed: 3\n")
+    path.write_text("codebook:\n  num_prototypes: 64\nseed: 3\n")
     config = load_yaml(path)
-    assert config.codebook.num_codes == 64 and config.seed == 3
+    assert config.codebook.num_prototypes == 64 and config.seed == 3
     assert config.codebook.lr == CodebookConfig().lr and config.head == HeadConfig()
     empty = tmp_path / "empty.yaml"
     empty.write_text("")
@@ -84,10 +84,10 @@ def test_unknown_field_in_yaml_names_the_file_and_field(tmp_path) -> None:
 
 
 def test_bad_value_raises_naming_the_field() -> None:
-    with pytest.raises(ValueError, match=r"codebook\.num_codes"):
-        from_dict(RunConfig, {"codebook": {"num_codes": "many"}})
-    with pytest.raises(ValueError, match=r"codebook\.num_codes"):
-        from_dict(RunConfig, {"codebook": {"num_codes": 2.5}})
+    with pytest.raises(ValueError, match=r"codebook\.num_prototypes"):
+        from_dict(RunConfig, {"codebook": {"num_prototypes": "many"}})
+    with pytest.raises(ValueError, match=r"codebook\.num_prototypes"):
+        from_dict(RunConfig, {"codebook": {"num_prototypes": 2.5}})
     with pytest.raises(ValueError, match=r"cache\.autocast_bf16"):
         from_dict(RunConfig, {"cache": {"autocast_bf16": "maybe"}})
     with pytest.raises(ValueError, match="codebook"):
@@ -107,7 +107,7 @@ def test_with_overrides_coerces_strings_to_field_types() -> None:
     config = with_overrides(
         RunConfig(),
         {
-            "codebook.num_codes": "256",
+            "codebook.num_prototypes": "256",
             "head.temperature_grid": "0.05,0.1",
             "cache.autocast_bf16": "true",
             "codebook.lr": "5e-4",
@@ -115,7 +115,7 @@ def test_with_overrides_coerces_strings_to_field_types() -> None:
             "seed": "3",
         },
     )
-    assert config.codebook.num_codes == 256 and isinstance(config.codebook.num_codes, int)
+    assert config.codebook.num_prototypes == 256 and isinstance(config.codebook.num_prototypes, int)
     assert config.head.temperature_grid == (0.05, 0.1)
     assert all(isinstance(t, float) for t in config.head.temperature_grid)
     assert config.cache.autocast_bf16 is True
@@ -134,7 +134,7 @@ def test_with_overrides_single_value_tuple() -> None:
     assert with_overrides(RunConfig(), {"head.lr_grid": "0.2"}).head.lr_grid == (0.2,)
 
 
-@pytest.mark.parametrize("key", ["codebook.num_code", "codebok.num_codes", "nothing"])
+@pytest.mark.parametrize("key", ["codebook.num_code", "codebok.num_prototypes", "nothing"])
 def test_with_overrides_unknown_key_raises_naming_it(key) -> None:
     with pytest.raises(ValueError, match=key.split(".")[0]):
         with_overrides(RunConfig(), {key: "1"})
@@ -142,7 +142,7 @@ def test_with_overrides_unknown_key_raises_naming_it(key) -> None:
 
 def test_flat_fields_lists_every_leaf_with_its_type() -> None:
     fields = flat_fields()
-    assert fields["codebook.num_codes"] is int
+    assert fields["codebook.num_prototypes"] is int
     assert fields["head.temperature"] is float
     assert fields["cache.autocast_bf16"] is bool
     assert fields["seed"] is int and fields["out"] is str

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from protoquant import distributed
-from protoquant.features import FeatureStore
+from protoquant.cache.build import FeatureStore
 
 JOB = Path(__file__).with_name("distributed_job.py")
 TOLERANCE = 1e-5  # same global batches; only float summation order differs between the runs

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from protoquant.head import NonNegativeLinear, ProtoQuantHead, cosine_similarity_map, presence_scores
-from protoquant.train_head import limit_top_k
+from protoquant.train.head import limit_top_k
 
 B, D, H, W, K, C = 3, 8, 4, 5, 12, 4
 

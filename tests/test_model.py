@@ -12,7 +12,7 @@ import torch
 import torchvision.transforms.functional as TF
 from safetensors.torch import load_file, save_file
 
-from protoquant.backbones import create_backbone
+from protoquant.backbones.frozen import create_backbone
 from protoquant.config import BackboneConfig, RunConfig
 from protoquant.head import ProtoQuantHead
 from protoquant.model import ProtoQuant
@@ -59,11 +59,11 @@ def _assert_identical(first, second) -> None:
 
 def test_prediction_shapes_probabilities_and_classes(model, images) -> None:
     prediction = model.predict(images)
-    num_classes, num_codes = len(model.classes), model.head.num_prototypes
+    num_classes, num_prototypes = len(model.classes), model.head.num_prototypes
     grid = model.backbone.info.grid
     assert prediction.logits.shape == prediction.probabilities.shape == (4, num_classes)
-    assert prediction.scores.shape == (4, num_codes)
-    assert prediction.similarity.shape == prediction.activation.shape == (4, num_codes, *grid)
+    assert prediction.scores.shape == (4, num_prototypes)
+    assert prediction.similarity.shape == prediction.activation.shape == (4, num_prototypes, *grid)
     torch.testing.assert_close(prediction.probabilities.sum(dim=1), torch.ones(4))
     assert (prediction.probabilities >= 0).all()
     assert torch.equal(prediction.classes, prediction.logits.argmax(dim=1))

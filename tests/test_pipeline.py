@@ -12,9 +12,10 @@ import pytest
 import torch
 from torch import nn
 
-from protoquant.config import load_yaml
-from protoquant.pipeline import GLOBAL_SIZE_THRESHOLD, resolve_device, run
-from protoquant.train import code_usage
+from protoquant.config import WEIGHT_THRESHOLD, load_yaml
+from protoquant.distributed import resolve_device
+from protoquant.pipeline import run
+from protoquant.train.codebook import prototype_usage
 
 METRIC_KEYS = [
     ("linear_probe", "val_accuracy"),
@@ -31,9 +32,9 @@ def test_metrics_have_every_key_with_sane_values(tiny_run) -> None:
     for section, key in METRIC_KEYS:
         assert 0.0 <= metrics[section][key] <= 1.0, (section, key)
     assert isinstance(metrics["protoquant"]["num_prototypes"], int)
-    assert 0 <= metrics["protoquant"]["num_prototypes"] <= config.codebook.num_codes
-    assert metrics["quantized"]["num_codes"] == config.codebook.num_codes
-    assert 0 <= metrics["quantized"]["used_codes"] <= config.codebook.num_codes
+    assert 0 <= metrics["protoquant"]["num_prototypes"] <= config.codebook.num_prototypes
+    assert metrics["quantized"]["num_prototypes"] == config.codebook.num_prototypes
+    assert 0 <= metrics["quantized"]["used_prototypes"] <= config.codebook.num_prototypes
     timing = metrics["timing"]
     assert timing["cache_seconds"] > 0 and timing["train_seconds"] > 0
     assert timing["total_seconds"] >= timing["cache_seconds"] + timing["train_seconds"]
@@ -86,9 +87,11 @@ def test_usage_and_global_size_are_consistent(tiny_run) -> None:
     head, caches = result.model.head, result.caches
     grid = caches.train.store.grid
     assert head.usage.sum() == len(caches.train_plain.entries) * grid[0] * grid[1]
-    assert torch.equal(head.usage, code_usage(head.codebook, caches.train_plain, 16, torch.device("cpu")))
-    assert result.metrics["quantized"]["used_codes"] == int((head.usage > 0).sum())
-    expected_size = int((head.class_weights.amax(dim=0) > GLOBAL_SIZE_THRESHOLD).sum())
+    assert torch.equal(
+        head.usage, prototype_usage(head.codebook, caches.train_plain, 16, torch.device("cpu"))
+    )
+    assert result.metrics["quantized"]["used_prototypes"] == int((head.usage > 0).sum())
+    expected_size = int((head.class_weights.amax(dim=0) > WEIGHT_THRESHOLD).sum())
     assert result.metrics["protoquant"]["num_prototypes"] == expected_size
 
 

@@ -11,10 +11,14 @@ from collections.abc import Callable
 
 from protoquant.metrics.context import EvalContext, FeatureMemo
 from protoquant.metrics.result import MetricResult
-from protoquant.metrics.run_attack import run_misalignment
-from protoquant.metrics.run_basic import run_accuracy, run_grounding, run_size
+from protoquant.metrics.run_accuracy import run_accuracy
+from protoquant.metrics.run_consistency import run_consistency
 from protoquant.metrics.run_funnybirds import run_funnybirds
-from protoquant.metrics.run_parts import run_consistency, run_purity, run_stability
+from protoquant.metrics.run_grounding import run_grounding
+from protoquant.metrics.run_misalignment import run_misalignment
+from protoquant.metrics.run_purity import run_purity
+from protoquant.metrics.run_size import run_size
+from protoquant.metrics.run_stability import run_stability
 from protoquant.metrics.runner import evaluate_metrics, format_table, resolve_metrics
 from protoquant.metrics.settings import MetricSettings
 

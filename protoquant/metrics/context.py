@@ -16,14 +16,14 @@ import numpy as np
 import torch
 from PIL import Image
 
+from protoquant.cache.build import FeatureStore, build_cache
+from protoquant.cache.view import CacheView
 from protoquant.data.base import ImageDataset
 from protoquant.data.transforms import ViewTransform
-from protoquant.features import FeatureStore, build_cache
 from protoquant.head import HeadOutput
 from protoquant.metrics.common import keypoints_to_input
 from protoquant.metrics.settings import MetricSettings
 from protoquant.model import ProtoQuant
-from protoquant.train import Subset
 
 
 def cache_transform(model: ProtoQuant) -> ViewTransform:
@@ -74,7 +74,7 @@ class EvalContext:
     settings: MetricSettings
     device: torch.device
     store: FeatureStore
-    train: Subset | None = None  # cached training features (grounding)
+    train: CacheView | None = None  # cached training features (grounding)
     memo: FeatureMemo = field(default_factory=FeatureMemo)
     _parts: dict[int, ImageParts] = field(default_factory=dict)
     _scope: tuple | None = None

@@ -1,7 +1,7 @@
 """Grounding and drift audit: is every prototype a point where real training patches live?
 
 For every prototype: the cosine similarity to its nearest training patch (and which image and
-cell that is, via `protoquant.grounding.nearest_patches`), its usage (training patches whose most
+cell that is, via `protoquant.explain.grounding.nearest_patches`), its usage (training patches whose most
 similar prototype it is), whether it is dead (usage 0) or a near-duplicate of a lower-index
 prototype. Drift between two checkpoints: per-prototype cosine distance and whether the nearest
 training patch changed.

@@ -9,14 +9,14 @@ from dataclasses import asdict
 
 import torch
 
+from protoquant.cache.build import FeatureStore
+from protoquant.cache.view import CacheView
 from protoquant.data.base import ImageDataset, SubsetDataset
-from protoquant.features import FeatureStore
 from protoquant.metrics.common import class_prototypes
 from protoquant.metrics.context import EvalContext, FeatureMemo, split_store
 from protoquant.metrics.result import jsonable
 from protoquant.metrics.settings import REFERENCE_SIZE, MetricSettings
 from protoquant.model import ProtoQuant
-from protoquant.train import Subset
 
 logger = logging.getLogger(__name__)
 
@@ -99,12 +99,12 @@ def _protocol(model: ProtoQuant, dataset: ImageDataset, settings: MetricSettings
 
 
 def _train_subset(
-    model: ProtoQuant, train: Subset | ImageDataset | None, device: torch.device
-) -> Subset | None:
-    if train is None or isinstance(train, Subset):
+    model: ProtoQuant, train: CacheView | ImageDataset | None, device: torch.device
+) -> CacheView | None:
+    if train is None or isinstance(train, CacheView):
         return train
     store = split_store(model, train, device)
-    return Subset(store, store.entries())
+    return CacheView(store, store.entries())
 
 
 def evaluate_metrics(
@@ -115,14 +115,14 @@ def evaluate_metrics(
     settings: MetricSettings | None = None,
     device: str | torch.device | None = None,
     store: FeatureStore | None = None,
-    train: Subset | ImageDataset | None = None,
+    train: CacheView | ImageDataset | None = None,
     memo: FeatureMemo | None = None,
 ) -> dict:
     """Run `metrics` ("all", a comma list or names) on `dataset`; never modifies the model.
 
     Args:
         store: cached view-0 features of `dataset` (built with the model's transform when None).
-        train: training split (dataset or cached Subset), needed by "grounding".
+        train: training split (dataset or cached CacheView), needed by "grounding".
         memo: features of changed images, shared between heads on the same backbone.
 
     Returns:

@@ -10,10 +10,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from protoquant.config import WEIGHT_THRESHOLD  # a weight or score x weight counts if it exceeds this
+
 REFERENCE_SIZE = 224  # input side the published protocols use
 
 # Explanation size (PIP-Net)
-SIZE_THRESHOLD = 1e-3  # a weight or score x weight counts if it exceeds this
+
 PER_CLASS_THRESHOLD = 0.1  # per-class size counts weights w[c, p] above this
 
 # Consistency and stability (Huang et al., ICCV 2023)
@@ -67,7 +69,7 @@ class MetricSettings:
     seed: int = 0  # noise, random starts
     batch_size: int = 32  # images or cached entries per batch
     prototypes_per_class: int = PROTOTYPES_PER_CLASS
-    size_threshold: float = SIZE_THRESHOLD
+    size_threshold: float = WEIGHT_THRESHOLD
     per_class_threshold: float = PER_CLASS_THRESHOLD
     consistency_threshold: float = CONSISTENCY_THRESHOLD
     box_half_size: int = BOX_HALF_SIZE  # at 224

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
-from protoquant.metrics.settings import PER_CLASS_THRESHOLD, SIZE_THRESHOLD
+from protoquant.config import WEIGHT_THRESHOLD
+from protoquant.metrics.settings import PER_CLASS_THRESHOLD
 
 
 @dataclass(frozen=True)
@@ -25,12 +26,12 @@ class ExplanationSize:
     per_class_threshold: float
 
 
-def global_size(class_weights: torch.Tensor, threshold: float = SIZE_THRESHOLD) -> int:
+def global_size(class_weights: torch.Tensor, threshold: float = WEIGHT_THRESHOLD) -> int:
     """Number of prototypes used by any class: #{p : max_c w[c, p] > threshold}; weights (C, K)."""
     return int((class_weights.amax(dim=0) > threshold).sum())
 
 
-def sparsity(class_weights: torch.Tensor, threshold: float = SIZE_THRESHOLD) -> float:
+def sparsity(class_weights: torch.Tensor, threshold: float = WEIGHT_THRESHOLD) -> float:
     """Fraction of the (C, K) class weights that are <= threshold."""
     return float((class_weights <= threshold).float().mean())
 
@@ -39,7 +40,7 @@ def local_sizes(
     scores: torch.Tensor,
     class_weights: torch.Tensor,
     predicted: torch.Tensor,
-    threshold: float = SIZE_THRESHOLD,
+    threshold: float = WEIGHT_THRESHOLD,
 ) -> torch.Tensor:
     """Prototypes that explain each image's predicted class.
 
@@ -62,7 +63,7 @@ def explanation_size(
     class_weights: torch.Tensor,
     local: torch.Tensor,
     *,
-    threshold: float = SIZE_THRESHOLD,
+    threshold: float = WEIGHT_THRESHOLD,
     per_class_threshold: float = PER_CLASS_THRESHOLD,
 ) -> ExplanationSize:
     """All sizes from the (C, K) weights and the (N,) local sizes of the evaluated images."""

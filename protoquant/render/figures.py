@@ -13,8 +13,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from protoquant.explain import Explanation, TrainingPatch
-from protoquant.gallery import Gallery
+from protoquant.explain.types import Explanation, Gallery, TrainingPatch
 from protoquant.render.tiles import PNG_COMPRESSION, heatmap_overlay
 
 PANEL_INCHES = 2.2  # side of one image panel

@@ -11,8 +11,8 @@ from __future__ import annotations
 from html import escape
 from pathlib import Path
 
-from protoquant.explain import ClassExplanation, Explanation, PrototypeEvidence, Report
-from protoquant.gallery import WEIGHT_THRESHOLD, PatchRef
+from protoquant.config import WEIGHT_THRESHOLD
+from protoquant.explain.types import ClassExplanation, Explanation, PatchRef, PrototypeEvidence, Report
 from protoquant.render.figures import render_explanation, render_overview
 from protoquant.render.style import page
 from protoquant.render.summary import explanation_sizes, metrics_table, stat_cards

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from html import escape
 
-from protoquant.explain import Report
-from protoquant.gallery import WEIGHT_THRESHOLD
+from protoquant.config import WEIGHT_THRESHOLD
+from protoquant.explain.types import Report
 
 STAGES = (  # metrics.json sections with val/test accuracy, in pipeline order
     ("linear_probe", "linear probe (reference, not interpretable)"),

@@ -11,7 +11,7 @@ import numpy as np
 from matplotlib import colormaps
 from PIL import Image, ImageDraw
 
-from protoquant.explain import PrototypeEvidence, TrainingPatch
+from protoquant.explain.types import PrototypeEvidence, TrainingPatch
 
 COLORMAP = "turbo"  # heatmap colours, low -> high
 HEATMAP_ALPHA = (0.15, 0.65)  # overlay opacity where the map is lowest / highest

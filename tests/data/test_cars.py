@@ -108,4 +108,4 @@ def test_box_outside_the_image_is_an_error_in_crop_mode(cars_root: Path) -> None
 def test_ready_made_configs_load(backbone: str, name: str) -> None:
     config = load_yaml(Path(__file__).parents[2] / "configs" / f"cars_{backbone}.yaml")
     assert config.data.dataset == "cars" and config.backbone.name == name
-    assert config.codebook.num_codes == 4096 and config.head.temperature == 0.1
+    assert config.codebook.num_prototypes == 4096 and config.head.temperature == 0.1

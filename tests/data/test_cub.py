@@ -169,4 +169,4 @@ def test_unreadable_or_missing_image_is_named(cub_root: Path) -> None:
 def test_ready_made_configs_load(backbone: str, name: str) -> None:
     config = load_yaml(Path(__file__).parents[2] / "configs" / f"cub_{backbone}.yaml")
     assert config.data.dataset == "cub" and config.backbone.name == name
-    assert config.codebook.num_codes == 4096 and config.head.temperature == 0.1
+    assert config.codebook.num_prototypes == 4096 and config.head.temperature == 0.1

@@ -119,4 +119,4 @@ def test_unknown_val_class_folder_is_an_error(tmp_path: Path) -> None:
 def test_ready_made_configs_load(backbone: str, name: str) -> None:
     config = load_yaml(Path(__file__).parents[2] / "configs" / f"imagenet_{backbone}.yaml")
     assert config.data.dataset == "imagenet" and config.backbone.name == name
-    assert config.codebook.num_codes == 2048 and config.head.temperature == 0.1
+    assert config.codebook.num_prototypes == 2048 and config.head.temperature == 0.1

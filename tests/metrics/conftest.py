@@ -25,7 +25,7 @@ def tiny_metrics_run(tmp_path_factory) -> RunResult:
         cache=CacheConfig(root=str(root / "cache"), train_views=1),
         backbone=BackboneConfig(name="timm/test_convnext", weights="none", image_size=64),
         data=DataConfig(synthetic_classes=3, synthetic_train_per_class=6, synthetic_test_per_class=3),
-        codebook=CodebookConfig(num_codes=8, epochs=2, kmeans_patches=500),
+        codebook=CodebookConfig(num_prototypes=8, epochs=2, kmeans_patches=500),
         probe=ProbeConfig(epochs=5),
         head=HeadConfig(epochs=5),
         device="cpu",

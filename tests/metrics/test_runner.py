@@ -6,7 +6,6 @@ from dataclasses import replace
 import pytest
 import torch
 
-from protoquant.baseline import PipNetStyleHead, baseline_model, train_baseline_head
 from protoquant.cli import main
 from protoquant.metrics import (
     METRICS,
@@ -17,6 +16,7 @@ from protoquant.metrics import (
     get_metric,
 )
 from protoquant.metrics.common import class_prototypes
+from protoquant.train.baseline import PipNetStyleHead, baseline_model, train_baseline_head
 
 FAST = MetricSettings(misalignment_images=3, attack_iterations=2, funnybirds_images=4, batch_size=4)
 

@@ -22,8 +22,8 @@ from urllib.parse import unquote, urlparse
 import pytest
 import torch
 
-from protoquant.explain import build_report
-from protoquant.gallery import build_gallery
+from protoquant.explain.explanation import build_report
+from protoquant.explain.gallery import build_gallery
 from protoquant.render import write_report
 
 CHROMIUM = Path("/usr/bin/chromium")

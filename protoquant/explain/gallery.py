@@ -1,0 +1,226 @@
+"""The prototype gallery: each prototype's nearest training patches, computed from the feature cache.
+
+For every prototype k: the top-T training images by the cosine similarity of their most
+similar patch (at most one patch per image), which cell that patch is, how many training
+patches have k as their nearest prototype (usage), and the class weights w[:, k]. It is
+stored beside the checkpoint as `gallery.safetensors` + `gallery.json`, and it records the
+data config, seed and cache folder its image indices refer to, so the training images can
+be loaded back later with `load_splits(data, seed).train`. Building reads cached features; the
+backbone runs only where `ensure_gallery` finds no training cache and has to build it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from protoquant.cache.build import build_cache
+from protoquant.cache.view import CacheView
+from protoquant.config import DataConfig, from_dict, to_dict
+from protoquant.data import ImageDataset, load_splits
+from protoquant.explain.types import Gallery, GallerySource
+from protoquant.head import cosine_similarity_map
+
+if TYPE_CHECKING:  # the model calls into this module, so its type is imported for hints only
+    from protoquant.model import ProtoQuant
+
+logger = logging.getLogger(__name__)
+
+GALLERY_FORMAT = 1
+GALLERY_TENSORS, GALLERY_META = "gallery.safetensors", "gallery.json"
+TENSOR_FIELDS = ("similarity", "entry", "image", "cell", "usage", "class_weights")  # in gallery.safetensors
+TOP_K = 5  # training images kept per prototype
+
+
+def model_hash(model: ProtoQuant) -> str:
+    """sha256 over the codebook and the effective class weights."""
+    digest = hashlib.sha256()
+    for tensor in (model.head.codebook, model.head.class_weights):
+        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+@torch.no_grad()
+def _scan(
+    codebook: torch.Tensor, train: CacheView, top_k: int, batch_size: int, device: torch.device
+) -> tuple[torch.Tensor, ...]:
+    """One pass over the cache: top-T (similarity, entry, cell) per prototype, and usage."""
+    num_prototypes = codebook.shape[0]
+    codebook = codebook.to(device)
+    best = torch.empty(num_prototypes, 0)
+    best_entry = torch.empty(num_prototypes, 0, dtype=torch.long)
+    best_cell = torch.empty(num_prototypes, 0, dtype=torch.long)
+    usage = torch.zeros(num_prototypes, dtype=torch.long)
+    position = 0
+    for features, _ in train.store.batches(train.entries, batch_size):
+        similarity = cosine_similarity_map(features.to(device), codebook).flatten(2).cpu()  # (B, K, H*W)
+        usage += torch.bincount(similarity.argmax(dim=1).flatten(), minlength=num_prototypes)
+        value, cell = similarity.max(dim=2)  # (B, K): each image's best patch for each prototype
+        entries = torch.from_numpy(train.entries[position : position + len(value)]).long()
+        position += len(value)
+        best = torch.cat([best, value.t()], dim=1)  # (K, T + B)
+        best_entry = torch.cat([best_entry, entries[None].expand(num_prototypes, -1)], dim=1)
+        best_cell = torch.cat([best_cell, cell.t()], dim=1)
+        best, order = best.topk(min(top_k, best.shape[1]), dim=1)  # (K, T)
+        best_entry, best_cell = best_entry.gather(1, order), best_cell.gather(1, order)
+    return best, best_entry, best_cell, usage
+
+
+def build_gallery(
+    model: ProtoQuant,
+    train: CacheView,
+    *,
+    top_k: int = TOP_K,
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
+) -> Gallery:
+    """Search the cached training features for each prototype's nearest patches (no backbone run).
+
+    Args:
+        train: cache entries of the training split of `model.config.data`; only view 0 of each
+            image is used, so every patch is one a person can be shown.
+    """
+    if top_k < 1:
+        raise ValueError(f"gallery top_k must be >= 1, got {top_k}")
+    store = train.store
+    plain = train.entries[store.view_index[train.entries] == 0]
+    if len(plain) == 0:
+        raise ValueError(f"{store.folder}: the subset holds no view-0 entries to build a gallery from")
+    pool = model.config.cache.grid_pool
+    grid = tuple(-(-side // pool) for side in model.backbone.info.grid)  # as the cache pooled it
+    if tuple(store.grid) != grid:
+        raise ValueError(f"{store.folder}: cache grid {store.grid} differs from the model's {grid}")
+    key = store.manifest["key"]
+    similarity, entry, cell, usage = _scan(
+        model.head.codebook, CacheView(store, plain), top_k, batch_size, torch.device(device)
+    )
+    source = GallerySource(
+        to_dict(model.config.data),
+        model.config.seed,
+        str(store.folder),
+        key["dataset_fingerprint"],
+        int(key["num_images"]),
+        json.loads(json.dumps(asdict(model.transform))),  # tuples as lists, as after a reload
+    )
+    return Gallery(
+        similarity.float(),
+        entry,
+        torch.from_numpy(store.image_index)[entry],
+        cell,
+        usage,
+        model.head.class_weights.detach().float().cpu(),
+        model.classes,
+        tuple(store.grid),
+        model.config.backbone.image_size,
+        model_hash(model),
+        source,
+    )
+
+
+def save_gallery(gallery: Gallery, checkpoint: str | Path) -> Path:
+    """Write `gallery.safetensors` and `gallery.json` into the checkpoint folder, each atomically."""
+    folder = Path(checkpoint)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"checkpoint folder {folder} does not exist")
+    tensors = {name: getattr(gallery, name).contiguous() for name in TENSOR_FIELDS}
+    tmp = folder / f".{GALLERY_TENSORS}.tmp-{os.getpid()}"
+    save_file(tensors, str(tmp))
+    tensor_hash = hashlib.sha256(tmp.read_bytes()).hexdigest()
+    os.replace(tmp, folder / GALLERY_TENSORS)
+    meta = {
+        "format": GALLERY_FORMAT,
+        "classes": list(gallery.classes),
+        "grid": list(gallery.grid),
+        "image_size": gallery.image_size,
+        "model_hash": gallery.model_hash,
+        "tensors_sha256": tensor_hash,
+        "source": asdict(gallery.source),
+    }
+    tmp = folder / f".{GALLERY_META}.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(meta, indent=2))
+    os.replace(tmp, folder / GALLERY_META)
+    return folder / GALLERY_META
+
+
+def has_gallery(checkpoint: str | Path) -> bool:
+    return (Path(checkpoint) / GALLERY_META).is_file() and (Path(checkpoint) / GALLERY_TENSORS).is_file()
+
+
+def load_gallery(checkpoint: str | Path, *, model: ProtoQuant | None = None) -> Gallery:
+    """Read the gallery stored in a checkpoint folder; with `model`, check it belongs to that model."""
+    folder = Path(checkpoint)
+    if not has_gallery(folder):
+        raise FileNotFoundError(
+            f"{folder} holds no prototype gallery ({GALLERY_META}, {GALLERY_TENSORS}); "
+            "build it with `protoquant gallery --model CHECKPOINT`"
+        )
+    meta = json.loads((folder / GALLERY_META).read_text())
+    if meta.get("format") != GALLERY_FORMAT:
+        raise ValueError(
+            f"{folder / GALLERY_META}: gallery format {meta.get('format')}, expected {GALLERY_FORMAT}"
+        )
+    data = (folder / GALLERY_TENSORS).read_bytes()
+    if hashlib.sha256(data).hexdigest() != meta["tensors_sha256"]:
+        raise ValueError(f"{folder / GALLERY_TENSORS} does not match {GALLERY_META}; rebuild the gallery")
+    tensors = load_file(str(folder / GALLERY_TENSORS))
+    gallery = Gallery(
+        **{name: tensors[name] for name in TENSOR_FIELDS},
+        classes=tuple(meta["classes"]),
+        grid=tuple(meta["grid"]),
+        image_size=int(meta["image_size"]),
+        model_hash=meta["model_hash"],
+        source=GallerySource(**meta["source"]),
+    )
+    if model is not None:
+        gallery.check(model_hash(model))
+    return gallery
+
+
+def training_images(gallery: Gallery) -> ImageDataset:
+    """The training split the gallery's image indices refer to, checked against its fingerprint."""
+    source = gallery.source
+    train = load_splits(from_dict(DataConfig, source.data), source.seed).train
+    if len(train) != source.num_images or train.fingerprint() != source.dataset_fingerprint:
+        raise ValueError(
+            f"the training split of dataset '{source.data.get('dataset')}' (root '{source.data.get('root')}') "
+            f"no longer matches the one the gallery was built from (cache {source.cache})"
+        )
+    return train
+
+
+def training_subset(model: ProtoQuant, device: str | torch.device = "cpu") -> CacheView:
+    """View 0 of every training image in the model's feature cache (read back; built only if missing)."""
+    config = model.config
+    train = load_splits(config.data, config.seed).train
+    transform = model.transform  # the training cache's transform (view 0 = evaluation view)
+    store = build_cache(
+        train, model.backbone, transform, views=config.cache.train_views, config=config.cache, device=device
+    )
+    return CacheView(store, store.entries(first_view_only=True))
+
+
+def ensure_gallery(
+    model: ProtoQuant,
+    checkpoint: str | Path,
+    *,
+    top_k: int = TOP_K,
+    rebuild: bool = False,
+    device: str | torch.device = "cpu",
+) -> Gallery:
+    """The checkpoint's gallery; built from the training cache and saved when missing, stale or `rebuild`."""
+    if has_gallery(checkpoint) and not rebuild:
+        gallery = load_gallery(checkpoint)
+        if gallery.model_hash == model_hash(model):
+            return gallery
+        logger.warning("%s: the stored gallery belongs to another model; rebuilding it", checkpoint)
+    gallery = build_gallery(model, training_subset(model, device), top_k=top_k, device=device)
+    save_gallery(gallery, checkpoint)
+    return gallery

@@ -1,0 +1,186 @@
+"""Stage 1: the codebook by vector quantization through the frozen probe.
+
+Only the prototypes train: cross-entropy of the frozen probe on the quantized map plus the
+commitment MSE. k-means on sampled training patches initialises them by default.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from protoquant import distributed
+from protoquant.cache.augment import feature_cutmix
+from protoquant.cache.view import CacheView
+from protoquant.codebook import VectorQuantizer, kmeans_init, nearest_prototypes, orthogonal_init, to_patches
+from protoquant.config import CodebookConfig
+from protoquant.train.common import reduced_accuracy, warmup_cosine, wrap_ddp
+
+logger = logging.getLogger(__name__)
+
+
+def sample_patches(subset: CacheView, count: int, generator: np.random.Generator) -> torch.Tensor:
+    """(count, D) random patch features from the subset (all if fewer exist)."""
+    cells = subset.store.grid[0] * subset.store.grid[1]
+    total = len(subset.entries) * cells
+    picks = np.sort(generator.choice(total, size=min(count, total), replace=False))
+    entry_pos, cell = np.divmod(picks, cells)
+    unique, inverse = np.unique(entry_pos, return_inverse=True)
+    features = to_patches(subset.store.get(subset.entries[unique]))  # (U*H*W, D)
+    return features[inverse * cells + cell]
+
+
+def init_codebook(train: CacheView, config: CodebookConfig, *, seed: int) -> torch.Tensor:
+    """(K, D) initial codes: k-means on sampled training patches (default) or orthogonal."""
+    generator = torch.Generator().manual_seed(seed)
+    if config.init == "orthogonal":
+        return orthogonal_init(config.num_prototypes, train.store.channels, generator)
+    if config.init != "kmeans":
+        raise ValueError(f"codebook.init must be 'kmeans' or 'orthogonal', got '{config.init}'")
+    patches = sample_patches(train, config.kmeans_patches, np.random.default_rng(seed))
+    return kmeans_init(patches, config.num_prototypes, config.kmeans_iters, generator)
+
+
+def quantized_logits(
+    quantizer: VectorQuantizer, probe: nn.Linear, features: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits of the frozen probe on the quantized map, and the quantized map (B, D, H, W)."""
+    quantized = quantizer(features).quantized
+    return probe(quantized.mean(dim=(2, 3))), quantized
+
+
+def evaluate_quantized(
+    quantizer: VectorQuantizer,
+    probe: nn.Linear,
+    subset: CacheView,
+    batch_size: int,
+    device: torch.device,
+    ctx: distributed.Context | None = None,
+) -> float:
+    """Accuracy of the frozen probe on quantized maps; each rank scores its share."""
+    quantizer.eval()
+    entries = distributed.shard_for_rank(subset.entries, ctx or distributed.context())
+    correct = 0
+    with torch.no_grad():
+        for features, labels in subset.store.batches(entries, batch_size):
+            logits, _ = quantized_logits(quantizer, probe, features.to(device))
+            correct += int((logits.argmax(1).cpu() == labels).sum())
+    return reduced_accuracy(correct, len(entries))
+
+
+def _reset_dead(
+    quantizer: VectorQuantizer, epoch_usage: torch.Tensor, train: CacheView, rng: np.random.Generator
+) -> int:
+    dead = torch.nonzero(epoch_usage == 0).flatten()
+    if len(dead):
+        fresh = sample_patches(train, len(dead), rng).to(quantizer.codebook.device)
+        with torch.no_grad():
+            quantizer.codebook[dead] = fresh[: len(dead)]
+    return int(len(dead))
+
+
+class Stage1Loss(nn.Module):
+    """Cross-entropy of the frozen probe on the quantized map + commitment MSE; only codes train."""
+
+    def __init__(self, quantizer: VectorQuantizer, probe: nn.Linear, commitment_weight: float) -> None:
+        super().__init__()
+        self.quantizer, self.probe, self.commitment_weight = quantizer, probe, commitment_weight
+
+    def forward(
+        self,
+        features: torch.Tensor,
+        labels: torch.Tensor,
+        partner: torch.Tensor | None = None,
+        keep: float = 1.0,
+    ) -> torch.Tensor:
+        logits, quantized = quantized_logits(self.quantizer, self.probe, features)
+        ce = F.cross_entropy(logits, labels)
+        if partner is not None:  # CutMix: labels weighted by the share of own cells
+            ce = keep * ce + (1 - keep) * F.cross_entropy(logits, labels[partner])
+        return ce + self.commitment_weight * F.mse_loss(quantized, features)
+
+
+def _stage1_step(
+    loss_fn: nn.Module,
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    config: CodebookConfig,
+    rng: np.random.Generator,
+) -> torch.Tensor:
+    if config.cutmix_prob and rng.uniform() < config.cutmix_prob:
+        mix = feature_cutmix(features, rng)
+        return loss_fn(mix.features, labels, mix.partner, mix.keep)
+    return loss_fn(features, labels)
+
+
+def train_codebook(
+    train: CacheView,
+    val: CacheView,
+    probe: nn.Linear,
+    config: CodebookConfig,
+    *,
+    seed: int,
+    device: torch.device,
+    ctx: distributed.Context | None = None,
+) -> tuple[VectorQuantizer, list[dict]]:
+    """Stage 1: learn K codes so the frozen probe still classifies the quantized maps.
+
+    Under torchrun the codes train with DDP; every rank sees its share of each epoch's
+    shuffled entries, and usage counts are summed over ranks (so dead-code resets,
+    drawn from a shared seed, are identical everywhere). Returns the best-on-validation
+    codebook and a per-epoch history.
+    """
+    ctx = ctx or distributed.context()
+    quantizer = VectorQuantizer(init_codebook(train, config, seed=seed)).to(device)
+    loss_fn = wrap_ddp(Stage1Loss(quantizer, probe, config.commitment_weight), device, ctx)
+    optimizer = torch.optim.Adam(quantizer.parameters(), lr=config.lr)
+    steps_per_epoch = len(distributed.rank_batches(train.entries, config.batch_size, seed, 0, ctx))
+    total, warmup = config.epochs * steps_per_epoch, int(config.warmup_epochs * steps_per_epoch)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, total, warmup))
+    shared_rng, local_rng = np.random.default_rng(seed), np.random.default_rng((seed, ctx.rank))
+    history, best = [], (-1.0, None)
+    for epoch in tqdm(range(config.epochs), desc="stage 1: quantizer", leave=False, disable=not ctx.is_main):
+        quantizer.train()
+        usage_before = quantizer.usage.clone()
+        for entries in distributed.rank_batches(train.entries, config.batch_size, seed, epoch, ctx):
+            features, labels = train.store.get(entries), torch.from_numpy(train.store.labels[entries])
+            loss = _stage1_step(loss_fn, features.to(device), labels.to(device), config, local_rng)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+        epoch_usage = distributed.all_reduce_sum(quantizer.usage - usage_before)
+        quantizer.usage.copy_(usage_before + epoch_usage)
+        dead = int((epoch_usage == 0).sum())
+        if config.reset_dead_prototypes:
+            _reset_dead(quantizer, epoch_usage, train, shared_rng)
+        val_acc = evaluate_quantized(quantizer, probe, val, config.batch_size, device, ctx)
+        history.append({"epoch": epoch, "loss": loss.item(), "dead_codes": dead, "val_accuracy": val_acc})
+        logger.info("stage 1 epoch %d: loss %.4f dead %d val %.4f", epoch, loss.item(), dead, val_acc)
+        if val_acc > best[0]:
+            best = (val_acc, copy.deepcopy(quantizer.state_dict()))
+    quantizer.load_state_dict(best[1])
+    quantizer.requires_grad_(False).eval()
+    return quantizer, history
+
+
+def prototype_usage(
+    codes: torch.Tensor,
+    subset: CacheView,
+    batch_size: int,
+    device: torch.device,
+    ctx: distributed.Context | None = None,
+) -> torch.Tensor:
+    """(K,) number of patches of the subset whose nearest code is k (summed over ranks)."""
+    entries = distributed.shard_for_rank(subset.entries, ctx or distributed.context())
+    counts = torch.zeros(codes.shape[0], dtype=torch.float64)
+    for features, _ in subset.store.batches(entries, batch_size):
+        indices = nearest_prototypes(to_patches(features.to(device)), codes.to(device))
+        counts += torch.bincount(indices.cpu(), minlength=codes.shape[0])
+    return distributed.all_reduce_sum(counts).float()
