@@ -51,11 +51,11 @@ def cosine_similarity_map(features: torch.Tensor, codebook: torch.Tensor) -> tor
     return similarity_to_unit_codes(features, F.normalize(codebook, dim=1))
 
 
-def similarity_to_unit_codes(features: torch.Tensor, unit_codes: torch.Tensor) -> torch.Tensor:
+def similarity_to_unit_codes(features: torch.Tensor, unit_prototypes: torch.Tensor) -> torch.Tensor:
     """cosine_similarity_map for prototypes already normalised to unit length, (K, D)."""
     batch, channels, height, width = features.shape
     patches = features.permute(0, 2, 3, 1).reshape(batch, height * width, channels)  # (B, HW, D)
-    similarity = F.normalize(patches, dim=2) @ unit_codes.t()  # (B, HW, K)
+    similarity = F.normalize(patches, dim=2) @ unit_prototypes.t()  # (B, HW, K)
     return similarity.view(batch, height, width, -1).permute(0, 3, 1, 2)  # (B, K, H, W)
 
 
@@ -122,7 +122,7 @@ class ProtoQuantHead(nn.Module):
         )  # (K, D), frozen: a buffer, never a parameter
         self.register_buffer(
             "usage", torch.zeros(codebook.shape[0])
-        )  # (K,) training patches assigned to each code
+        )  # (K,) training patches assigned to each prototype
         self.temperature = float(temperature)
         self.class_layer = NonNegativeLinear(
             codebook.shape[0], num_classes, init_mean=init_mean, init_std=init_std
@@ -138,16 +138,16 @@ class ProtoQuantHead(nn.Module):
         return self.class_layer.effective_weight
 
     @property
-    def unit_codes(self) -> torch.Tensor:
+    def unit_prototypes(self) -> torch.Tensor:
         """(K, D) prototypes normalised to unit length (computed once while the codebook is unchanged)."""
-        return memoised(self, "unit_codes", (self.codebook,), lambda: F.normalize(self.codebook, dim=1))
+        return memoised(self, "unit_prototypes", (self.codebook,), lambda: F.normalize(self.codebook, dim=1))
 
     def scores(self, features: torch.Tensor) -> torch.Tensor:
         """(B, K) pooled prototype presence for features (B, D, H, W)."""
-        return presence_scores(similarity_to_unit_codes(features, self.unit_codes), self.temperature)[1]
+        return presence_scores(similarity_to_unit_codes(features, self.unit_prototypes), self.temperature)[1]
 
     def forward(self, features: torch.Tensor) -> HeadOutput:
-        similarity = similarity_to_unit_codes(features, self.unit_codes)
+        similarity = similarity_to_unit_codes(features, self.unit_prototypes)
         activation, scores = presence_scores(similarity, self.temperature)
         return HeadOutput(self.class_layer(scores), scores, similarity, activation)
 

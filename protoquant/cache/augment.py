@@ -1,7 +1,7 @@
 """Feature-space augmentation for training from the cache.
 
 CutMix on feature maps pastes a rectangle of cells from another map of the batch, so
-every location still holds a real patch feature (codes learned on it stay grounded).
+every location still holds a real patch feature (prototypes learned on it stay grounded).
 Mixup (blending features) and grid flips are not offered: blended features are not
 real patches, and a flip changes nothing for heads that pool over all locations.
 """

@@ -1,6 +1,6 @@
 """Where each prototype lives among real training patches.
 
-For every code: the cosine similarity to its nearest cached training patch, and which
+For every prototype: the cosine similarity to its nearest cached training patch, and which
 entry and cell that patch is. Computed in batches straight from the feature cache.
 """
 
@@ -16,17 +16,17 @@ from protoquant.cache.view import CacheView
 
 @dataclass(frozen=True)
 class NearestPatches:
-    cosine: torch.Tensor  # (K,) similarity of each code to its nearest training patch
+    cosine: torch.Tensor  # (K,) similarity of each prototype to its nearest training patch
     entry: torch.Tensor  # (K,) cache entry holding that patch
     cell: torch.Tensor  # (K,) flat cell index h * W + w of that patch
 
 
 def nearest_patches(
-    codes: torch.Tensor, subset: CacheView, batch_size: int, device: torch.device
+    codebook: torch.Tensor, subset: CacheView, batch_size: int, device: torch.device
 ) -> NearestPatches:
-    """Nearest training patch (cosine) of every code, over every entry of `subset`."""
-    unit_codes = F.normalize(codes.to(device), dim=1)  # (K, D)
-    num_prototypes = codes.shape[0]
+    """Nearest training patch (cosine) of every prototype, over every entry of `subset`."""
+    unit_prototypes = F.normalize(codebook.to(device), dim=1)  # (K, D)
+    num_prototypes = codebook.shape[0]
     best = torch.full((num_prototypes,), -2.0)
     best_entry = torch.zeros(num_prototypes, dtype=torch.long)
     best_cell = torch.zeros(num_prototypes, dtype=torch.long)
@@ -36,7 +36,7 @@ def nearest_patches(
             batch, dim, height, width = features.shape
             patches = F.normalize(features.to(device), dim=1).flatten(2)  # (B, D, H*W)
             sims = (
-                torch.einsum("kd,bdn->kbn", unit_codes, patches).reshape(num_prototypes, -1).cpu()
+                torch.einsum("kd,bdn->kbn", unit_prototypes, patches).reshape(num_prototypes, -1).cpu()
             )  # (K, B*H*W)
             value, flat = sims.max(dim=1)
             better = value > best
@@ -48,20 +48,20 @@ def nearest_patches(
     return NearestPatches(best, best_entry, best_cell)
 
 
-SNAP_CHUNK = 256  # codes whose patches are gathered at once
+SNAP_CHUNK = 256  # prototypes whose patches are gathered at once
 
 
 def snap_to_patches(
-    codes: torch.Tensor, subset: CacheView, batch_size: int, device: torch.device
+    codebook: torch.Tensor, subset: CacheView, batch_size: int, device: torch.device
 ) -> torch.Tensor:
-    """(K, D) codes replaced by their nearest training patch features: exact grounding."""
-    nearest = nearest_patches(codes, subset, batch_size, device)
+    """(K, D) codebook with every prototype replaced by its nearest training patch feature: exact grounding."""
+    nearest = nearest_patches(codebook, subset, batch_size, device)
     width = subset.store.grid[1]
     snapped = []
-    for start in range(0, len(codes), SNAP_CHUNK):
+    for start in range(0, len(codebook), SNAP_CHUNK):
         entry = nearest.entry[start : start + SNAP_CHUNK].numpy()
         cell = nearest.cell[start : start + SNAP_CHUNK]
         maps = subset.store.get(entry)  # (k, D, H, W)
         rows, cols = cell // width, cell % width
         snapped.append(maps[torch.arange(len(entry)), :, rows, cols])  # (k, D)
-    return torch.cat(snapped).to(codes)
+    return torch.cat(snapped).to(codebook)

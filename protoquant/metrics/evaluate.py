@@ -160,9 +160,11 @@ def drift_between(model_a: ProtoQuant, model_b: ProtoQuant, train: CacheView, ba
     if model_a.backbone.info.weights_hash != model_b.backbone.info.weights_hash:
         raise ValueError("drift compares checkpoints on one backbone; the weights hashes differ")
     device = model_a.head.class_layer.weight.device
-    codes = [m.head.codebook.detach().cpu() for m in (model_a, model_b)]
-    nearest = [nearest_patches(c, train, batch_size, device) for c in codes]
-    return grounding_metrics.drift(codes[0], codes[1], *((n.entry.numpy(), n.cell.numpy()) for n in nearest))
+    codebooks = [m.head.codebook.detach().cpu() for m in (model_a, model_b)]
+    nearest = [nearest_patches(c, train, batch_size, device) for c in codebooks]
+    return grounding_metrics.drift(
+        codebooks[0], codebooks[1], *((n.entry.numpy(), n.cell.numpy()) for n in nearest)
+    )
 
 
 def write_report(report: dict, out: str | Path) -> list[Path]:
