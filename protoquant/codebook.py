@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from protoquant import progress
+
 ASSIGN_CHUNK = 16_384  # patches per chunk when assigning large sets (bounds memory)
 
 
@@ -91,7 +93,7 @@ def kmeans_init(
     if len(patches) < num_prototypes:
         raise ValueError(f"k-means needs at least K={num_prototypes} patches, got {len(patches)}")
     centroids = patches[torch.randperm(len(patches), generator=generator)[:num_prototypes]].clone()
-    for _ in range(iters):
+    for _ in progress.bar(range(iters), desc=f"k-means init (K={num_prototypes})", unit="iter"):
         assignment = nearest_prototypes(patches, centroids)  # (N,)
         counts = torch.bincount(assignment, minlength=num_prototypes).to(patches.dtype)  # (K,)
         sums = torch.zeros_like(centroids).index_add_(0, assignment, patches)  # (K, D)

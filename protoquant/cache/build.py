@@ -22,15 +22,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
 
-from protoquant import distributed
+from protoquant import distributed, progress
 from protoquant.backbones.frozen import FrozenBackbone
+from protoquant.cache.shards import ShardWriter, atomic_write_bytes, shard_paths
+from protoquant.cache.store import FeatureStore
 from protoquant.config import CacheConfig
 from protoquant.data.base import ImageDataset, stable_hash
 from protoquant.data.transforms import ViewTransform
-from protoquant.cache.store import FeatureStore
-from protoquant.cache.shards import ShardWriter, atomic_write_bytes, shard_paths
 
 logger = logging.getLogger(__name__)
 
@@ -170,6 +169,7 @@ class _Assembler:
         if event is not None:
             event.synchronize()
         self.chunks.append((features.numpy(), pooled.numpy()))
+        self.progress.update(len(features))  # per batch, once its features are on the host
         shard = self.remaining[0]
         count = self.counts[shard]
         if sum(len(f) for f, _ in self.chunks) == count:
@@ -178,7 +178,6 @@ class _Assembler:
             features = np.concatenate([f for f, _ in self.chunks])
             pooled = np.concatenate([p for _, p in self.chunks])
             self.writer.submit(self.plan.folder, shard, features, pooled, record)
-            self.progress.update(count)
             self.chunks, self.remaining = [], self.remaining[1:]
 
 
@@ -215,11 +214,11 @@ def _compute_shards(
     entries = sum(len(b) for b in batches)
     workers = loader_workers(config, entries)
     desc = f"caching {views.dataset.name}/{views.dataset.split}"
-    progress = tqdm(total=entries, desc=desc, unit="view", disable=not ctx.is_main)
+    bar = progress.bar(total=entries, desc=desc, unit="img")  # one view = one image through the backbone
     # One DataLoader for every shard this process computes, so workers stay alive and busy.
     loader = DataLoader(views, batch_sampler=batches, num_workers=workers, pin_memory=device.type == "cuda")
     writer = ShardWriter()
-    assembler = _Assembler(plan, todo, writer, ctx, progress)
+    assembler = _Assembler(plan, todo, writer, ctx, bar)
     pending = None
     try:
         with torch.inference_mode():
@@ -234,7 +233,7 @@ def _compute_shards(
                 assembler.add(*pending)
         finally:
             writer.close()
-            progress.close()
+            bar.close()
 
 
 def build_cache(

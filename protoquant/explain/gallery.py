@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 import torch
 from safetensors.torch import load_file, save_file
 
+from protoquant import progress
 from protoquant.cache.build import build_cache
 from protoquant.cache.view import CacheView
 from protoquant.config import DataConfig, from_dict, to_dict
@@ -60,7 +61,9 @@ def _scan(
     best_cell = torch.empty(num_prototypes, 0, dtype=torch.long)
     usage = torch.zeros(num_prototypes, dtype=torch.long)
     position = 0
-    for features, _ in train.store.batches(train.entries, batch_size):
+    batches = train.store.batches(train.entries, batch_size)
+    steps = -(-len(train.entries) // batch_size)
+    for features, _ in progress.bar(batches, total=steps, desc="gallery: nearest patches", unit="batch"):
         similarity = cosine_similarity_map(features.to(device), codebook).flatten(2).cpu()  # (B, K, H*W)
         usage += torch.bincount(similarity.argmax(dim=1).flatten(), minlength=num_prototypes)
         value, cell = similarity.max(dim=2)  # (B, K): each image's best patch for each prototype

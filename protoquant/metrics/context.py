@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from protoquant import progress
 from protoquant.cache.build import FeatureStore, build_cache
 from protoquant.cache.view import CacheView
 from protoquant.data.base import ImageDataset
@@ -91,7 +92,8 @@ class EvalContext:
         """Yield (image indices (B,), head output) over the cached split, no gradients."""
         entries = self.store.entries(first_view_only=True) if entries is None else entries
         head = self.model.head
-        for start in range(0, len(entries), self.settings.batch_size):
+        starts = range(0, len(entries), self.settings.batch_size)
+        for start in progress.bar(starts, desc="metrics: head outputs", unit="batch"):
             chunk = entries[start : start + self.settings.batch_size]
             with torch.no_grad():
                 out = head(self.store.get(chunk).to(self.device))

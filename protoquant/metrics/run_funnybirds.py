@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
+from protoquant import progress
 from protoquant.data.base import ImageDataset, SubsetDataset
 from protoquant.data.synthetic import minimal_sufficient_sets
 from protoquant.metrics import funnybirds as fb
@@ -259,7 +259,7 @@ def run_funnybirds(ctx: EvalContext) -> MetricResult:
     count = min(ctx.settings.funnybirds_images or len(ctx.dataset), len(ctx.dataset))
     entries = ctx.store.entries(first_view_only=True)[:count]
     tally = _Tally()
-    for start in tqdm(range(0, count, IMAGES_PER_CHUNK), desc="funnybirds", leave=False):
+    for start in progress.bar(range(0, count, IMAGES_PER_CHUNK), desc="metrics: funnybirds", unit="chunk"):
         for indices, out in ctx.head_batches(entries[start : start + IMAGES_PER_CHUNK]):
             images = [_load(ctx, int(i), out, row) for row, i in enumerate(indices)]
             plans = [_plan(ctx, image, base, thresholds) for image in images]

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
+from protoquant import progress
 from protoquant.metrics import misalignment as mis
 from protoquant.metrics.common import class_prototypes
 from protoquant.metrics.context import EvalContext
@@ -103,7 +103,9 @@ def run_misalignment(ctx: EvalContext) -> MetricResult:
     indices = np.arange(min(count, len(ctx.dataset)))
     generator = torch.Generator().manual_seed(settings.seed)
     records = []
-    for start in tqdm(range(0, len(indices), settings.batch_size), desc="misalignment", leave=False):
+    for start in progress.bar(
+        range(0, len(indices), settings.batch_size), desc="metrics: misalignment", unit="batch"
+    ):
         records += _attack_batch(ctx, indices[start : start + settings.batch_size], slots, generator)
     column = lambda key: np.array([r[key] for r in records], dtype=float)  # noqa: E731
     summary = mis.summarise(

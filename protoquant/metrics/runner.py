@@ -9,6 +9,7 @@ from dataclasses import asdict
 
 import torch
 
+from protoquant import progress
 from protoquant.cache.build import FeatureStore
 from protoquant.cache.view import CacheView
 from protoquant.data.base import ImageDataset, SubsetDataset
@@ -141,7 +142,9 @@ def evaluate_metrics(
     ctx = EvalContext(model, dataset, settings, device, store, _train_subset(model, train, device), memo)
     timing["train_cache"] = time.perf_counter() - start
     report: dict = {"protocol": _protocol(model, dataset, settings), "rows": {}}
-    for name in names:
+    bar = progress.bar(names, desc="metrics", unit="metric")
+    for name in bar:
+        bar.set_postfix(metric=name)  # the one running now
         start = time.perf_counter()
         result = METRICS[name](ctx)
         timing[name] = time.perf_counter() - start

@@ -11,6 +11,7 @@ from __future__ import annotations
 from html import escape
 from pathlib import Path
 
+from protoquant import progress
 from protoquant.config import WEIGHT_THRESHOLD
 from protoquant.explain.types import ClassExplanation, Explanation, PatchRef, PrototypeEvidence, Report
 from protoquant.render.figures import render_explanation, render_overview
@@ -163,7 +164,9 @@ def _save(out: Path, name: str, image) -> str:
 def _index(report: Report, out: Path, srcs) -> str:
     cards = "".join(
         _explanation_card(i, name, explanation, report, out, srcs)
-        for i, (name, explanation) in enumerate(report.explanations)
+        for i, (name, explanation) in enumerate(
+            progress.bar(report.explanations, desc="report: explanations", unit="image")
+        )
     )
     intro = (
         f"<h1>{escape(report.title)}</h1><p class=lead>For each image: the predicted class, the prototypes "
@@ -220,7 +223,7 @@ def write_report(report: Report, out: str | Path) -> Path:
     (out / "img").mkdir(parents=True, exist_ok=True)
     srcs = {
         key: _save(out, f"patch-{key[0]}-{key[1]}.png", patch_tile(patch, PATCH_TILE))
-        for key, patch in report.patches.items()
+        for key, patch in progress.bar(report.patches.items(), desc="report: patch images", unit="img")
     }
     pages = {
         "index.html": _index(report, out, srcs),

@@ -13,9 +13,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
-from protoquant import distributed
+from protoquant import distributed, progress
 from protoquant.cache.augment import feature_cutmix
 from protoquant.cache.view import CacheView
 from protoquant.codebook import VectorQuantizer, kmeans_init, nearest_prototypes, orthogonal_init, to_patches
@@ -145,7 +144,8 @@ def train_codebook(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, total, warmup))
     shared_rng, local_rng = np.random.default_rng(seed), np.random.default_rng((seed, ctx.rank))
     history, best = [], (-1.0, None)
-    for epoch in tqdm(range(config.epochs), desc="stage 1: quantizer", leave=False, disable=not ctx.is_main):
+    epochs = progress.bar(range(config.epochs), desc="stage 1: quantizer", unit="epoch")
+    for epoch in epochs:
         quantizer.train()
         usage_before = quantizer.usage.clone()
         for entries in distributed.rank_batches(train.entries, config.batch_size, seed, epoch, ctx):
@@ -163,6 +163,7 @@ def train_codebook(
         val_acc = evaluate_quantized(quantizer, probe, val, config.batch_size, device, ctx)
         history.append({"epoch": epoch, "loss": loss.item(), "dead_codes": dead, "val_accuracy": val_acc})
         logger.info("stage 1 epoch %d: loss %.4f dead %d val %.4f", epoch, loss.item(), dead, val_acc)
+        epochs.set_postfix(val=val_acc, dead=dead)
         if val_acc > best[0]:
             best = (val_acc, copy.deepcopy(quantizer.state_dict()))
     quantizer.load_state_dict(best[1])

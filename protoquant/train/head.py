@@ -13,9 +13,8 @@ import logging
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
-from protoquant import distributed
+from protoquant import distributed, progress
 from protoquant.cache.view import CacheView
 from protoquant.config import HeadConfig
 from protoquant.head import NonNegativeLinear, ProtoQuantHead
@@ -46,7 +45,9 @@ def compute_scores(
     """(N, K) pooled prototype presence of every entry in the subset (on the CPU, as `dtype`)."""
     out = []
     with torch.no_grad():
-        for features, _ in subset.store.batches(subset.entries, batch_size):
+        batches = subset.store.batches(subset.entries, batch_size)
+        steps = -(-len(subset.entries) // batch_size)
+        for features, _ in progress.bar(batches, total=steps, desc="prototype scores", unit="batch"):
             out.append(head.scores(features.to(device)).to("cpu", dtype))
     return torch.cat(out)
 
@@ -90,7 +91,8 @@ def fit_class_layer(
     model = wrap_ddp(layer, device, ctx)
     optimizer = torch.optim.Adam([layer.weight], lr=lr)
     best_acc, best_state = -1.0, None
-    for epoch in range(epochs):
+    bar = progress.bar(range(epochs), desc=f"stage 2: class layer lr={lr:g}", unit="epoch")
+    for epoch in bar:
         for rows in distributed.rank_batches(np.arange(len(y_train)), config.batch_size, seed, epoch, ctx):
             batch = torch.from_numpy(rows).to(device)
             loss = F.cross_entropy(model(x_train[batch].float()), y_train[batch])
@@ -102,6 +104,7 @@ def fit_class_layer(
         with torch.no_grad():
             correct = int((layer(x_val.float()).argmax(1) == y_val).sum())
         val_acc = reduced_accuracy(correct, len(y_val))
+        bar.set_postfix(val=val_acc)
         if val_acc > best_acc:
             best_acc, best_state = val_acc, copy.deepcopy(layer.state_dict())
     layer.load_state_dict(best_state)
@@ -137,17 +140,14 @@ def train_head(
         head = _new_head(codebook, usage, num_classes, config, temperature, seed).to(device)
         train_scores = (all_scores(head, train, config.batch_size, device, ctx, dtype), train.labels)
         val_scores = (compute_scores(head, val, config.batch_size, device, dtype), val.labels)
-        for lr in tqdm(
-            config.lr_grid or (config.lr,),
-            desc=f"stage 2: tau={temperature}",
-            leave=False,
-            disable=not ctx.is_main,
-        ):
+        grid = progress.bar(config.lr_grid or (config.lr,), desc=f"stage 2: tau={temperature:g}", unit="fit")
+        for lr in grid:
             candidate = _new_head(codebook, usage, num_classes, config, temperature, seed).to(device)
             fit = dict(lr=lr, epochs=config.epochs, config=config, seed=seed, ctx=ctx)
             val_acc = fit_class_layer(candidate.class_layer, train_scores, val_scores, **fit)
             trials.append({"temperature": temperature, "lr": lr, "val_accuracy": val_acc})
             logger.info("stage 2: tau %.3g lr %.3g -> val %.4f", temperature, lr, val_acc)
+            grid.set_postfix(lr=f"{lr:g}", val=val_acc)
             if best is None or val_acc > best[0]:
                 best = (val_acc, candidate, (train_scores, val_scores), fit)
     val_acc, head, (train_scores, val_scores), fit = best

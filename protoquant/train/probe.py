@@ -13,9 +13,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
-from protoquant import distributed
+from protoquant import distributed, progress
 from protoquant.cache.view import CacheView
 from protoquant.config import ProbeConfig
 from protoquant.train.common import reduced_accuracy, wrap_ddp
@@ -42,9 +41,8 @@ def train_probe(
     model = wrap_ddp(probe, device, ctx)
     optimizer = torch.optim.AdamW(probe.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     best_acc, best_state = -1.0, None
-    for epoch in tqdm(
-        range(config.epochs), desc="stage 0: linear probe", leave=False, disable=not ctx.is_main
-    ):
+    epochs = progress.bar(range(config.epochs), desc="stage 0: linear probe", unit="epoch")
+    for epoch in epochs:
         for rows in distributed.rank_batches(np.arange(len(y_train)), config.batch_size, seed, epoch, ctx):
             batch = torch.from_numpy(rows).to(device)
             loss = F.cross_entropy(model(x_train[batch]), y_train[batch])
@@ -52,6 +50,8 @@ def train_probe(
             loss.backward()
             optimizer.step()
         val_acc = evaluate_probe(probe, val, device, ctx)
+        epochs.set_postfix(val=val_acc)
+        logger.info("stage 0 epoch %d: val %.4f", epoch, val_acc)
         if val_acc > best_acc:
             best_acc, best_state = val_acc, copy.deepcopy(probe.state_dict())
     probe.load_state_dict(best_state)
