@@ -161,7 +161,7 @@ def train_codebook(
         if config.reset_dead_prototypes:
             _reset_dead(quantizer, epoch_usage, train, shared_rng)
         val_acc = evaluate_quantized(quantizer, probe, val, config.batch_size, device, ctx)
-        history.append({"epoch": epoch, "loss": loss.item(), "dead_codes": dead, "val_accuracy": val_acc})
+        history.append({"epoch": epoch, "loss": loss.item(), "dead_prototypes": dead, "val_accuracy": val_acc})
         logger.info("stage 1 epoch %d: loss %.4f dead %d val %.4f", epoch, loss.item(), dead, val_acc)
         epochs.set_postfix(val=val_acc, dead=dead)
         if val_acc > best[0]:

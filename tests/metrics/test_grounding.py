@@ -1,4 +1,4 @@
-"""Grounding audit and drift: duplicates, usage, dead codes, per-code drift."""
+"""Grounding audit and drift: duplicates, usage, dead prototypes, per-prototype drift."""
 
 import numpy as np
 import pytest
@@ -13,7 +13,7 @@ def test_duplicates_point_to_the_lowest_other_index():
     assert duplicate_of(codes, threshold=0.7).tolist() == [1, 0, 3, 0]
 
 
-def test_usage_counts_argmax_locations_and_dead_codes():
+def test_usage_counts_argmax_locations_and_dead_prototypes():
     similarity = torch.zeros(1, 3, 2, 2)
     similarity[0, 0] = torch.tensor([[1.0, 1.0], [0.0, 0.0]])
     similarity[0, 2] = torch.tensor([[0.0, 0.0], [1.0, 1.0]])

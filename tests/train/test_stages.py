@@ -114,7 +114,7 @@ def test_train_codebook_trains_only_the_codes(caches, probe) -> None:
     )
     assert not quantizer.training and not quantizer.codebook.requires_grad
     assert [row["epoch"] for row in history] == [0, 1]
-    assert all(0 <= row["dead_codes"] <= 8 and 0 <= row["val_accuracy"] <= 1 for row in history)
+    assert all(0 <= row["dead_prototypes"] <= 8 and 0 <= row["val_accuracy"] <= 1 for row in history)
     best = max(row["val_accuracy"] for row in history)
     assert evaluate_quantized(quantizer, probe, caches.val, 16, CPU) == pytest.approx(best)
     initial = init_codebook(caches.train, config, seed=0)
