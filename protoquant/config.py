@@ -15,6 +15,8 @@ from typing import Any
 
 import yaml
 
+from protoquant.knobs import Checked, knob
+
 logger = logging.getLogger(__name__)
 
 WEIGHT_THRESHOLD = (
@@ -22,65 +24,30 @@ WEIGHT_THRESHOLD = (
 )
 
 
-def knob(
-    default: Any,
-    help: str,
-    *,
-    choices: tuple | None = None,
-    minimum: float | None = None,
-    maximum: float | None = None,
-    above: float | None = None,
-) -> Any:
-    """A config field with its help text and the values it accepts (checked by `validate`).
-
-    `minimum`/`maximum` are inclusive bounds, `above` an exclusive lower bound; for tuple fields
-    they apply to every item.
-    """
-    meta = {"help": help, "choices": choices, "minimum": minimum, "maximum": maximum, "above": above}
-    return field(default=default, metadata=meta)
-
-
-def _problem(value: Any, meta: dict) -> str | None:
-    """Why `value` breaks the field's declared choices or bounds, or None."""
-    for item in value if isinstance(value, tuple) else (value,):
-        if meta.get("choices") and item not in meta["choices"]:
-            return f"must be one of {', '.join(map(repr, meta['choices']))}, got {item!r}"
-        if isinstance(item, bool) or not isinstance(item, int | float):
-            continue
-        if item != item:  # NaN
-            return "must be a number, got nan"
-        if meta.get("minimum") is not None and item < meta["minimum"]:
-            return f"must be >= {meta['minimum']:g}, got {item!r}"
-        if meta.get("maximum") is not None and item > meta["maximum"]:
-            return f"must be <= {meta['maximum']:g}, got {item!r}"
-        if meta.get("above") is not None and item <= meta["above"]:
-            return f"must be > {meta['above']:g}, got {item!r}"
-    return None
-
-
-class _Checked:
-    """Mixin: a config section checks every field's choices and bounds when it is built."""
-
-    section = ""  # dotted prefix in error messages ("codebook.")
-
-    def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):  # type: ignore[arg-type]
-            problem = _problem(getattr(self, f.name), f.metadata)
-            if problem:
-                raise ValueError(f"config field '{self.section}{f.name}' {problem}")
-
-
 @dataclass(frozen=True)
-class DataConfig(_Checked):
+class DataConfig(Checked):
     section = "data."
 
     dataset: str = knob(
-        "synthetic",
-        "dataset registry name: synthetic, fashion-mnist, cub, cars, imagenet, funnybirds or image-folder",
+        "auto",
+        "'auto': the built-in synthetic data without a root, else the layout found in data.root; "
+        "or a registry name: synthetic, fashion-mnist, cub, cars, imagenet, funnybirds, image-folder",
     )
     root: str = knob("", "dataset folder on disk ('' for generated data)")
     val_fraction: float = knob(
-        0.1, "share of train carved out (seeded, stratified) for model selection", minimum=0.0, maximum=0.9
+        0.1,
+        "share of train carved out (seeded, stratified) for model selection, unless the data has a val split",
+        minimum=0.0,
+        maximum=0.9,
+    )
+    test_fraction: float = knob(
+        0.2,
+        "image-folder without a test split (root/<class>/*): share of every class carved out as test",
+        above=0.0,
+        maximum=0.9,
+    )
+    split_seed: int = knob(
+        0, "image-folder: seeds that carved test split (not the run seed: every run seed sees one test set)"
     )
     max_train_per_class: int = knob(0, "0 = all; otherwise a seeded, stratified subset", minimum=0)
     max_test_per_class: int = knob(0, "0 = all; otherwise a seeded, stratified subset", minimum=0)
@@ -90,37 +57,48 @@ class DataConfig(_Checked):
     synthetic_seed: int = knob(0, "built-in data: generator seed")
     crop_to_box: bool = knob(False, "cub/cars: crop each image (and its parts) to the object's box")
     split_file: str = knob(
-        "", "image-folder: optional '<relative path> <train|test>' file, relative to the root"
+        "", "image-folder: optional '<relative path> <train|val|test>' file, relative to the root"
     )
 
 
 @dataclass(frozen=True)
-class BackboneConfig(_Checked):
+class BackboneConfig(Checked):
     section = "backbone."
 
     name: str = knob(
-        "torchvision/mobilenet_v2", "'timm/<model>', 'timm/hf-hub:<repo>' or 'torchvision/<model>'"
+        "torchvision/mobilenet_v2", "'timm/<model>', 'timm/hf-hub:<org>/<name>' or 'torchvision/<model>'"
     )
     weights: str = knob(
         "default", "'default' (the model's pretrained weights), 'none' (random) or a file path"
     )
     download: bool = knob(False, "allow downloading missing weights (off: fail at once, offline)")
     init_seed: int = knob(0, "seeds the random initialisation when weights = 'none'")
-    image_size: int = knob(224, "square input side after resize and centre crop", minimum=16)
+    image_size: int = knob(
+        0, "square input side S; 0 = the model's pretrained input size (at least 16 px)", minimum=0
+    )
     crop_ratio: float = knob(
         1.0,
-        "1: resize to S x S (the whole image, as the part-prototype protocols need); "
-        "< 1: shorter side to S / ratio, then centre crop",
-        above=0.0,
+        "1: resize the whole image to S x S (as the part-prototype protocols need); 0: the model's "
+        "crop_pct; in (0, 1): shorter side to S / ratio, then centre crop",
+        minimum=0.0,
         maximum=1.0,
     )
+    interpolation: str = knob(
+        "",
+        "resize interpolation; '' = the model's pretrained one",
+        choices=("", "nearest", "bilinear", "bicubic"),
+    )
+    mean: tuple[float, ...] = knob((), "normalisation mean, 3 values (R, G, B); empty = the model's")
+    std: tuple[float, ...] = knob((), "normalisation std, 3 values (R, G, B); empty = the model's", above=0.0)
 
 
 @dataclass(frozen=True)
-class CacheConfig(_Checked):
+class CacheConfig(Checked):
     section = "cache."
 
-    root: str = knob("cache", "folder holding one subfolder per cached (dataset, split, backbone, transform)")
+    root: str = knob(
+        "", "folder of one subfolder per cached (dataset, split, backbone, transform); '' = <out>/cache"
+    )
     train_views: int = knob(
         2, "views per training image: view 0 is the plain crop, the others augmented", minimum=1
     )
@@ -139,7 +117,9 @@ class CacheConfig(_Checked):
 
 
 @dataclass(frozen=True)
-class ProbeConfig(_Checked):
+class ProbeConfig(Checked):
+    """Stage 0: the linear probe on pooled features, the accuracy reference."""
+
     section = "probe."
 
     epochs: int = knob(100, "passes over the pooled features (cheap)", minimum=1)
@@ -149,7 +129,9 @@ class ProbeConfig(_Checked):
 
 
 @dataclass(frozen=True)
-class CodebookConfig(_Checked):
+class CodebookConfig(Checked):
+    """Stage 1: the codebook of K prototypes, learned by vector quantization of patch features."""
+
     section = "codebook."
 
     num_prototypes: int = knob(1024, "K: codebook size = number of prototypes", minimum=1)
@@ -180,10 +162,12 @@ class CodebookConfig(_Checked):
 
 
 @dataclass(frozen=True)
-class HeadConfig(_Checked):
+class HeadConfig(Checked):
+    """Stage 2: similarity -> softmax(tau) -> max -> the non-negative class layer."""
+
     section = "head."
 
-    temperature: float = knob(0.1, "tau of the softmax over prototypes (paper value)", above=0.0)
+    temperature: float = knob(0.1, "tau of the softmax over prototypes; 0.1 is the paper value", above=0.0)
     temperature_grid: tuple[float, ...] = knob(
         (), "if set, tau is chosen from these on the validation split", above=0.0
     )
@@ -210,15 +194,17 @@ class HeadConfig(_Checked):
 
 
 @dataclass(frozen=True)
-class RunConfig(_Checked):
+class RunConfig(Checked):
+    """One run: a section per step of the data flow, then the run-wide fields."""
+
     section = ""
 
-    data: DataConfig = field(default_factory=DataConfig)
-    backbone: BackboneConfig = field(default_factory=BackboneConfig)
-    cache: CacheConfig = field(default_factory=CacheConfig)
-    probe: ProbeConfig = field(default_factory=ProbeConfig)
-    codebook: CodebookConfig = field(default_factory=CodebookConfig)
-    head: HeadConfig = field(default_factory=HeadConfig)
+    data: DataConfig = field(default_factory=DataConfig)  # dataset, folder and splits
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)  # frozen backbone, weights, input
+    cache: CacheConfig = field(default_factory=CacheConfig)  # the on-disk feature cache
+    probe: ProbeConfig = field(default_factory=ProbeConfig)  # stage 0: linear probe (reference)
+    codebook: CodebookConfig = field(default_factory=CodebookConfig)  # stage 1: the prototypes
+    head: HeadConfig = field(default_factory=HeadConfig)  # stage 2: the interpretable head
     seed: int = knob(0, "seeds splits, views, initialisation and shuffling")
     device: str = knob("auto", "'auto', 'cpu', 'cuda', 'cuda:1', ...")
     out: str = knob("runs/default", "output folder (checkpoint, metrics.json, figures, report)")
@@ -337,6 +323,18 @@ def flat_fields(cls: type = RunConfig, prefix: str = "") -> dict[str, Any]:
             out.update(flat_fields(hint, f"{prefix}{name}."))
         else:
             out[prefix + name] = hint
+    return out
+
+
+def leaf_fields(cls: type = RunConfig, prefix: str = "") -> dict[str, dataclasses.Field]:
+    """Map 'section.field' -> the dataclass field of every leaf (its metadata: help, choices, bounds)."""
+    hints = _hints(cls)
+    out: dict[str, dataclasses.Field] = {}
+    for spec in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[spec.name]):
+            out.update(leaf_fields(hints[spec.name], f"{prefix}{spec.name}."))
+        else:
+            out[prefix + spec.name] = spec
     return out
 
 

@@ -8,28 +8,19 @@ from pathlib import Path
 from PIL import Image
 
 from protoquant import distributed
-from protoquant.config import CacheConfig, CodebookConfig, HeadConfig, RunConfig
+from protoquant.config import RunConfig
 from protoquant.distributed import resolve_device
 from protoquant.explain.explanation import build_report, explain, load_patches
 from protoquant.explain.gallery import build_gallery, save_gallery
 from protoquant.explain.types import Gallery
 from protoquant.pipeline import RunResult, run
+from protoquant.presets import demo_config  # re-exported: the demo's settings
 from protoquant.render import render_explanation, write_report
 
 logger = logging.getLogger(__name__)
 
 REPORT_IMAGES = 4  # test images the demo report explains (one per class, first classes first)
 REPORT_DIR = "report"  # the report's folder inside the run's output folder
-
-
-def demo_config(out: str = "runs/demo") -> RunConfig:
-    """Settings for the built-in data: a small codebook, tau and lr chosen on validation."""
-    return RunConfig(
-        out=out,
-        cache=CacheConfig(root=str(Path(out) / "cache")),
-        codebook=CodebookConfig(num_prototypes=256, epochs=10, kmeans_patches=50_000),
-        head=HeadConfig(temperature_grid=(0.05, 0.1), lr_grid=(5e-2, 2e-1), epochs=100),
-    )
 
 
 def demo_gallery(result: RunResult) -> Gallery:

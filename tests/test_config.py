@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import typing
 
 import pytest
 
@@ -13,6 +14,7 @@ from protoquant.config import (
     RunConfig,
     flat_fields,
     from_dict,
+    leaf_fields,
     load_yaml,
     save_yaml,
     to_dict,
@@ -161,3 +163,32 @@ def _string_default(name: str) -> str:
     for part in name.split("."):
         value = value[part]
     return ",".join(str(v) for v in value) if isinstance(value, list) else str(value)
+
+
+def test_leaf_fields_carry_help_and_no_empty_metadata() -> None:
+    fields = leaf_fields()
+    assert fields.keys() == flat_fields().keys()
+    for name, spec in fields.items():
+        assert spec.metadata["help"], name
+        assert None not in spec.metadata.values(), name  # absent, not None: simple-parsing reads them
+
+
+def test_help_states_the_bounds_that_are_checked() -> None:
+    fields = leaf_fields()
+    assert fields["codebook.num_prototypes"].metadata["help"].endswith("(>= 1)")
+    assert fields["codebook.cutmix_prob"].metadata["help"].endswith("(in [0, 1])")
+    assert fields["head.temperature_grid"].metadata["help"].endswith("(comma list, each > 0)")
+    assert fields["seed"].metadata["help"] == "seeds splits, views, initialisation and shuffling"
+
+
+@pytest.mark.parametrize(
+    "name", sorted(n for n, s in leaf_fields().items() if {"minimum", "maximum", "above"} & set(s.metadata))
+)
+def test_every_declared_bound_is_enforced(name) -> None:
+    meta, is_tuple = leaf_fields()[name].metadata, typing.get_origin(flat_fields()[name]) is tuple
+    outside = [meta["minimum"] - 1] if "minimum" in meta else []
+    outside += [meta["above"]] if "above" in meta else []
+    outside += [meta["maximum"] + 1] if "maximum" in meta else []
+    for value in outside:
+        with pytest.raises(ValueError, match=name.replace(".", r"\.")):
+            with_overrides(RunConfig(), {name: f"{value},{value}" if is_tuple else str(value)})

@@ -123,5 +123,6 @@ def test_explain_command_writes_the_report(tiny_run, checkpoint, tmp_path, capsy
     assert capsys.readouterr().out.strip() == str((out / "index.html").resolve())
     text = (out / "index.html").read_text(encoding="utf-8")
     assert "image0.png" in text and "image1.png" in text and (checkpoint / "gallery.json").is_file()
-    with pytest.raises(SystemExit, match="missing.png"):
-        main(["explain", str(tmp_path / "missing.png"), "--model", str(checkpoint), "--out", str(out)])
+    missing = ["explain", str(tmp_path / "missing.png"), "--model", str(checkpoint), "--out", str(out)]
+    assert main(missing) == 2
+    assert "missing.png" in capsys.readouterr().err

@@ -1,0 +1,71 @@
+"""`main`: parse, set the verbosity, run one subcommand, turn user errors into exit status 2."""
+
+from __future__ import annotations
+
+import sys
+import traceback
+
+from protoquant import __version__
+from protoquant.cli import checkpoint_commands, data_commands, image_commands, run_commands
+from protoquant.cli.config_flags import base_config, list_flags
+from protoquant.cli.parsing import PROG, USAGE_ERROR, Parser, add_verbosity, expand_lists, reject_unknown
+
+INTERRUPTED = 130  # exit status after Ctrl-C (128 + SIGINT), the shell's convention
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+DESCRIPTION = """Interpretable image classification with quantized prototypical parts.
+
+`protoquant COMMAND --help` lists a command's flags; -v / -q work before or after COMMAND."""
+
+
+def _command(argv: list[str]) -> str | None:
+    """The subcommand named in `argv` (global flags before it take no value)."""
+    return next((arg for arg in argv if not arg.startswith("-")), None)
+
+
+def build_parser(argv: list[str] | None = None) -> Parser:
+    """The whole command line; `argv` decides the config that `train` / `demo` flags start from.
+
+    Raises:
+        ValueError: `--config FILE.yaml` cannot be read or has a bad field.
+    """
+    argv = list(argv or [])
+    parser = Parser(prog=PROG, description=DESCRIPTION)
+    add_verbosity(parser)
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    run_commands.register(sub, base_config(_command(argv), argv))
+    checkpoint_commands.register(sub)
+    image_commands.register(sub)
+    data_commands.register(sub)
+    return parser
+
+
+def _fail(message: object) -> int:
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    return USAGE_ERROR
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line on `argv` (default: sys.argv[1:]) and return the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args, extras = build_parser(argv).parse_known_args(expand_lists(argv, list_flags()))
+        if extras:
+            reject_unknown(args.command_parser, extras)
+    except SystemExit as done:  # --help, --version, or a flag error already printed
+        return done.code if isinstance(done.code, int) else 0
+    except USER_ERRORS as err:  # a bad --config file or field value
+        return _fail(err)
+    from protoquant import progress
+
+    verbosity = getattr(args, "verbosity", progress.NORMAL)
+    progress.configure(verbosity)
+    try:
+        return args.func(args)
+    except USER_ERRORS as err:
+        if verbosity >= progress.VERBOSE:
+            traceback.print_exc()
+        return _fail(err)
+    except KeyboardInterrupt:
+        _fail("interrupted")
+        return INTERRUPTED
