@@ -1,23 +1,31 @@
-"""One training run end to end: data -> cache -> stage 0 -> stage 1 -> stage 2 -> evaluate -> save."""
+"""One training run end to end: data -> cache -> stage 0 -> stage 1 -> stage 2 -> evaluate -> save.
+
+`run` resolves the config's "decide for me" values once, before anything reads them, and saves
+the resolved config: `data.dataset: auto` becomes the layout found in `data.root`, an empty
+`cache.root` becomes `<out>/cache`, and the backbone's input fields (image_size 0, crop_ratio 0,
+interpolation '', empty mean / std) become the model's pretrained values. Everything downstream
+(the cache key, the checkpoint, the gallery, evaluate and audit) reads concrete values only.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from protoquant import distributed
 from protoquant.backbones.frozen import FrozenBackbone, create_backbone
+from protoquant.backbones.input import resolved_config
 from protoquant.cache.build import FeatureStore, build_cache
 from protoquant.cache.shards import atomic_write_bytes
 from protoquant.cache.view import CacheView
 from protoquant.codebook import VectorQuantizer
 from protoquant.config import WEIGHT_THRESHOLD, RunConfig, save_yaml
-from protoquant.data import Splits, load_splits
+from protoquant.data import Splits, load_splits, resolve_dataset
 from protoquant.data.transforms import view_transform
 from protoquant.distributed import resolve_device
 from protoquant.explain.grounding import nearest_patches, snap_to_patches
@@ -28,6 +36,8 @@ from protoquant.train.head import evaluate_head, global_size, train_head
 from protoquant.train.probe import evaluate_probe, train_probe
 
 logger = logging.getLogger(__name__)
+
+CACHE_DIR = "cache"  # the feature cache's folder inside the run's output folder, unless cache.root is set
 
 
 @dataclass(frozen=True)
@@ -45,6 +55,23 @@ class RunResult:
     splits: Splits
     caches: Caches
     out: Path
+
+
+def resolve_run_config(config: RunConfig) -> RunConfig:
+    """The dataset name and cache folder made concrete (see the module docstring)."""
+    root = config.cache.root or str(Path(config.out) / CACHE_DIR)
+    return replace(config, data=resolve_dataset(config.data), cache=replace(config.cache, root=root))
+
+
+def with_backbone_input(config: RunConfig, backbone: FrozenBackbone) -> RunConfig:
+    """`config` with the backbone's input fields concrete; the backbone must have been built for them."""
+    resolved = resolved_config(config.backbone, backbone.info.pretrained_input)
+    if resolved.image_size != backbone.info.image_size:
+        raise ValueError(
+            f"the backbone was built for {backbone.info.image_size} px input, the config asks for "
+            f"{resolved.image_size} (backbone.image_size {config.backbone.image_size})"
+        )
+    return replace(config, backbone=resolved)
 
 
 def build_caches(splits: Splits, backbone: FrozenBackbone, config: RunConfig, device: torch.device) -> Caches:
@@ -125,6 +152,7 @@ def collect_metrics(
             "train": len(splits.train),
             "val": len(splits.val),
             "test": len(splits.test),
+            "val_split": splits.val_source,
             "classes": splits.train.num_classes,
             "train_views": config.cache.train_views,
         },
@@ -161,8 +189,10 @@ def run(config: RunConfig, *, backbone: FrozenBackbone | None = None) -> RunResu
     device = resolve_device(config.device)
     ctx = distributed.init(device)
     start = time.perf_counter()
+    config = resolve_run_config(config)
     splits = load_splits(config.data, config.seed)
     backbone = backbone or create_backbone(config.backbone)
+    config = with_backbone_input(config, backbone)
     caches = build_caches(splits, backbone, config, device)
     cache_seconds = time.perf_counter() - start
     train_start = time.perf_counter()

@@ -4,16 +4,22 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
+import timm
 import torch
 from torch import nn
 
-from protoquant.config import WEIGHT_THRESHOLD, load_yaml
+from protoquant.config import WEIGHT_THRESHOLD, DataConfig, load_yaml
+from protoquant.data.synthetic import SyntheticParts
+from protoquant.data.transforms import ViewTransform
 from protoquant.distributed import resolve_device
+from protoquant.explain.gallery import training_subset
+from protoquant.model import ProtoQuant
 from protoquant.pipeline import run
 from protoquant.train.codebook import prototype_usage
 
@@ -43,6 +49,7 @@ def test_metrics_have_every_key_with_sane_values(tiny_run) -> None:
         "train": 21,
         "val": 3,
         "test": 12,
+        "val_split": "carved",
         "classes": 3,
         "train_views": 2,
     }
@@ -54,7 +61,13 @@ def test_metrics_have_every_key_with_sane_values(tiny_run) -> None:
 def test_outputs_on_disk(tiny_run) -> None:
     out = Path(tiny_run.config.out)
     assert json.loads((out / "metrics.json").read_text()) == json.loads(json.dumps(tiny_run.result.metrics))
-    assert load_yaml(out / "config.yaml") == tiny_run.config
+    saved = load_yaml(out / "config.yaml")
+    assert saved == tiny_run.result.model.config  # the resolved config: no "decide for me" value left
+    assert saved.data.dataset == "synthetic" and saved.cache.root == tiny_run.config.cache.root
+    backbone = saved.backbone  # test_convnext's pretrained interpolation and normalisation
+    assert (backbone.image_size, backbone.crop_ratio, backbone.interpolation) == (64, 1.0, "bicubic")
+    assert backbone.mean == backbone.std == (0.5, 0.5, 0.5)
+    assert replace(saved, data=tiny_run.config.data, backbone=tiny_run.config.backbone) == tiny_run.config
     history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
     assert [row["epoch"] for row in history] == list(range(tiny_run.config.codebook.epochs))
     assert all(row["stage"] == 1 and math.isfinite(row["loss"]) for row in history)
@@ -161,3 +174,73 @@ def test_more_processes_than_gpus_is_a_clear_error(monkeypatch) -> None:
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(RuntimeError, match="nproc_per_node 1"):
         resolve_device("cuda")
+
+
+def write_own_images(root: Path, per_class: int = 5) -> Path:
+    """root/<class>/<i>.png: tiny built-in images saved as a user's folder of photos."""
+    source = SyntheticParts("train", num_classes=3, images_per_class=per_class, image_size=64, seed=5)
+    for index in range(len(source)):
+        folder = root / f"class_{'cba'[source.labels[index]]}"  # class names sort the other way round
+        folder.mkdir(parents=True, exist_ok=True)
+        source.load_image(index).save(folder / f"{index:03d}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def own_run(tiny_run, tmp_path_factory):
+    """A run on a plain `root/<class>/*` folder with data.dataset auto and cache.root ''."""
+    base = tmp_path_factory.mktemp("own")
+    config = replace(
+        tiny_run.config,
+        data=DataConfig(root=str(write_own_images(base / "my_images"))),
+        cache=replace(tiny_run.config.cache, root=""),
+        out=str(base / "runs" / "mine"),
+    )
+    return config, run(config, backbone=tiny_run.result.model.backbone)
+
+
+def test_own_images_run_records_the_resolved_dataset_and_caches_under_out(own_run) -> None:
+    config, result = own_run
+    out = Path(config.out)
+    saved = load_yaml(out / "config.yaml")
+    assert saved.data.dataset == "image-folder" and saved.cache.root == str(out / "cache")
+    assert result.metrics["data"]["dataset"] == "image-folder" and result.metrics["data"]["test"] == 3
+    for view in (result.caches.train, result.caches.val, result.caches.test):
+        assert view.store.folder.parent == out / "cache"
+        assert view.store.manifest["key"]["dataset"] == "image-folder"
+    assert result.model.classes == ("class_a", "class_b", "class_c")
+    assert ProtoQuant.load(out / "model").config == saved
+
+
+def test_a_checkpoint_finds_its_run_cache_again(own_run, tiny_run) -> None:
+    for checkpoint, train in (
+        (Path(own_run[0].out) / "model", own_run[1].caches.train),  # cache.root '' resolved to <out>/cache
+        (Path(tiny_run.config.out) / "model", tiny_run.result.caches.train),  # an explicit cache.root
+    ):
+        model = ProtoQuant.load(checkpoint)
+        before = set(train.store.folder.parent.iterdir())
+        assert training_subset(model).store.folder == train.store.folder
+        assert set(train.store.folder.parent.iterdir()) == before  # read back, nothing rebuilt
+
+
+def test_checkpoint_saved_before_the_input_fields_predicts_as_before(tiny_run, tmp_path) -> None:
+    old = tmp_path / "old-model"
+    shutil.copytree(Path(tiny_run.config.out) / "model", old)
+    meta = json.loads((old / "config.json").read_text())
+    for name in ("interpolation", "mean", "std"):  # fields a checkpoint written before them lacks
+        del meta["config"]["backbone"][name]
+    (old / "config.json").write_text(json.dumps(meta))
+    model = ProtoQuant.load(old)
+    info, pretrained = model.backbone.info, timm.get_pretrained_cfg("test_convnext")
+    assert (info.mean, info.std) == (tuple(pretrained.mean), tuple(pretrained.std))  # what was used then
+    before = ViewTransform(64, 1.0, info.mean, info.std)  # the only transform there was: bilinear
+    assert model.transform.describe() == before.describe()  # so its caches keep their keys too
+    images = [tiny_run.result.splits.test.load_image(i) for i in range(3)]
+    expected = model.predict_normalised(torch.stack([before(image, 0, 0) for image in images]))
+    assert torch.equal(model.predict(images).logits, expected.logits)
+
+
+def test_a_given_backbone_must_match_the_configured_input(tiny_run, tmp_path) -> None:
+    config = replace(tiny_run.config, backbone=replace(tiny_run.config.backbone, image_size=96))
+    with pytest.raises(ValueError, match="the backbone was built for 64 px input, the config asks for 96"):
+        run(replace(config, out=str(tmp_path / "out")), backbone=tiny_run.result.model.backbone)

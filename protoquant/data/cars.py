@@ -133,7 +133,7 @@ class StanfordCars(FileImageDataset):
         return True
 
     def load_image(self, index: int) -> Image.Image:
-        image = open_rgb(self.image_path(index))
+        image = open_rgb(self.image_path(index), orient=False)  # annotations: stored pixels
         if not self.crop:
             return image
         where = f"{self.annotation_file}: annotation {index + 1}"

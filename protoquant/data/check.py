@@ -3,9 +3,9 @@
 `check_dataset` never raises for a bad copy: everything wrong (a missing annotation file, an
 id mismatch, a missing, truncated or unreadable image, a box outside its image, files a loader
 left out) becomes one human-readable line in `problems`, naming the file and line where known.
-The counts are those of the whole official splits, with val carved from train exactly as
-`load_splits` carves it; the per-class caps (`max_*_per_class`) are ignored, so every image
-is checked.
+The counts are those of the whole official splits, with val the given val split or carved from
+train exactly as `load_splits` carves it; the per-class caps (`max_*_per_class`) are ignored, so
+every image is checked. `dataset: auto` is reported as the layout it resolves to.
 """
 
 from __future__ import annotations
@@ -14,10 +14,9 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from tqdm import tqdm
-
+from protoquant import progress
 from protoquant.config import DataConfig
-from protoquant.data import load_dataset
+from protoquant.data import given_splits, load_dataset, resolve_dataset
 from protoquant.data.base import ImageDataset
 from protoquant.data.splits import stratified_split
 
@@ -61,7 +60,9 @@ def _missing_files(dataset: ImageDataset) -> list[str]:
         return []
     paths = (dataset.image_path(i) for i in range(len(dataset)))
     return [
-        f"image file {p} not found" for p in tqdm(paths, total=len(dataset), leave=False) if not p.is_file()
+        f"image file {p} not found"
+        for p in progress.bar(paths, total=len(dataset), desc=f"check {dataset.split}: files", unit="file")
+        if not p.is_file()
     ]
 
 
@@ -70,7 +71,11 @@ def _verify(dataset: ImageDataset, split: str) -> list[str]:
     threads = max(1, min(MAX_THREADS, os.cpu_count() or 1))
     with ThreadPoolExecutor(threads) as pool:
         found = pool.map(lambda i: _image_problems(dataset, i), range(len(dataset)))
-        return [p for ps in tqdm(found, total=len(dataset), desc=f"check {split}", leave=False) for p in ps]
+        return [
+            p
+            for ps in progress.bar(found, total=len(dataset), desc=f"check {split}: images", unit="img")
+            for p in ps
+        ]
 
 
 def _has_boxes(datasets: list[ImageDataset]) -> bool:
@@ -87,13 +92,33 @@ def _has_boxes(datasets: list[ImageDataset]) -> bool:
 
 
 def _load(config: DataConfig, problems: list[str]) -> dict[str, ImageDataset]:
+    try:
+        splits = given_splits(config)
+    except LOAD_ERRORS as err:
+        problems.append(f"layout: {err}")
+        return {}
     loaded = {}
-    for split in ("train", "test"):
+    for split in splits:
         try:
             loaded[split] = load_dataset(config, split)
         except LOAD_ERRORS as err:
             problems.append(f"{split}: {err}")
     return loaded
+
+
+def _split_sizes(loaded: dict[str, ImageDataset], config: DataConfig, problems: list[str]) -> dict:
+    """Image counts of train, val (given, or carved as `load_splits` carves it) and test."""
+    sizes = {split: len(loaded[split]) if split in loaded else 0 for split in ("train", "val", "test")}
+    if "train" in loaded and "val" not in loaded:
+        try:
+            kept, held = stratified_split(loaded["train"].labels, config.val_fraction, CHECK_SEED)
+            sizes["train"], sizes["val"] = len(kept), len(held)
+        except ValueError as err:
+            problems.append(f"train: {err}")
+    for split in ("val", "test"):
+        if "train" in loaded and split in loaded and loaded["train"].classes != loaded[split].classes:
+            problems.append(f"train and {split} splits list different classes")
+    return sizes
 
 
 def check_dataset(config: DataConfig, *, verify_images: bool = True) -> dict[str, Any]:
@@ -109,16 +134,12 @@ def check_dataset(config: DataConfig, *, verify_images: bool = True) -> dict[str
         "has_boxes", "problems": [str, ...]}.
     """
     problems: list[str] = []
-    loaded = _load(config, problems)
-    splits = {"train": 0, "val": 0, "test": len(loaded["test"]) if "test" in loaded else 0}
-    if "train" in loaded:
-        try:
-            kept, held = stratified_split(loaded["train"].labels, config.val_fraction, CHECK_SEED)
-            splits["train"], splits["val"] = len(kept), len(held)
-        except ValueError as err:
-            problems.append(f"train: {err}")
-    if "train" in loaded and "test" in loaded and loaded["train"].classes != loaded["test"].classes:
-        problems.append("train and test splits list different classes")
+    try:
+        config = resolve_dataset(config)
+    except LOAD_ERRORS as err:
+        problems.append(f"data.root: {err}")
+    loaded = _load(config, problems) if not problems else {}
+    splits = _split_sizes(loaded, config, problems)
     for split, dataset in loaded.items():
         problems += [f"{split}: {note}" for note in getattr(dataset, "skipped", ())]
         found = _verify(dataset, split) if verify_images else _missing_files(dataset)

@@ -258,7 +258,7 @@ class CUB200(FileImageDataset):
         return int(x), int(y), int(x) + int(w), int(y) + int(h)
 
     def load_image(self, index: int) -> Image.Image:
-        image = open_rgb(self.image_path(index))
+        image = open_rgb(self.image_path(index), orient=False)  # annotations: stored pixels
         if not self.crop:
             return image
         where = f"{self.folder / 'bounding_boxes.txt'}:{self.box_lines[index]}"

@@ -4,8 +4,11 @@
 file fails here, naming the file, not later inside a transform) and converts every mode to
 8-bit RGB: grayscale is replicated, CMYK goes through Pillow's standard conversion, alpha is
 dropped (not composited, as the FunnyBirds reference does), palettes are expanded and 16-bit
-grayscale is scaled to 8 bits (v / 257, rounded), not clipped. EXIF orientation is not applied:
-annotation coordinates refer to the stored pixels, as in torchvision's loaders.
+grayscale is scaled to 8 bits (v / 257, rounded), not clipped. The EXIF orientation tag is
+applied (a phone photo stored sideways comes out upright, as photo viewers show it), except
+where a loader's annotations are coordinates in the stored pixels: CUB and Stanford Cars read
+with `orient=False`, so their boxes and part locations keep matching the pixels (torchvision's
+loaders do not apply the tag either).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import scipy.io
-from PIL import Image
+from PIL import Image, ImageOps
 
 from protoquant.data.base import ImageDataset, stable_hash
 
@@ -48,8 +51,12 @@ def to_rgb(image: Image.Image, path: str | Path = "<image>") -> Image.Image:
     return image.convert("RGB")  # RGBA -> RGB drops alpha; also L, 1, CMYK, YCbCr, RGBX
 
 
-def open_rgb(path: str | Path) -> Image.Image:
-    """Decode an image file completely and return it as 8-bit RGB.
+def open_rgb(path: str | Path, *, orient: bool = True) -> Image.Image:
+    """Decode an image file completely and return it as 8-bit RGB, upright by its EXIF orientation.
+
+    Args:
+        path: the image file.
+        orient: apply the EXIF orientation tag (off only where annotations refer to stored pixels).
 
     Raises:
         FileNotFoundError: the file does not exist.
@@ -62,7 +69,8 @@ def open_rgb(path: str | Path) -> Image.Image:
     try:
         with Image.open(path) as image:
             image.load()  # decodes every byte: truncated files fail here
-            return to_rgb(image, path)
+            upright = ImageOps.exif_transpose(image) if orient else image  # a copy unless already upright
+            return to_rgb(upright, path)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise ValueError(f"cannot read image {path}: {err}") from err
 

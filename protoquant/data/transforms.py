@@ -2,7 +2,9 @@
 
 Augmented views are a pure function of (seed, image index, view index), so a cache
 built twice holds identical features, and the transform is described by a dict the
-cache manifest records.
+cache manifest records. Every resize uses one interpolation, the backbone's (bilinear, the
+only one before it was configurable, is left out of the description so older caches keep
+their keys).
 """
 
 from __future__ import annotations
@@ -21,6 +23,13 @@ from protoquant.config import RunConfig
 
 ASPECT_RANGE = (3 / 4, 4 / 3)  # RandomResizedCrop aspect-ratio range (torchvision default)
 CROP_TRIES = 10  # attempts before falling back to the centre crop
+INTERPOLATIONS = {
+    "nearest": TF.InterpolationMode.NEAREST,
+    "bilinear": TF.InterpolationMode.BILINEAR,
+    "bicubic": TF.InterpolationMode.BICUBIC,
+}
+# What a config saved before backbone.interpolation existed ('' there) resized with.
+LEGACY_INTERPOLATION = "bilinear"
 
 
 @dataclass(frozen=True)
@@ -33,17 +42,37 @@ class ViewTransform:
     std: tuple[float, float, float]
     min_crop_scale: float = 0.5
     seed: int = 0
+    interpolation: str = LEGACY_INTERPOLATION
+
+    def __post_init__(self) -> None:
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(
+                f"interpolation must be one of {list(INTERPOLATIONS)}, got {self.interpolation!r}"
+            )
+        if not 0.0 < self.crop_ratio <= 1.0 or self.image_size < 1:
+            raise ValueError(
+                f"transform needs a concrete image_size >= 1 and crop_ratio in (0, 1], got {self.image_size}, "
+                f"{self.crop_ratio}: resolve the backbone config first (protoquant.backbones.resolve_input)"
+            )
+
+    @property
+    def mode(self) -> TF.InterpolationMode:
+        return INTERPOLATIONS[self.interpolation]
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": "views-v1", **asdict(self)}
+        described = {"kind": "views-v1", **asdict(self)}
+        if self.interpolation == LEGACY_INTERPOLATION:
+            del described["interpolation"]  # the key every cache built before the field existed has
+        return described
 
     def plain(self, images: torch.Tensor) -> torch.Tensor:
         """View 0 of a float (B, 3, h, w) batch in [0, 1]: the same framing as for PIL images."""
+        side = [self.image_size, self.image_size]
         if self.crop_ratio >= 1.0:
-            framed = TF.resize(images, [self.image_size, self.image_size], antialias=True)
+            framed = TF.resize(images, side, interpolation=self.mode, antialias=True)
         else:
-            resized = TF.resize(images, int(math.floor(self.image_size / self.crop_ratio)), antialias=True)
-            framed = TF.center_crop(resized, [self.image_size, self.image_size])
+            short = int(math.floor(self.image_size / self.crop_ratio))
+            framed = TF.center_crop(TF.resize(images, short, interpolation=self.mode, antialias=True), side)
         return TF.normalize(framed, list(self.mean), list(self.std))  # (B, 3, S, S)
 
     def __call__(self, image: Image.Image, index: int, view: int) -> torch.Tensor:
@@ -56,15 +85,18 @@ class ViewTransform:
         Data loaders return these (a quarter of the bytes of float pixels to collate, pin and
         copy to the accelerator); `normalise` finishes the transform where the backbone runs.
         """
+        side = [self.image_size, self.image_size]
         if view == 0 and self.crop_ratio >= 1.0:  # the part-prototype protocols: plain resize to S x S
-            crop = TF.resize(image, [self.image_size, self.image_size])
+            crop = TF.resize(image, side, interpolation=self.mode)
         elif view == 0:  # ImageNet convention: shorter side to S / ratio, centre crop S
-            resized = TF.resize(image, int(math.floor(self.image_size / self.crop_ratio)))
-            crop = TF.center_crop(resized, [self.image_size, self.image_size])
+            resized = TF.resize(
+                image, int(math.floor(self.image_size / self.crop_ratio)), interpolation=self.mode
+            )
+            crop = TF.center_crop(resized, side)
         else:
             rng = np.random.default_rng((self.seed, index, view))
             top, left, height, width = _crop_box(image.width, image.height, self.min_crop_scale, rng)
-            crop = TF.resized_crop(image, top, left, height, width, [self.image_size, self.image_size])
+            crop = TF.resized_crop(image, top, left, height, width, side, interpolation=self.mode)
             if rng.random() < 0.5:
                 crop = TF.hflip(crop)
         return TF.pil_to_tensor(crop)  # (3, S, S) uint8
@@ -94,7 +126,12 @@ def _crop_box(
 
 
 def view_transform(config: RunConfig, mean: Sequence[float], std: Sequence[float]) -> ViewTransform:
-    """The transform a run caches with; its view 0 is also the evaluation transform."""
+    """The transform a run caches with; its view 0 is also the evaluation transform.
+
+    `config.backbone` must be resolved (`protoquant.backbones.resolve_input`): a run saves it so.
+    Only an interpolation of '' is read, as `LEGACY_INTERPOLATION`: a checkpoint saved before the
+    field existed has it, and resized bilinearly.
+    """
     backbone = config.backbone
     return ViewTransform(
         backbone.image_size,
@@ -103,4 +140,5 @@ def view_transform(config: RunConfig, mean: Sequence[float], std: Sequence[float
         tuple(std),
         config.cache.min_crop_scale,
         config.seed,
+        backbone.interpolation or LEGACY_INTERPOLATION,
     )

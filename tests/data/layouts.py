@@ -252,3 +252,14 @@ def write_image_folder(parent: Path) -> Path:
     lines = ["# path split", ""] + [f"{rel} {split}" for rel, split in FOLDER_SPLIT.items()]
     write_lines(root / "split.txt", lines)
     return root
+
+
+POOL_CLASSES = ("bee", "cat", "dog")  # your own images: written out of order, the loader must sort them
+
+
+def write_pool(root: Path, per_class: int = 10, prefix: str = "") -> Path:
+    """root/<prefix>/<class>/<i>.png for every class of POOL_CLASSES (seeded noise); returns root."""
+    for c, name in enumerate(reversed(POOL_CLASSES)):
+        for i in range(per_class):
+            write_image(root / prefix / name / f"{i:02d}.png", (6, 5), seed=100 * c + i)
+    return root

@@ -103,7 +103,8 @@ def test_box_outside_the_image_is_an_error_in_crop_mode(cars_root: Path) -> None
 
 
 @pytest.mark.parametrize(
-    ("backbone", "name"), [("convnext_tiny", "timm/convnext_tiny"), ("resnet50", "torchvision/resnet50")]
+    ("backbone", "name"),
+    [("convnext_tiny", "timm/convnext_tiny.fb_in1k"), ("resnet50", "torchvision/resnet50")],
 )
 def test_ready_made_configs_load(backbone: str, name: str) -> None:
     config = load_yaml(Path(__file__).parents[2] / "configs" / f"cars_{backbone}.yaml")

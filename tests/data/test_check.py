@@ -9,7 +9,14 @@ import scipy.io
 
 from protoquant.config import DataConfig
 from protoquant.data.check import check_dataset, format_check
-from tests.data.layouts import cars_struct, write_cars, write_cub, write_funnybirds, write_image_folder
+from tests.data.layouts import (
+    cars_struct,
+    write_cars,
+    write_cub,
+    write_funnybirds,
+    write_image_folder,
+    write_pool,
+)
 
 KEYS = ["dataset", "num_classes", "splits", "has_parts", "has_boxes", "problems"]
 
@@ -76,7 +83,7 @@ def test_missing_annotation_file_is_a_problem(tmp_path: Path) -> None:
 
 def test_unknown_dataset_and_left_out_files(tmp_path: Path) -> None:
     report = check_dataset(DataConfig(dataset="mnist"))
-    assert report["problems"][0].startswith("train: unknown dataset 'mnist'; valid: cars, cub")
+    assert report["problems"][0].startswith("train: unknown dataset 'mnist'; valid: auto, cars, cub")
     folder = write_image_folder(tmp_path)
     report = check_dataset(DataConfig(dataset="image-folder", root=str(folder), split_file="split.txt"))
     assert report["num_classes"] == 2 and not report["has_parts"] and not report["has_boxes"]
@@ -105,3 +112,14 @@ def test_funnybirds_and_synthetic_have_parts(tmp_path: Path) -> None:
     synthetic = check_dataset(config)
     assert synthetic["splits"] == {"train": 2, "val": 2, "test": 2} and synthetic["problems"] == []
     assert synthetic["has_parts"] and synthetic["has_boxes"]
+
+
+def test_auto_reports_the_layout_and_a_given_val_split(tmp_path: Path) -> None:
+    root = tmp_path / "mine"
+    for split, count in (("train", 4), ("val", 2), ("test", 1)):
+        write_pool(root, count, prefix=split)
+    report = check_dataset(DataConfig(root=str(root), val_fraction=0.5))
+    assert report["dataset"] == "image-folder" and report["num_classes"] == 3
+    assert report["splits"] == {"train": 12, "val": 6, "test": 3} and report["problems"] == []
+    missing = check_dataset(DataConfig(root=str(tmp_path / "absent")))
+    assert missing["problems"] == [f"data.root: data.root {str(tmp_path / 'absent')!r} is not a folder"]

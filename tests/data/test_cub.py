@@ -164,7 +164,8 @@ def test_unreadable_or_missing_image_is_named(cub_root: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("backbone", "name"), [("convnext_tiny", "timm/convnext_tiny"), ("resnet50", "torchvision/resnet50")]
+    ("backbone", "name"),
+    [("convnext_tiny", "timm/convnext_tiny.fb_in1k"), ("resnet50", "torchvision/resnet50")],
 )
 def test_ready_made_configs_load(backbone: str, name: str) -> None:
     config = load_yaml(Path(__file__).parents[2] / "configs" / f"cub_{backbone}.yaml")

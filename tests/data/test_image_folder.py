@@ -1,4 +1,7 @@
-"""Image folders: split file (format, errors, unlisted files) and train/test folders."""
+"""Image folders: split file (format, errors, unlisted files) and train/test folders.
+
+The layouts without a test split or with a val split are in test_image_folder_layouts.py.
+"""
 
 from __future__ import annotations
 
@@ -47,7 +50,7 @@ def test_registry_passes_the_split_file(folder: Path) -> None:
     ("line", "message"),
     [
         ("cat/missing.png train", r"split\.txt:8: listed image .*cat/missing\.png does not exist"),
-        ("cat/a.png val", r"split\.txt:8: expected '<relative path> <train\|test>'"),
+        ("cat/a.png dev", r"split\.txt:8: expected '<relative path> <train\|val\|test>'"),
         ("cat/a.png test", r"split\.txt:8: cat/a\.png is already listed on line 3"),
         ("bird/x.png train", r"split\.txt:8: bird/x\.png is not inside a class folder"),
     ],
@@ -70,15 +73,16 @@ def test_train_and_test_folders(tmp_path: Path) -> None:
     assert train.classes == ("a", "b") and train.files == ("a/2.png", "a/3.png", "b/1.png")
     assert train.labels.tolist() == [0, 0, 1] and train.image_path(0) == tmp_path / "train/a/2.png"
     assert test.files == ("b/4.png",) and test.labels.tolist() == [1]
-    assert test.skipped == ("1 non-image files in test/ left out (e.g. b/x.txt)",)
+    assert test.skipped == (
+        "1 non-image files in test/ left out (e.g. b/x.txt)",
+        "1 class(es) without test images: a",
+    )
     write_image(tmp_path / "test/c/5.png", (6, 6), seed=9)
     with pytest.raises(ValueError, match=r"class folder .*test/c does not exist in .*train"):
         ImageFolder(tmp_path, "test")
 
 
-def test_no_split_is_an_error_that_explains(folder: Path, tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match=r"no split given.*data\.split_file.*train/<class>/"):
-        ImageFolder(folder, "train")
+def test_missing_folders_and_files_are_errors_that_explain(folder: Path, tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match=r"split file .*nope\.txt not found"):
         ImageFolder(folder, "train", split_file="nope.txt")
     with pytest.raises(FileNotFoundError, match="is not a folder"):

@@ -114,7 +114,8 @@ def test_unknown_val_class_folder_is_an_error(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("backbone", "name"), [("convnext_tiny", "timm/convnext_tiny"), ("resnet50", "torchvision/resnet50")]
+    ("backbone", "name"),
+    [("convnext_tiny", "timm/convnext_tiny.fb_in1k"), ("resnet50", "torchvision/resnet50")],
 )
 def test_ready_made_configs_load(backbone: str, name: str) -> None:
     config = load_yaml(Path(__file__).parents[2] / "configs" / f"imagenet_{backbone}.yaml")

@@ -98,3 +98,42 @@ def test_read_rows_reports_file_and_line(tmp_path: Path) -> None:
     path.write_bytes(b"1 \xff\n")
     with pytest.raises(ValueError, match=r"table\.txt: not UTF-8"):
         read_rows(path, 2)
+
+
+ORIENTATION = 0x0112  # the EXIF Orientation tag
+ROTATED_CLOCKWISE = 6  # "rotate 90 degrees clockwise to display": how phones store portrait shots
+
+
+def sideways_jpeg(path: Path, size: tuple[int, int] = (16, 8)) -> np.ndarray:
+    """A JPEG whose stored left half is red and right half blue, tagged as stored sideways."""
+    width, height = size
+    stored = np.zeros((height, width, 3), dtype=np.uint8)
+    stored[:, : width // 2, 0] = 255
+    stored[:, width // 2 :, 2] = 255
+    exif = Image.Exif()
+    exif[ORIENTATION] = ROTATED_CLOCKWISE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(stored).save(path, format="JPEG", quality=95, exif=exif)
+    return stored
+
+
+def test_exif_orientation_is_applied(tmp_path: Path) -> None:
+    stored = sideways_jpeg(tmp_path / "phone.jpg")
+    upright = open_rgb(tmp_path / "phone.jpg")
+    assert upright.size == (8, 16)  # (W, H): portrait, as a photo viewer shows it
+    expected = np.rot90(stored, k=-1)  # clockwise: the stored left half becomes the top half
+    assert np.abs(pixels(upright).astype(int) - expected).mean() < 8  # JPEG rounding only
+    assert pixels(upright)[:4, :, 0].min() > 200 and pixels(upright)[-4:, :, 2].min() > 200
+    assert open_rgb(tmp_path / "phone.jpg", orient=False).size == (16, 8)
+
+
+def test_image_folders_load_upright_and_annotated_sets_keep_stored_pixels(tmp_path: Path) -> None:
+    from protoquant.data.cub import CUB200
+    from protoquant.data.image_folder import ImageFolder
+    from tests.data.layouts import write_cub
+
+    sideways_jpeg(tmp_path / "mine" / "train" / "cat" / "a.jpg")
+    assert ImageFolder(tmp_path / "mine", "train").load_image(0).size == (8, 16)
+    cub = CUB200(write_cub(tmp_path), "train")
+    sideways_jpeg(cub.image_path(0), size=(60, 40))  # boxes and parts refer to the stored 60 x 40
+    assert cub.load_image(0).size == (60, 40)

@@ -101,3 +101,35 @@ def test_extreme_images_still_give_the_output_shape(size) -> None:
     image = Image.new("RGB", size, (10, 20, 30))
     for view in (0, 1, 2):
         assert _transform()(image, 0, view).shape == (3, 32, 32)
+
+
+def test_interpolation_is_used_for_every_view_and_recorded(image) -> None:
+    import torchvision.transforms.functional as TF
+
+    bilinear, bicubic = _transform(), _transform(interpolation="bicubic")
+    expected = TF.pil_to_tensor(TF.resize(image, [32, 32], interpolation=TF.InterpolationMode.BICUBIC))
+    assert torch.equal(bicubic.pixels(image, 0, 0), expected)
+    for view in (0, 2):
+        assert not torch.equal(bicubic.pixels(image, 3, view), bilinear.pixels(image, 3, view))
+    batch = TF.pil_to_tensor(image).float().div(255)[None]  # (1, 3, h, w)
+    assert not torch.equal(bicubic.plain(batch), bilinear.plain(batch))
+    assert bicubic.describe()["interpolation"] == "bicubic"
+
+
+def test_bilinear_keeps_the_cache_key_of_transforms_before_interpolation_existed() -> None:
+    old_keys = {"kind", "image_size", "crop_ratio", "mean", "std", "min_crop_scale", "seed"}
+    assert set(_transform().describe()) == old_keys
+
+
+def test_unresolved_sentinels_and_a_legacy_config_are_handled() -> None:
+    from protoquant.config import BackboneConfig, RunConfig
+    from protoquant.data.transforms import view_transform
+
+    with pytest.raises(ValueError, match="resolve the backbone config first"):
+        _transform(image_size=0)
+    with pytest.raises(ValueError, match="resolve the backbone config first"):
+        _transform(crop_ratio=0.0)
+    with pytest.raises(ValueError, match="interpolation must be one of"):
+        _transform(interpolation="lanczos")
+    legacy = RunConfig(backbone=BackboneConfig(image_size=32))  # interpolation '' as saved before the field
+    assert view_transform(legacy, MEAN, STD).interpolation == "bilinear"
