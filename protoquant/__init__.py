@@ -1,10 +1,13 @@
 """protoquant: interpretable image classification with quantized prototypical parts on frozen backbones.
 
-The public API, imported on first use (so `import protoquant` and the CLI's `--help` stay fast):
+The public API, imported on first use (so `import protoquant` does not load torch and the CLI's
+`--help` stays fast):
 
     import protoquant
     result = protoquant.run(protoquant.RunConfig(out="runs/mine"))   # cache -> stages 0-2 -> outputs
-    model = protoquant.ProtoQuant.load("runs/mine/model")
+    model = protoquant.ProtoQuant.load("runs/mine/model")           # or .from_pretrained("owner/repo")
+    prediction = model.predict(image)                                # PIL, numpy, tensor, or a batch
+    protoquant.ensure_gallery(model, "runs/mine/model")              # each prototype's training patches
     explanation = model.explain(image)
 """
 
@@ -19,6 +22,7 @@ __version__ = "0.2.0"
 _EXPORTS = {
     "ProtoQuant": "protoquant.model",
     "Prediction": "protoquant.model",
+    "DifferentiableModel": "protoquant.model",
     "RunConfig": "protoquant.config",
     "DataConfig": "protoquant.config",
     "BackboneConfig": "protoquant.config",
@@ -34,12 +38,15 @@ _EXPORTS = {
     "load_splits": "protoquant.data",
     "Explanation": "protoquant.explain.types",
     "Gallery": "protoquant.explain.types",
+    "ensure_gallery": "protoquant.explain.gallery",
+    "load_gallery": "protoquant.explain.gallery",
 }
 __all__ = [
     "BackboneConfig",
     "CacheConfig",
     "CodebookConfig",
     "DataConfig",
+    "DifferentiableModel",
     "Explanation",
     "Gallery",
     "HeadConfig",
@@ -50,7 +57,9 @@ __all__ = [
     "RunResult",
     "__version__",
     "create_backbone",
+    "ensure_gallery",
     "load_dataset",
+    "load_gallery",
     "load_splits",
     "load_yaml",
     "run",
@@ -70,6 +79,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time the names load
         load_yaml,
     )
     from protoquant.data import load_dataset, load_splits
+    from protoquant.explain.gallery import ensure_gallery, load_gallery
     from protoquant.explain.types import Explanation, Gallery
-    from protoquant.model import Prediction, ProtoQuant
+    from protoquant.model import DifferentiableModel, Prediction, ProtoQuant
     from protoquant.pipeline import RunResult, run

@@ -2,36 +2,47 @@
 
 A checkpoint is a folder: `model.safetensors` (head tensors), `config.json` (run
 config, backbone facts, class names, temperature, format version) and, only for
-randomly initialised backbones that no name can reference, `backbone.safetensors`.
+randomly initialised backbones that no name can reference, `backbone.safetensors`;
+optionally the prototype gallery (`gallery.json`, `gallery.safetensors`) and, in folders
+written by `save_pretrained`, a model card `README.md` and the run's `metrics.json`.
 Loading is strict, and the backbone's weights hash must match the recorded one.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from protoquant.backbones.frozen import FrozenBackbone, create_backbone, state_hash
 from protoquant.config import RunConfig, from_dict, to_dict
+from protoquant.data.inputs import Images, to_rgb_images
 from protoquant.data.transforms import view_transform
+from protoquant.distributed import resolve_device
 from protoquant.head import HeadOutput, ProtoQuantHead
+from protoquant.hub import HubMixin
+
+if TYPE_CHECKING:  # the explanation and hub modules call into this one: hints only
+    from protoquant.explain.types import Explanation, Gallery
+
+logger = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = 1
 
 
 @dataclass(frozen=True)
 class Prediction:
-    """Output of `ProtoQuant.predict` for a batch of B images."""
+    """Output of `ProtoQuant.predict` for a batch of B images (B = 1 for a single image)."""
 
     classes: torch.Tensor  # (B,) predicted class index
     probabilities: torch.Tensor  # (B, C) softmax of the logits
@@ -41,16 +52,28 @@ class Prediction:
     activation: torch.Tensor  # (B, K, H, W) softmax(similarity / tau) over prototypes
 
 
-class ProtoQuant(nn.Module):
-    """An interpretable classifier: frozen backbone -> prototype head."""
+class ProtoQuant(HubMixin, nn.Module):
+    """An interpretable classifier: frozen backbone -> prototype head.
+
+    `save_pretrained`, `from_pretrained` and `push_to_hub` (from `HubMixin`) add the Hugging
+    Face Hub to `save` / `load`. `checkpoint` is the folder the model was loaded from (None for
+    a model built in memory); explanations read the prototype gallery stored there.
+    """
 
     def __init__(
-        self, backbone: FrozenBackbone, head: ProtoQuantHead, classes: Sequence[str], config: RunConfig
+        self,
+        backbone: FrozenBackbone,
+        head: ProtoQuantHead,
+        classes: Sequence[str],
+        config: RunConfig,
+        *,
+        checkpoint: str | Path | None = None,
     ):
         super().__init__()
         self.backbone, self.head = backbone, head
         self.classes = tuple(classes)
         self.config = config
+        self.checkpoint = Path(checkpoint) if checkpoint is not None else None
         info = backbone.info
         self.transform = view_transform(config, info.mean, info.std)
 
@@ -58,22 +81,34 @@ class ProtoQuant(nn.Module):
         """images: (B, 3, S, S) normalised tensors."""
         return self.head(self.features(images))
 
-    def features(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, D, H, W) patch features exactly as the cache stored them (grid pooling included)."""
-        features = self.backbone(images)
+    def features(self, images: torch.Tensor, *, input_gradients: bool = False) -> torch.Tensor:
+        """(B, D, H, W) patch features exactly as the cache stored them (grid pooling included).
+
+        Without autograd through the backbone unless `input_gradients` (see `differentiable`).
+        """
+        features = self.backbone(images, input_gradients=input_gradients)
         pool = self.config.cache.grid_pool
         return F.avg_pool2d(features, pool, ceil_mode=True) if pool > 1 else features  # (B, D, H/p, W/p)
 
-    def preprocess(self, images: Sequence[Image.Image] | torch.Tensor) -> torch.Tensor:
-        """PIL images, or a float (B, 3, h, w) batch in [0, 1], to a normalised (B, 3, S, S) batch."""
-        if isinstance(images, torch.Tensor):
-            if images.ndim != 4 or images.shape[1] != 3:
-                raise ValueError(f"image tensor must be (B, 3, H, W) in [0, 1], got {tuple(images.shape)}")
-            return self.transform.plain(images.float())
-        return torch.stack([self.transform(image.convert("RGB"), 0, 0) for image in images])
+    def preprocess(self, images: Images) -> torch.Tensor:
+        """One picture or a batch (see `protoquant.data.inputs`) -> normalised (B, 3, S, S) batch.
 
-    def predict(self, images: Sequence[Image.Image] | torch.Tensor) -> Prediction:
-        """Classify PIL images or a (B, 3, h, w) tensor in [0, 1]."""
+        Every picture becomes 8-bit RGB and then takes the evaluation transform of the feature
+        cache, so the same picture gives the same batch whatever its type.
+        """
+        return torch.stack([self.transform(image, 0, 0) for image in to_rgb_images(images)])
+
+    def predict(self, images: Images) -> Prediction:
+        """Classify one picture or a batch.
+
+        Args:
+            images: a PIL image; a uint8 numpy array (H, W), (H, W, C) or (B, H, W, C); a uint8
+                tensor (C, H, W) / (B, C, H, W) in 0-255; a float tensor (C, H, W) / (B, C, H, W)
+                in [0, 1]; or a list of these. C is 1, 3 or 4.
+
+        Returns:
+            A batch Prediction (B = 1 for a single picture).
+        """
         return self.predict_normalised(self.preprocess(images))
 
     @torch.no_grad()
@@ -89,14 +124,36 @@ class ProtoQuant(nn.Module):
             activation=out.activation.cpu(),
         )
 
-    def explain(self, image, *, top_classes: int = 1, top_prototypes: int = 5, gallery=None):
-        """Explain one image (PIL, or (3, h, w) in [0, 1]); see `protoquant.explain.explain`."""
+    def explain(
+        self,
+        images: Images,
+        *,
+        top_classes: int = 1,
+        top_prototypes: int = 5,
+        gallery: Gallery | bool | None = None,
+    ) -> Explanation | list[Explanation]:
+        """Explain one picture (-> Explanation) or a batch (-> list); see `protoquant.explain.explain`.
+
+        By default the gallery stored in `checkpoint` supplies each prototype's training
+        patches; a missing gallery is an error unless `gallery=False`.
+        """
         from protoquant.explain.explanation import explain  # lazy: explain imports this module
 
-        return explain(self, image, top_classes=top_classes, top_prototypes=top_prototypes, gallery=gallery)
+        return explain(self, images, top_classes=top_classes, top_prototypes=top_prototypes, gallery=gallery)
+
+    def differentiable(self) -> DifferentiableModel:
+        """An nn.Module from normalised images (B, 3, S, S) to logits (B, C) that lets gradients
+        reach the images (for captum and other attribution tools); the parameters stay frozen.
+
+        The default paths (`forward`, `predict`) keep the backbone free of autograd.
+        """
+        return DifferentiableModel(self)
 
     def save(self, path: str | Path) -> Path:
-        """Write the checkpoint folder atomically (a temporary folder renamed into place)."""
+        """Write the checkpoint folder atomically (a temporary folder renamed into place).
+
+        The gallery stored in `checkpoint` travels along when it belongs to this model.
+        """
         path = Path(path)
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -117,29 +174,39 @@ class ProtoQuant(nn.Module):
             "num_prototypes": self.head.num_prototypes,
         }
         (tmp / "config.json").write_text(json.dumps(meta, indent=2))
+        self._copy_gallery(tmp)
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)
         return path
 
+    def _copy_gallery(self, target: Path) -> None:
+        """Copy the gallery files of `checkpoint` into `target` if they were built for this model."""
+        from protoquant.explain.gallery import GALLERY_META, GALLERY_TENSORS, has_gallery, model_hash
+
+        source = self.checkpoint
+        if source is None or not has_gallery(source):
+            return
+        if json.loads((source / GALLERY_META).read_text()).get("model_hash") != model_hash(self):
+            logger.warning("%s: the stored gallery belongs to another model; not copied", source)
+            return
+        for name in (GALLERY_TENSORS, GALLERY_META):
+            shutil.copy2(source / name, target / name)
+
     @classmethod
     def load(
         cls, path: str | Path, *, backbone: FrozenBackbone | None = None, device: str | torch.device = "cpu"
     ) -> ProtoQuant:
-        """Load a checkpoint folder strictly; the backbone is rebuilt from its name unless given."""
+        """Load a checkpoint folder strictly, in eval mode, on `device` ("auto": CUDA if available).
+
+        The backbone is rebuilt from its recorded name (its weights checked by hash) unless given.
+        """
         path = Path(path)
         meta = _read_meta(path)
         config = from_dict(RunConfig, meta["config"])
-        recorded = meta["backbone"]["weights_hash"]
         if backbone is None:
-            backbone = create_backbone(config.backbone)
-            stored = path / "backbone.safetensors"
-            if stored.is_file():  # random backbones travel with the checkpoint
-                try:
-                    backbone.model.load_state_dict(load_file(str(stored)), strict=True)
-                except RuntimeError as err:
-                    raise ValueError(f"{stored}: does not match {config.backbone.name}: {err}") from err
-                backbone.info = replace(backbone.info, weights_hash=state_hash(backbone.model))
+            backbone = _rebuild_backbone(path, config)
+        recorded = meta["backbone"]["weights_hash"]
         if backbone.info.weights_hash != recorded:
             raise ValueError(
                 f"{path}: backbone weights hash {backbone.info.weights_hash[:12]} does not match "
@@ -153,8 +220,42 @@ class ProtoQuant(nn.Module):
             head.load_state_dict(tensors, strict=True)
         except RuntimeError as err:
             raise ValueError(f"{path / 'model.safetensors'}: does not match the head: {err}") from err
-        head.requires_grad_(False).eval()
-        return cls(backbone, head, meta["classes"], config).to(device)
+        head.requires_grad_(False)
+        device = resolve_device(device) if isinstance(device, str) else torch.device(device)
+        return cls(backbone, head, meta["classes"], config, checkpoint=path).to(device).eval()
+
+
+class DifferentiableModel(nn.Module):
+    """Normalised images (B, 3, S, S) -> logits (B, C), with gradients flowing to the images.
+
+    Every parameter of the wrapped model is frozen (requires_grad False) and stays in eval
+    mode, so a backward pass fills `images.grad` and nothing else.
+    """
+
+    def __init__(self, model: ProtoQuant):
+        super().__init__()
+        self.model = model.requires_grad_(False)
+        super().train(False)
+
+    def train(self, mode: bool = True) -> DifferentiableModel:
+        """Frozen: stays in eval mode whatever is asked."""
+        return super().train(False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model.head(self.model.features(images, input_gradients=True)).logits
+
+
+def _rebuild_backbone(path: Path, config: RunConfig) -> FrozenBackbone:
+    """The checkpoint's backbone from its name; random backbones travel as `backbone.safetensors`."""
+    backbone = create_backbone(config.backbone)
+    stored = path / "backbone.safetensors"
+    if stored.is_file():
+        try:
+            backbone.model.load_state_dict(load_file(str(stored)), strict=True)
+        except RuntimeError as err:
+            raise ValueError(f"{stored}: does not match {config.backbone.name}: {err}") from err
+        backbone.info = replace(backbone.info, weights_hash=state_hash(backbone.model))
+    return backbone
 
 
 def _read_meta(path: Path) -> dict:

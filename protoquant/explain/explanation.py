@@ -15,12 +15,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from scipy import ndimage
 
 from protoquant.data import ImageDataset
+from protoquant.data.inputs import ImageInput, Images, is_batch
 from protoquant.data.transforms import ViewTransform
-from protoquant.explain.gallery import model_hash, training_images
+from protoquant.explain.gallery import resolve_gallery, training_images
 from protoquant.explain.types import (
     ClassExplanation,
     Explanation,
@@ -84,6 +84,11 @@ def _evidence(
     )
 
 
+def _check_counts(top_classes: int, top_prototypes: int) -> None:
+    if top_classes < 1 or top_prototypes < 1:
+        raise ValueError(f"top_classes and top_prototypes must be >= 1, got {top_classes}, {top_prototypes}")
+
+
 def explain_prediction(
     prediction: Prediction,
     index: int,
@@ -102,8 +107,7 @@ def explain_prediction(
         class_weights: (C, K) effective class weights the logits were computed with.
         image: (S, S, 3) uint8, the model's input; maps are upsampled to its size.
     """
-    if top_classes < 1 or top_prototypes < 1:
-        raise ValueError(f"top_classes and top_prototypes must be >= 1, got {top_classes}, {top_prototypes}")
+    _check_counts(top_classes, top_prototypes)
 
     def patches(k: int) -> tuple[PatchRef, ...]:
         return gallery.patches(k, patches_per_prototype) if gallery is not None else ()
@@ -124,33 +128,43 @@ def explain_prediction(
 
 def explain(
     model: ProtoQuant,
-    image: Image.Image | torch.Tensor,
+    images: Images,
     *,
     top_classes: int = 1,
     top_prototypes: int = 5,
-    gallery: Gallery | None = None,
+    gallery: Gallery | bool | None = None,
     patches_per_prototype: int = PATCHES_PER_PROTOTYPE,
-) -> Explanation:
-    """Explain the model's decision on one PIL image or (3, h, w) tensor in [0, 1].
+) -> Explanation | list[Explanation]:
+    """Explain the model's decision on one picture (-> Explanation) or a batch (-> list).
 
-    With `gallery` (see `protoquant.gallery`), every shown prototype references its nearest
-    training patches; the gallery must belong to `model`.
+    Args:
+        images: anything `ProtoQuant.predict` takes (PIL, uint8 numpy, uint8 or [0, 1] float tensors,
+            lists of these).
+        gallery: where each shown prototype's nearest training patches come from. None (default):
+            the gallery stored in `model.checkpoint`; a FileNotFoundError says how to build it
+            (`protoquant gallery --model DIR`) when there is none. A `Gallery`: that one (it must
+            belong to `model`). False: no training patches (`PrototypeEvidence.patches` empty).
     """
-    if gallery is not None:
-        gallery.check(model_hash(model))
-    batch = model.preprocess(image[None] if isinstance(image, torch.Tensor) else [image])  # (1, 3, S, S)
+    _check_counts(top_classes, top_prototypes)  # before any file is read
+    gallery = resolve_gallery(model, gallery)
+    batch = model.preprocess(images)  # (B, 3, S, S)
     prediction = model.predict_normalised(batch)
-    return explain_prediction(
-        prediction,
-        0,
-        model.head.class_weights.detach().cpu(),
-        model.classes,
-        to_uint8(batch[0], model.transform.mean, model.transform.std),
-        top_classes=top_classes,
-        top_prototypes=top_prototypes,
-        gallery=gallery,
-        patches_per_prototype=patches_per_prototype,
-    )
+    class_weights = model.head.class_weights.detach().cpu()  # (C, K)
+    explanations = [
+        explain_prediction(
+            prediction,
+            index,
+            class_weights,
+            model.classes,
+            to_uint8(batch[index], model.transform.mean, model.transform.std),
+            top_classes=top_classes,
+            top_prototypes=top_prototypes,
+            gallery=gallery,
+            patches_per_prototype=patches_per_prototype,
+        )
+        for index in range(len(batch))
+    ]
+    return explanations if is_batch(images) else explanations[0]
 
 
 def _window(first: int, last: int, margin: int, size: int) -> int:
@@ -217,8 +231,8 @@ def read_run_metrics(checkpoint: str | Path) -> dict:
 
 def build_report(
     model: ProtoQuant,
-    images: Sequence[tuple[str, Image.Image]],
-    gallery: Gallery,
+    images: Sequence[tuple[str, ImageInput]],
+    gallery: Gallery | None = None,
     *,
     metrics: dict | None = None,
     top_classes: int = 2,
@@ -226,7 +240,16 @@ def build_report(
     dataset: ImageDataset | None = None,
     title: str = "ProtoQuant explanations",
 ) -> Report:
-    """Explain `images` (name, image) and load every gallery patch the report shows."""
+    """Explain `images` (name, picture) and load every gallery patch the report shows.
+
+    Args:
+        gallery: the prototype gallery; None reads the one stored in `model.checkpoint` (see `explain`).
+    """
+    gallery = resolve_gallery(model, gallery)
+    if gallery is None:
+        raise ValueError(
+            "a report shows training patches: it needs a gallery (gallery=False is not accepted)"
+        )
     explanations = tuple(
         (name, explain(model, image, top_classes=top_classes, top_prototypes=top_prototypes, gallery=gallery))
         for name, image in images

@@ -227,3 +227,41 @@ def ensure_gallery(
     gallery = build_gallery(model, training_subset(model, device), top_k=top_k, device=device)
     save_gallery(gallery, checkpoint)
     return gallery
+
+
+def stored_gallery(model: ProtoQuant) -> Gallery:
+    """The gallery stored in the model's checkpoint folder, checked against the model.
+
+    Raises:
+        FileNotFoundError: the model has no folder (built in memory) or its folder no gallery;
+            the message says how to build one and how to explain without it.
+    """
+    folder = model.checkpoint
+    opt_out = "or pass gallery=False to explain without training patches"
+    if folder is None:
+        raise FileNotFoundError(
+            "this model was built in memory, not loaded from a checkpoint folder, so it has no stored "
+            "prototype gallery: save it and pass gallery=protoquant.ensure_gallery(model, FOLDER) (or "
+            f"build_gallery(model, train_cache) from protoquant.explain.gallery), {opt_out}"
+        )
+    if not has_gallery(folder):
+        raise FileNotFoundError(
+            f"{folder} holds no prototype gallery: build it with `protoquant gallery --model {folder}` "
+            f"(or protoquant.explain.ensure_gallery(model, '{folder}')), {opt_out}"
+        )
+    return load_gallery(folder, model=model)
+
+
+def resolve_gallery(model: ProtoQuant, gallery: Gallery | bool | None) -> Gallery | None:
+    """The gallery an explanation uses: None for `gallery=False`, the stored one for None or True,
+    else `gallery` itself after checking that it was built for `model`."""
+    if gallery is False:
+        return None
+    if gallery is None or gallery is True:
+        return stored_gallery(model)
+    if not isinstance(gallery, Gallery):
+        raise TypeError(
+            f"gallery must be a Gallery, None (the stored one) or False, got {type(gallery).__name__}"
+        )
+    gallery.check(model_hash(model))
+    return gallery

@@ -32,7 +32,9 @@ def images(tiny_run):
 def test_all_contributions_sum_to_the_logit(model, images):
     num_classes, num_prototypes = len(model.classes), model.head.num_prototypes
     for image in images:
-        explanation = explain(model, image, top_classes=num_classes, top_prototypes=num_prototypes)
+        explanation = explain(
+            model, image, top_classes=num_classes, top_prototypes=num_prototypes, gallery=False
+        )
         logits = model.predict([image]).logits[0]
         assert len(explanation.classes) == num_classes
         for shown in explanation.classes:
@@ -45,7 +47,7 @@ def test_all_contributions_sum_to_the_logit(model, images):
 
 
 def test_top_prototypes_plus_rest_is_the_logit_and_sorted(model, images):
-    explanation = explain(model, images[0], top_classes=2, top_prototypes=3)
+    explanation = explain(model, images[0], top_classes=2, top_prototypes=3, gallery=False)
     probabilities = [c.probability for c in explanation.classes]
     assert probabilities == sorted(probabilities, reverse=True)
     assert explanation.predicted.class_index == int(model.predict([images[0]]).classes[0])
@@ -59,7 +61,9 @@ def test_top_prototypes_plus_rest_is_the_logit_and_sorted(model, images):
 def test_maps_and_boxes_lie_inside_the_image(model, images):
     size = model.config.backbone.image_size
     for image in images:
-        explanation = explain(model, image, top_classes=2, top_prototypes=model.head.num_prototypes)
+        explanation = explain(
+            model, image, top_classes=2, top_prototypes=model.head.num_prototypes, gallery=False
+        )
         assert explanation.image.shape == (size, size, 3) and explanation.image.dtype == np.uint8
         height, width = explanation.grid
         for item in (p for c in explanation.classes for p in c.prototypes):
@@ -73,14 +77,14 @@ def test_maps_and_boxes_lie_inside_the_image(model, images):
 
 def test_score_is_the_activation_peak_at_location(model, images):
     prediction = model.predict([images[0]])
-    for item in explain(model, images[0], top_prototypes=4).predicted.prototypes:
+    for item in explain(model, images[0], top_prototypes=4, gallery=False).predicted.prototypes:
         h, w = item.location
         assert item.score == pytest.approx(float(prediction.activation[0, item.prototype, h, w]), abs=1e-6)
         assert item.score == pytest.approx(float(prediction.scores[0, item.prototype]), abs=1e-6)
 
 
 def test_patches_come_from_the_gallery(model, gallery, images):
-    bare = explain(model, images[0], top_prototypes=3)
+    bare = explain(model, images[0], top_prototypes=3, gallery=False)
     assert all(item.patches == () for item in bare.predicted.prototypes)
     explained = explain(model, images[0], top_prototypes=3, gallery=gallery)
     for item in explained.predicted.prototypes:
@@ -89,13 +93,15 @@ def test_patches_come_from_the_gallery(model, gallery, images):
 
 
 def test_model_method_delegates_and_tensor_input_works(model, images):
-    by_function = explain(model, images[1], top_classes=2)
-    by_method = model.explain(images[1], top_classes=2)
+    by_function = explain(model, images[1], top_classes=2, gallery=False)
+    by_method = model.explain(images[1], top_classes=2, gallery=False)
     assert [p.prototype for p in by_method.predicted.prototypes] == [
         p.prototype for p in by_function.predicted.prototypes
     ]
     tensor = torch.from_numpy(np.array(images[1].convert("RGB"))).permute(2, 0, 1).float() / 255
-    from_tensor = explain(model, tensor, top_classes=2)  # resized differently from PIL: compare to itself
+    from_tensor = explain(
+        model, tensor, top_classes=2, gallery=False
+    )  # resized differently from PIL: compare to itself
     prediction = model.predict(tensor[None])
     assert from_tensor.predicted.class_index == int(prediction.classes[0])
     assert from_tensor.predicted.logit == pytest.approx(float(prediction.logits.max()), abs=1e-5)
