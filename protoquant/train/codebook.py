@@ -118,6 +118,20 @@ def _stage1_step(
     return loss_fn(features, labels)
 
 
+def _epoch(
+    loss_fn: nn.Module, optimizer, scheduler, batches, train: CacheView, config, device, rng
+) -> torch.Tensor:
+    """One stage-1 pass over `batches` (this rank's share of the epoch); returns the last loss."""
+    for entries in batches:
+        features, labels = train.store.get(entries), torch.from_numpy(train.store.labels[entries])
+        loss = _stage1_step(loss_fn, features.to(device), labels.to(device), config, rng)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+    return loss
+
+
 def train_codebook(
     train: CacheView,
     val: CacheView,
@@ -128,10 +142,10 @@ def train_codebook(
     device: torch.device,
     ctx: distributed.Context | None = None,
 ) -> tuple[VectorQuantizer, list[dict]]:
-    """Stage 1: learn K codes so the frozen probe still classifies the quantized maps.
+    """Stage 1: learn K prototypes so the frozen probe still classifies the quantized maps.
 
-    Under torchrun the codes train with DDP; every rank sees its share of each epoch's
-    shuffled entries, and usage counts are summed over ranks (so dead-code resets,
+    Under torchrun the prototypes train with DDP; every rank sees its share of each epoch's
+    shuffled entries, and usage counts are summed over ranks (so dead-prototype resets,
     drawn from a shared seed, are identical everywhere). Returns the best-on-validation
     codebook and a per-epoch history.
     """
@@ -144,24 +158,21 @@ def train_codebook(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, total, warmup))
     shared_rng, local_rng = np.random.default_rng(seed), np.random.default_rng((seed, ctx.rank))
     history, best = [], (-1.0, None)
-    epochs = progress.bar(range(config.epochs), desc="stage 1: quantizer", unit="epoch")
+    epochs = progress.bar(range(config.epochs), desc="stage 1: codebook", unit="epoch")
     for epoch in epochs:
         quantizer.train()
         usage_before = quantizer.usage.clone()
-        for entries in distributed.rank_batches(train.entries, config.batch_size, seed, epoch, ctx):
-            features, labels = train.store.get(entries), torch.from_numpy(train.store.labels[entries])
-            loss = _stage1_step(loss_fn, features.to(device), labels.to(device), config, local_rng)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
+        batches = distributed.rank_batches(train.entries, config.batch_size, seed, epoch, ctx)
+        loss = _epoch(loss_fn, optimizer, scheduler, batches, train, config, device, local_rng)
         epoch_usage = distributed.all_reduce_sum(quantizer.usage - usage_before)
         quantizer.usage.copy_(usage_before + epoch_usage)
         dead = int((epoch_usage == 0).sum())
         if config.reset_dead_prototypes:
             _reset_dead(quantizer, epoch_usage, train, shared_rng)
         val_acc = evaluate_quantized(quantizer, probe, val, config.batch_size, device, ctx)
-        history.append({"epoch": epoch, "loss": loss.item(), "dead_prototypes": dead, "val_accuracy": val_acc})
+        history.append(
+            {"epoch": epoch, "loss": loss.item(), "dead_prototypes": dead, "val_accuracy": val_acc}
+        )
         logger.info("stage 1 epoch %d: loss %.4f dead %d val %.4f", epoch, loss.item(), dead, val_acc)
         epochs.set_postfix(val=val_acc, dead=dead)
         if val_acc > best[0]:
