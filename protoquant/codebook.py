@@ -1,7 +1,7 @@
 """The codebook: prototypes learned by vector quantization of frozen patch features.
 
-Each patch feature is assigned its nearest code by cosine similarity; the quantized
-map holds the raw code vectors. Usage counts live in a buffer.
+Each patch feature is assigned its nearest prototype by cosine similarity; the quantized
+map holds the raw prototype vectors. Usage counts live in a buffer.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ ASSIGN_CHUNK = 16_384  # patches per chunk when assigning large sets (bounds mem
 
 
 def nearest_prototypes(patches: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
-    """Index of the most cosine-similar code for each patch.
+    """Index of the most cosine-similar prototype for each patch.
 
     Args:
         patches: (N, D). codebook: (K, D).
@@ -40,17 +40,17 @@ def to_patches(features: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class QuantizeOutput:
-    quantized: torch.Tensor  # (B, D, H, W) code vectors in place of features
-    indices: torch.Tensor  # (B, H, W) code index per location
+    quantized: torch.Tensor  # (B, D, H, W) prototype vectors in place of features
+    indices: torch.Tensor  # (B, H, W) prototype index per location
 
 
 class VectorQuantizer(nn.Module):
-    """K trainable code vectors in R^D with assignment-usage counts."""
+    """K trainable prototypes in R^D with assignment-usage counts."""
 
-    def __init__(self, codes: torch.Tensor) -> None:
+    def __init__(self, codebook: torch.Tensor) -> None:
         super().__init__()
-        self.codebook = nn.Parameter(codes.detach().clone())  # (K, D)
-        self.register_buffer("usage", torch.zeros(codes.shape[0]))  # (K,) assignments counted in training
+        self.codebook = nn.Parameter(codebook.detach().clone())  # (K, D)
+        self.register_buffer("usage", torch.zeros(codebook.shape[0]))  # (K,) assignments counted in training
 
     @property
     def num_prototypes(self) -> int:
@@ -62,19 +62,19 @@ class VectorQuantizer(nn.Module):
             indices = nearest_prototypes(to_patches(features), self.codebook)  # (B*H*W,)
             if self.training:
                 self.usage += torch.bincount(indices, minlength=self.num_prototypes).to(self.usage)
-        quantized = self.codebook[indices]  # (B*H*W, D), gradients flow to the codes
+        quantized = self.codebook[indices]  # (B*H*W, D), gradients flow to the prototypes
         quantized = quantized.reshape(batch, height, width, -1).permute(0, 3, 1, 2)  # (B, D, H, W)
         return QuantizeOutput(quantized, indices.reshape(batch, height, width))
 
 
 def orthogonal_init(num_prototypes: int, dim: int, generator: torch.Generator) -> torch.Tensor:
     """(K, D) random (semi-)orthogonal rows: the reference code's initialisation."""
-    codes = torch.empty(num_prototypes, dim)
+    codebook = torch.empty(num_prototypes, dim)
     gaussian = torch.randn(max(num_prototypes, dim), min(num_prototypes, dim), generator=generator)
     q, r = torch.linalg.qr(gaussian)  # orthonormal columns
     q = q * torch.sign(torch.diagonal(r))  # (max, min)
-    codes.copy_(q if num_prototypes >= dim else q.t())
-    return codes
+    codebook.copy_(q if num_prototypes >= dim else q.t())
+    return codebook
 
 
 def kmeans_init(

@@ -74,7 +74,7 @@ def summary_rows(metrics: dict) -> list[tuple[str, str]]:
         ("linear probe (reference)", f"{100 * metrics['linear_probe']['test_accuracy']:.1f} % test accuracy"),
         (
             "stage 1: quantized",
-            f"{100 * metrics['quantized']['test_accuracy']:.1f} % ({metrics['quantized']['used_prototypes']}/{metrics['quantized']['num_prototypes']} codes used)",
+            f"{100 * metrics['quantized']['test_accuracy']:.1f} % ({metrics['quantized']['used_prototypes']}/{metrics['quantized']['num_prototypes']} prototypes used)",
         ),
         (
             "stage 2: ProtoQuant",
@@ -82,7 +82,7 @@ def summary_rows(metrics: dict) -> list[tuple[str, str]]:
         ),
         (
             "grounding",
-            f"nearest-patch cosine {metrics['grounding']['mean_nearest_cosine_used']:.3f} mean over used codes",
+            f"nearest-patch cosine {metrics['grounding']['mean_nearest_cosine_used']:.3f} mean over used prototypes",
         ),
         (
             "time",

@@ -113,9 +113,9 @@ def train_stages(caches: Caches, num_classes: int, config: RunConfig, device: to
                 snap_to_patches(quantizer.codebook, caches.train_plain, config.codebook.batch_size, device)
             )
     usage = prototype_usage(quantizer.codebook, caches.train_plain, config.codebook.batch_size, device)
-    codes = quantizer.codebook.detach()
+    codebook = quantizer.codebook.detach()
     head, selection = train_head(
-        codes, usage, caches.train, caches.val, num_classes, config.head, seed=seed, device=device
+        codebook, usage, caches.train, caches.val, num_classes, config.head, seed=seed, device=device
     )
     return Trained(probe, quantizer, head, history, selection)
 
@@ -131,7 +131,7 @@ def accuracies(trained: Trained, caches: Caches, batch: int, device: torch.devic
 
 
 def grounding_summary(head: ProtoQuantHead, caches: Caches, batch: int, device: torch.device) -> dict:
-    """Nearest-training-patch cosine of the codes that training patches use."""
+    """Nearest-training-patch cosine of the prototypes that training patches use."""
     nearest = nearest_patches(head.codebook, caches.train_plain, batch, device)
     used = (head.usage > 0).cpu()  # nearest_patches answers on the CPU
     if not used.any():

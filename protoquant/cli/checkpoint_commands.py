@@ -117,7 +117,9 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
 def register(sub: argparse._SubParsersAction) -> None:
     """Add `evaluate`, `audit` and `gallery`."""
     _add_evaluate(sub)
-    parser = command(sub, "audit", "grounding: nearest training patch, usage, dead/duplicate codes, drift")
+    parser = command(
+        sub, "audit", "grounding: nearest training patch, usage, dead/duplicate prototypes, drift"
+    )
     parser.add_argument("--model", required=True, metavar="DIR", help="checkpoint folder")
     parser.add_argument(
         "--against", metavar="DIR", help="second checkpoint (same backbone): report prototype drift"

@@ -36,7 +36,7 @@ def sample_patches(subset: CacheView, count: int, generator: np.random.Generator
 
 
 def init_codebook(train: CacheView, config: CodebookConfig, *, seed: int) -> torch.Tensor:
-    """(K, D) initial codes: k-means on sampled training patches (default) or orthogonal."""
+    """(K, D) initial codebook: k-means on sampled training patches (default) or orthogonal."""
     generator = torch.Generator().manual_seed(seed)
     if config.init == "orthogonal":
         return orthogonal_init(config.num_prototypes, train.store.channels, generator)
@@ -85,7 +85,7 @@ def _reset_dead(
 
 
 class Stage1Loss(nn.Module):
-    """Cross-entropy of the frozen probe on the quantized map + commitment MSE; only codes train."""
+    """Cross-entropy of the frozen probe on the quantized map + commitment MSE; only the prototypes train."""
 
     def __init__(self, quantizer: VectorQuantizer, probe: nn.Linear, commitment_weight: float) -> None:
         super().__init__()
@@ -183,16 +183,16 @@ def train_codebook(
 
 
 def prototype_usage(
-    codes: torch.Tensor,
+    codebook: torch.Tensor,
     subset: CacheView,
     batch_size: int,
     device: torch.device,
     ctx: distributed.Context | None = None,
 ) -> torch.Tensor:
-    """(K,) number of patches of the subset whose nearest code is k (summed over ranks)."""
+    """(K,) number of patches of the subset whose nearest prototype is k (summed over ranks)."""
     entries = distributed.shard_for_rank(subset.entries, ctx or distributed.context())
-    counts = torch.zeros(codes.shape[0], dtype=torch.float64)
+    counts = torch.zeros(codebook.shape[0], dtype=torch.float64)
     for features, _ in subset.store.batches(entries, batch_size):
-        indices = nearest_prototypes(to_patches(features.to(device)), codes.to(device))
-        counts += torch.bincount(indices.cpu(), minlength=codes.shape[0])
+        indices = nearest_prototypes(to_patches(features.to(device)), codebook.to(device))
+        counts += torch.bincount(indices.cpu(), minlength=codebook.shape[0])
     return distributed.all_reduce_sum(counts).float()

@@ -1,6 +1,6 @@
 """Stage 2: the interpretable head on fixed pooled scores.
 
-With frozen codes the pooled scores (N, K) of every cached entry are fixed, so they
+With frozen prototypes the pooled scores (N, K) of every cached entry are fixed, so they
 are computed once per temperature and the class layer trains on them in seconds.
 Temperature and learning rate are chosen on the validation split when grids are given.
 """
@@ -131,7 +131,7 @@ def train_head(
     device: torch.device,
     ctx: distributed.Context | None = None,
 ) -> tuple[ProtoQuantHead, dict]:
-    """Stage 2 with frozen codes; returns the head and the selection record (grid, choice, val accuracy)."""
+    """Stage 2 with frozen prototypes; returns the head and the selection record (grid, choice, val accuracy)."""
     ctx = ctx or distributed.context()
     val = CacheView(val.store, distributed.shard_for_rank(val.entries, ctx))
     dtype = scores_dtype(config)
