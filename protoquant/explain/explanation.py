@@ -60,9 +60,19 @@ def to_uint8(normalised: torch.Tensor, mean: Sequence[float], std: Sequence[floa
 
 
 def _evidence(
-    prediction: Prediction, index: int, weights: torch.Tensor, order: list[int], size: int, patches
+    prediction: Prediction,
+    index: int,
+    weights: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    order: list[int],
+    size: int,
+    patches,
 ) -> tuple[PrototypeEvidence, ...]:
-    """Evidence of prototypes `order` for one class with (K,) `weights`; `patches(k)` gives its refs."""
+    """Evidence of prototypes `order` for one class; `patches(k)` gives its refs.
+
+    Args:
+        weights: (K,) each: the class's weights, the smallest weight over classes, the runner-up's.
+    """
+    weights, floor, runner_up = weights
     activation = prediction.activation[index, order]  # (k, H, W)
     peaks = activation.flatten(1).argmax(dim=1).tolist()  # (k,) flat h * W + w
     upsampled = upsample(activation, size).numpy()  # (k, S, S)
@@ -74,6 +84,8 @@ def _evidence(
             score=float(scores[k]),
             weight=float(weights[k]),
             contribution=float(scores[k] * weights[k]),
+            specific=float(scores[k] * (weights[k] - floor[k])),
+            margin_contribution=float(scores[k] * (weights[k] - runner_up[k])),
             location=divmod(peaks[i], activation.shape[-1]),
             similarity=similarity[i],
             activation=upsampled[i],
@@ -113,16 +125,36 @@ def explain_prediction(
         return gallery.patches(k, patches_per_prototype) if gallery is not None else ()
 
     scores, probabilities = prediction.scores[index], prediction.probabilities[index]  # (K,), (C,)
+    logits = prediction.logits[index]  # (C,)
+    floor = class_weights.amin(dim=0)  # (K,) weight every class gives prototype k
+    agnostic = float(scores @ floor)
+    ranked = probabilities.argsort(descending=True).tolist()
     shown = []
-    for c in probabilities.argsort(descending=True)[:top_classes].tolist():
+    for c in ranked[:top_classes]:
+        runner_up = next((r for r in ranked if r != c), -1)
+        rival = class_weights[runner_up] if runner_up >= 0 else class_weights[c]  # (K,)
         contributions = scores * class_weights[c]  # (K,)
         order = contributions.argsort(descending=True)[:top_prototypes].tolist()
-        evidence = _evidence(prediction, index, class_weights[c], order, image.shape[0], patches)
-        logit = float(prediction.logits[index, c])
+        weights = (class_weights[c], floor, rival)
+        evidence = _evidence(prediction, index, weights, order, image.shape[0], patches)
+        logit = float(logits[c])
         rest = logit - sum(item.contribution for item in evidence)
-        probability = float(probabilities[c])
+        margin = logit - float(logits[runner_up]) if runner_up >= 0 else 0.0
         count = int((contributions > 0).sum())
-        shown.append(ClassExplanation(c, classes[c], probability, logit, evidence, rest, count))
+        shown.append(
+            ClassExplanation(
+                c,
+                classes[c],
+                float(probabilities[c]),
+                logit,
+                evidence,
+                rest,
+                count,
+                agnostic,
+                runner_up,
+                margin,
+            )
+        )
     return Explanation(image, tuple(prediction.activation.shape[-2:]), tuple(shown))
 
 

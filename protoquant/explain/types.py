@@ -118,6 +118,8 @@ class PrototypeEvidence:
     score: float  # pooled presence of prototype k: the spatial max of its activation
     weight: float  # class weight w[c, k] >= 0
     contribution: float  # score * weight; all K of them sum to the class logit
+    specific: float  # score * (w[c, k] - min_c' w[c', k]): the part no other class also receives
+    margin_contribution: float  # score * (w[c, k] - w[r, k]) with r the runner-up class (0 if none)
     location: tuple[int, int]  # (h, w) grid cell where the activation peaks
     similarity: np.ndarray  # (S, S) float32 cosine similarity map, upsampled to the image
     activation: np.ndarray  # (S, S) float32 activation map (softmax over prototypes), upsampled
@@ -134,6 +136,29 @@ class ClassExplanation:
     prototypes: tuple[PrototypeEvidence, ...]  # the top prototypes by contribution, largest first
     rest: float  # logit minus the shown contributions: what all other prototypes add
     num_contributing: int  # prototypes with a positive contribution to this logit
+    agnostic: float  # sum_k score_k * min_c w[c, k]: added to every class alike, moves no probability
+    runner_up: int  # index of the next most probable class (-1 when the model has one class)
+    margin: float  # logit minus the runner-up's logit (0 when there is none)
+
+    @property
+    def specific_logit(self) -> float:
+        """The logit without its class-agnostic part: what separates this class from the others."""
+        return self.logit - self.agnostic
+
+    @property
+    def shown_share(self) -> float:
+        """Share of the class-specific logit carried by the shown prototypes (nan when it is 0)."""
+        total = self.specific_logit
+        return sum(p.specific for p in self.prototypes) / total if total > 0 else float("nan")
+
+    @property
+    def shown_margin_share(self) -> float:
+        """Share of the margin over the runner-up carried by the shown prototypes (nan when it is <= 0)."""
+        return (
+            sum(p.margin_contribution for p in self.prototypes) / self.margin
+            if self.margin > 0
+            else float("nan")
+        )
 
 
 @dataclass(frozen=True)
