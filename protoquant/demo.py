@@ -10,7 +10,7 @@ from PIL import Image
 from protoquant import distributed
 from protoquant.config import RunConfig
 from protoquant.distributed import resolve_device
-from protoquant.explain.explanation import build_report, explain, load_patches
+from protoquant.explain.explanation import build_report, explain
 from protoquant.explain.gallery import build_gallery, save_gallery
 from protoquant.explain.types import Gallery
 from protoquant.pipeline import RunResult, run
@@ -24,9 +24,12 @@ REPORT_DIR = "report"  # the report's folder inside the run's output folder
 
 
 def demo_gallery(result: RunResult) -> Gallery:
-    """Build the prototype gallery from the run's training cache and store it in the checkpoint."""
+    """Build the prototype gallery (with its pictures) from the run's training cache and images and
+    store it in the checkpoint, so later explanations need no training data."""
     device = resolve_device(result.model.config.device)
-    gallery = build_gallery(result.model, result.caches.train_plain, device=device)
+    gallery = build_gallery(
+        result.model, result.caches.train_plain, device=device, dataset=result.splits.train
+    )
     save_gallery(gallery, result.out / "model")
     return gallery
 
@@ -34,12 +37,11 @@ def demo_gallery(result: RunResult) -> Gallery:
 def write_explanation_figure(
     result: RunResult, gallery: Gallery, test_index: int = 0, top_prototypes: int = 4
 ) -> Path:
-    """Explain test image `test_index` and draw it with each prototype's nearest training patch."""
+    """Explain test image `test_index` and draw it with each prototype's nearest training patch and
+    source image (from the gallery's stored pictures)."""
     image = result.splits.test.load_image(test_index)
     explanation = explain(result.model, image, top_prototypes=top_prototypes, gallery=gallery)
-    refs = [ref for item in explanation.predicted.prototypes for ref in item.patches[:1]]
-    patches = load_patches(gallery, refs, result.splits.train)
-    return render_explanation(explanation, result.out / "explanation.png", patches)
+    return render_explanation(explanation, result.out / "explanation.png", gallery)
 
 
 def report_images(result: RunResult, count: int = REPORT_IMAGES) -> list[tuple[str, Image.Image]]:
@@ -59,7 +61,6 @@ def write_demo_report(result: RunResult, gallery: Gallery) -> Path:
         report_images(result),
         gallery,
         metrics=result.metrics,
-        dataset=result.splits.train,
         title="ProtoQuant demo: this looks like that",
     )
     return write_report(report, result.out / REPORT_DIR)

@@ -36,6 +36,7 @@ REPO_FILES = (  # everything from_pretrained downloads; other files in a repo ar
     "backbone.safetensors",
     "gallery.json",
     "gallery.safetensors",
+    "gallery_pictures.npz",
     CARD,
     METRICS,
 )

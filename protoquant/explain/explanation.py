@@ -17,10 +17,9 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from protoquant.data import ImageDataset
 from protoquant.data.inputs import ImageInput, Images, is_batch
-from protoquant.data.transforms import ViewTransform
-from protoquant.explain.gallery import resolve_gallery, training_images
+from protoquant.explain.gallery import resolve_gallery
+from protoquant.explain.pictures import to_uint8
 from protoquant.explain.types import (
     ClassExplanation,
     Explanation,
@@ -29,6 +28,7 @@ from protoquant.explain.types import (
     PrototypeEvidence,
     Report,
     TrainingPatch,
+    cell_box,
 )
 
 if TYPE_CHECKING:  # the model calls into this module, so its type is imported for hints only
@@ -36,7 +36,7 @@ if TYPE_CHECKING:  # the model calls into this module, so its type is imported f
 
 BOX_QUANTILE = 0.95  # a prototype's box covers its peak's connected region at or above this quantile
 PATCHES_PER_PROTOTYPE = 3  # nearest training patches referenced by each shown prototype
-PATCH_CONTEXT_CELLS = 1  # grid cells of context kept around a training patch's cell
+TILE_CACHE = "gallery_tiles"  # folder in the checkpoint where rendered gallery tiles are kept
 
 
 def upsample(maps: torch.Tensor, size: int) -> torch.Tensor:
@@ -50,13 +50,6 @@ def high_activation_box(heatmap: np.ndarray, quantile: float = BOX_QUANTILE) -> 
     peak = np.unravel_index(int(np.argmax(heatmap)), heatmap.shape)
     ys, xs = np.nonzero(regions == regions[peak])
     return int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max())
-
-
-def to_uint8(normalised: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
-    """(3, S, S) normalised tensor -> (S, S, 3) uint8 image."""
-    pixels = normalised.detach().cpu().float().numpy().transpose(1, 2, 0)  # (S, S, 3)
-    unit = np.clip(pixels * np.asarray(std, dtype=np.float32) + np.asarray(mean, dtype=np.float32), 0, 1)
-    return (unit * 255).round().astype(np.uint8)
 
 
 def _evidence(
@@ -75,6 +68,8 @@ def _evidence(
     weights, floor, runner_up = weights
     activation = prediction.activation[index, order]  # (k, H, W)
     peaks = activation.flatten(1).argmax(dim=1).tolist()  # (k,) flat h * W + w
+    cells = [divmod(peak, activation.shape[-1]) for peak in peaks]  # (h, w) of each peak
+    grid = tuple(activation.shape[-2:])
     upsampled = upsample(activation, size).numpy()  # (k, S, S)
     similarity = upsample(prediction.similarity[index, order], size).numpy()  # (k, S, S)
     scores = prediction.scores[index]  # (K,)
@@ -86,10 +81,11 @@ def _evidence(
             contribution=float(scores[k] * weights[k]),
             specific=float(scores[k] * (weights[k] - floor[k])),
             margin_contribution=float(scores[k] * (weights[k] - runner_up[k])),
-            location=divmod(peaks[i], activation.shape[-1]),
+            location=cells[i],
             similarity=similarity[i],
             activation=upsampled[i],
-            box=high_activation_box(upsampled[i]),
+            box=cell_box(cells[i], grid, size),  # the same rule as the training side (`window`)
+            cosine=float(prediction.similarity[index, k, cells[i][0], cells[i][1]]),
             patches=patches(k),
         )
         for i, k in enumerate(order)
@@ -199,44 +195,9 @@ def explain(
     return explanations if is_batch(images) else explanations[0]
 
 
-def _window(first: int, last: int, margin: int, size: int) -> int:
-    """Start of a window of (last - first + 1 + 2 * margin) pixels around [first, last], kept inside [0, size)."""
-    return min(max(0, first - margin), max(0, size - (last - first + 1 + 2 * margin)))
-
-
-def crop_patch(view: np.ndarray, ref: PatchRef, grid: tuple[int, int]) -> TrainingPatch:
-    """Cut `ref`'s cell with PATCH_CONTEXT_CELLS of context on each side out of its (S, S, 3) view.
-
-    Every crop has the same size: at the image border the window shifts inwards instead of shrinking.
-    """
-    size = view.shape[0]
-    x1, y1, x2, y2 = ref.box
-    margin_x, margin_y = PATCH_CONTEXT_CELLS * size // grid[1], PATCH_CONTEXT_CELLS * size // grid[0]
-    left, top = _window(x1, x2, margin_x, size), _window(y1, y2, margin_y, size)
-    width, height = x2 - x1 + 1 + 2 * margin_x, y2 - y1 + 1 + 2 * margin_y
-    crop = view[top : top + height, left : left + width].copy()
-    return TrainingPatch(ref, crop, (x1 - left, y1 - top, x2 - left, y2 - top))
-
-
-def load_patches(
-    gallery: Gallery, refs: Iterable[PatchRef], dataset: ImageDataset | None = None
-) -> dict[tuple[int, int], TrainingPatch]:
-    """Crops of `refs` keyed by (prototype, rank); each training image is loaded once.
-
-    Args:
-        dataset: the training split; by default loaded from the gallery's recorded data config.
-    """
-    refs = list(refs)
-    dataset = dataset if dataset is not None else training_images(gallery)
-    transform = ViewTransform(**gallery.source.transform)
-    views: dict[int, np.ndarray] = {}
-    out = {}
-    for ref in refs:
-        if ref.image not in views:
-            tensor = transform(dataset.load_image(ref.image).convert("RGB"), ref.image, 0)  # (3, S, S)
-            views[ref.image] = to_uint8(tensor, transform.mean, transform.std)
-        out[ref.prototype, ref.rank] = crop_patch(views[ref.image], ref, gallery.grid)
-    return out
+def load_patches(gallery: Gallery, refs: Iterable[PatchRef]) -> dict[tuple[int, int], TrainingPatch]:
+    """Stored crops of `refs` keyed by (prototype, rank); no training image is read."""
+    return {(ref.prototype, ref.rank): gallery.patch(ref) for ref in refs}
 
 
 def model_facts(model: ProtoQuant, gallery: Gallery) -> tuple[tuple[str, str], ...]:
@@ -269,13 +230,13 @@ def build_report(
     metrics: dict | None = None,
     top_classes: int = 2,
     top_prototypes: int = 5,
-    dataset: ImageDataset | None = None,
     title: str = "ProtoQuant explanations",
 ) -> Report:
     """Explain `images` (name, picture) and load every gallery patch the report shows.
 
     Args:
         gallery: the prototype gallery; None reads the one stored in `model.checkpoint` (see `explain`).
+            Its stored pictures supply every training patch: the training data is not read.
     """
     gallery = resolve_gallery(model, gallery)
     if gallery is None:
@@ -294,5 +255,6 @@ def build_report(
         metrics or {},
         explanations,
         gallery,
-        load_patches(gallery, sorted(refs, key=lambda r: (r.prototype, r.rank)), dataset),
+        load_patches(gallery, sorted(refs, key=lambda r: (r.prototype, r.rank))),
+        str(model.checkpoint / TILE_CACHE) if model.checkpoint is not None else None,
     )

@@ -1,12 +1,14 @@
 """The prototype gallery: each prototype's nearest training patches, computed from the feature cache.
 
 For every prototype k: the top-T training images by the cosine similarity of their most
-similar patch (at most one patch per image), which cell that patch is, how many training
-patches have k as their nearest prototype (usage), and the class weights w[:, k]. It is
-stored beside the checkpoint as `gallery.safetensors` + `gallery.json`, and it records the
-data config, seed and cache folder its image indices refer to, so the training images can
-be loaded back later with `load_splits(data, seed).train`. Building reads cached features; the
-backbone runs only where `ensure_gallery` finds no training cache and has to build it.
+similar patch (at most one patch per image), which cell that patch is, its class and file,
+how many training patches have k as their nearest prototype (usage), the class weights w[:, k],
+k's cosine map on its nearest image, and small pictures of all of these (`pictures`). It is
+stored beside the checkpoint as `gallery.safetensors` + `gallery_pictures.npz` + `gallery.json`
+(written last, with the hashes of the other two), so explanations show the training patches
+without the training data. It records the data config, seed and cache folder its image indices
+refer to (`load_splits(data, seed).train`). Building reads cached features and the training
+images once; the backbone runs only where `ensure_gallery` finds no training cache.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from protoquant import progress
@@ -27,6 +30,14 @@ from protoquant.cache.build import build_cache
 from protoquant.cache.view import CacheView
 from protoquant.config import DataConfig, from_dict, to_dict
 from protoquant.data import ImageDataset, load_splits
+from protoquant.data.transforms import ViewTransform
+from protoquant.explain.pictures import (
+    GALLERY_PICTURES,
+    cut_pictures,
+    image_file,
+    load_pictures,
+    save_pictures,
+)
 from protoquant.explain.types import Gallery, GallerySource
 from protoquant.head import cosine_similarity_map
 
@@ -35,9 +46,19 @@ if TYPE_CHECKING:  # the model calls into this module, so its type is imported f
 
 logger = logging.getLogger(__name__)
 
-GALLERY_FORMAT = 1
+GALLERY_FORMAT = 2  # 2: labels, files, source maps and pictures stored; 1 (older) is rebuilt
 GALLERY_TENSORS, GALLERY_META = "gallery.safetensors", "gallery.json"
-TENSOR_FIELDS = ("similarity", "entry", "image", "cell", "usage", "class_weights")  # in gallery.safetensors
+GALLERY_FILES = (GALLERY_TENSORS, GALLERY_PICTURES, GALLERY_META)  # the meta file last: it commits
+TENSOR_FIELDS = (  # in gallery.safetensors
+    "similarity",
+    "entry",
+    "image",
+    "cell",
+    "usage",
+    "class_weights",
+    "label",
+    "source_similarity",
+)
 TOP_K = 5  # training images kept per prototype
 
 
@@ -77,6 +98,27 @@ def _scan(
     return best, best_entry, best_cell, usage
 
 
+@torch.no_grad()
+def _source_maps(codebook: torch.Tensor, store, entry: torch.Tensor) -> torch.Tensor:
+    """(K,) cache entries -> (K, H, W) cosine map of prototype k on entry k's features."""
+    features = F.normalize(store.get(entry.numpy()), dim=1)  # (K, D, H, W)
+    codes = F.normalize(codebook.detach().float().cpu(), dim=1)  # (K, D)
+    return torch.einsum("kdhw,kd->khw", features, codes).contiguous()  # (K, H, W)
+
+
+def _source(model: ProtoQuant, store) -> GallerySource:
+    """What the gallery's image indices refer to: the model's data config and the cache's key."""
+    key = store.manifest["key"]
+    return GallerySource(
+        to_dict(model.config.data),
+        model.config.seed,
+        str(store.folder),
+        key["dataset_fingerprint"],
+        int(key["num_images"]),
+        json.loads(json.dumps(asdict(model.transform))),  # tuples as lists, as after a reload
+    )
+
+
 def build_gallery(
     model: ProtoQuant,
     train: CacheView,
@@ -84,12 +126,16 @@ def build_gallery(
     top_k: int = TOP_K,
     batch_size: int = 64,
     device: str | torch.device = "cpu",
+    dataset: ImageDataset | None = None,
 ) -> Gallery:
-    """Search the cached training features for each prototype's nearest patches (no backbone run).
+    """Search the cached training features for each prototype's nearest patches (no backbone run),
+    and cut their pictures from the training images.
 
     Args:
         train: cache entries of the training split of `model.config.data`; only view 0 of each
             image is used, so every patch is one a person can be shown.
+        dataset: that training split (checked against the cache's fingerprint); by default loaded
+            from the model's data config.
     """
     if top_k < 1:
         raise ValueError(f"gallery top_k must be >= 1, got {top_k}")
@@ -101,35 +147,35 @@ def build_gallery(
     grid = tuple(-(-side // pool) for side in model.backbone.info.grid)  # as the cache pooled it
     if tuple(store.grid) != grid:
         raise ValueError(f"{store.folder}: cache grid {store.grid} differs from the model's {grid}")
-    key = store.manifest["key"]
     similarity, entry, cell, usage = _scan(
         model.head.codebook, CacheView(store, plain), top_k, batch_size, torch.device(device)
     )
-    source = GallerySource(
-        to_dict(model.config.data),
-        model.config.seed,
-        str(store.folder),
-        key["dataset_fingerprint"],
-        int(key["num_images"]),
-        json.loads(json.dumps(asdict(model.transform))),  # tuples as lists, as after a reload
-    )
+    source = _source(model, store)
+    dataset = checked_split(source, dataset)
+    image = torch.from_numpy(store.image_index)[entry]  # (K, T)
+    pictures = cut_pictures(dataset, image, cell, grid, ViewTransform(**source.transform))
+    files = {i: image_file(dataset, i) for i in sorted(set(image.flatten().tolist()))}
     return Gallery(
         similarity.float(),
         entry,
-        torch.from_numpy(store.image_index)[entry],
+        image,
         cell,
         usage,
         model.head.class_weights.detach().float().cpu(),
+        torch.from_numpy(dataset.labels)[image],
+        _source_maps(model.head.codebook, store, entry[:, 0]),
         model.classes,
         tuple(store.grid),
         model.config.backbone.image_size,
         model_hash(model),
         source,
+        {i: name for i, name in files.items() if name},
+        pictures,
     )
 
 
 def save_gallery(gallery: Gallery, checkpoint: str | Path) -> Path:
-    """Write `gallery.safetensors` and `gallery.json` into the checkpoint folder, each atomically."""
+    """Write the gallery files (GALLERY_FILES) into the checkpoint folder, each atomically."""
     folder = Path(checkpoint)
     if not folder.is_dir():
         raise FileNotFoundError(f"checkpoint folder {folder} does not exist")
@@ -145,7 +191,9 @@ def save_gallery(gallery: Gallery, checkpoint: str | Path) -> Path:
         "image_size": gallery.image_size,
         "model_hash": gallery.model_hash,
         "tensors_sha256": tensor_hash,
+        "pictures_sha256": save_pictures(gallery.pictures, folder),
         "source": asdict(gallery.source),
+        "files": {str(index): name for index, name in gallery.files.items()},
     }
     tmp = folder / f".{GALLERY_META}.tmp-{os.getpid()}"
     tmp.write_text(json.dumps(meta, indent=2))
@@ -168,7 +216,9 @@ def load_gallery(checkpoint: str | Path, *, model: ProtoQuant | None = None) -> 
     meta = json.loads((folder / GALLERY_META).read_text())
     if meta.get("format") != GALLERY_FORMAT:
         raise ValueError(
-            f"{folder / GALLERY_META}: gallery format {meta.get('format')}, expected {GALLERY_FORMAT}"
+            f"{folder / GALLERY_META}: gallery format {meta.get('format')}, expected {GALLERY_FORMAT} "
+            "(older galleries keep no pictures of their training patches); rebuild it with "
+            f"`protoquant gallery --model {folder}` (needs the training data once)"
         )
     data = (folder / GALLERY_TENSORS).read_bytes()
     if hashlib.sha256(data).hexdigest() != meta["tensors_sha256"]:
@@ -181,6 +231,8 @@ def load_gallery(checkpoint: str | Path, *, model: ProtoQuant | None = None) -> 
         image_size=int(meta["image_size"]),
         model_hash=meta["model_hash"],
         source=GallerySource(**meta["source"]),
+        files={int(index): name for index, name in meta["files"].items()},
+        pictures=load_pictures(folder, meta["pictures_sha256"], tuple(tensors["similarity"].shape)),
     )
     if model is not None:
         gallery.check(model_hash(model))
@@ -189,8 +241,13 @@ def load_gallery(checkpoint: str | Path, *, model: ProtoQuant | None = None) -> 
 
 def training_images(gallery: Gallery) -> ImageDataset:
     """The training split the gallery's image indices refer to, checked against its fingerprint."""
-    source = gallery.source
-    train = load_splits(from_dict(DataConfig, source.data), source.seed).train
+    return checked_split(gallery.source)
+
+
+def checked_split(source: GallerySource, train: ImageDataset | None = None) -> ImageDataset:
+    """`train` (by default loaded from the recorded data config), checked against `source`."""
+    if train is None:
+        train = load_splits(from_dict(DataConfig, source.data), source.seed).train
     if len(train) != source.num_images or train.fingerprint() != source.dataset_fingerprint:
         raise ValueError(
             f"the training split of dataset '{source.data.get('dataset')}' (root '{source.data.get('root')}') "
@@ -220,10 +277,20 @@ def ensure_gallery(
 ) -> Gallery:
     """The checkpoint's gallery; built from the training cache and saved when missing, stale or `rebuild`."""
     if has_gallery(checkpoint) and not rebuild:
-        gallery = load_gallery(checkpoint)
-        if gallery.model_hash == model_hash(model):
-            return gallery
-        logger.warning("%s: the stored gallery belongs to another model; rebuilding it", checkpoint)
+        stored = json.loads((Path(checkpoint) / GALLERY_META).read_text()).get("format")
+        if stored != GALLERY_FORMAT:
+            logger.warning(
+                "%s: the stored gallery has format %s (no pictures of its training patches); "
+                "rebuilding it as format %s from the training cache and images",
+                checkpoint,
+                stored,
+                GALLERY_FORMAT,
+            )
+        else:
+            gallery = load_gallery(checkpoint)
+            if gallery.model_hash == model_hash(model):
+                return gallery
+            logger.warning("%s: the stored gallery belongs to another model; rebuilding it", checkpoint)
     gallery = build_gallery(model, training_subset(model, device), top_k=top_k, device=device)
     save_gallery(gallery, checkpoint)
     return gallery

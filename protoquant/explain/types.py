@@ -10,8 +10,14 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from PIL import Image
 
 from protoquant.config import WEIGHT_THRESHOLD
+
+WINDOW_CONTEXT = 1  # grid cells of context on each side of a patch's cell, test and training side alike
+CROP_SIDE = 64  # px, side of every window crop, stored and shown (test and training side: one zoom)
+SOURCE_SIDE = 96  # px, side of a stored source-image thumbnail
+SCALE_LOW_QUANTILE = 0.5  # heatmap colour scale starts at this quantile of the source images' cosines
 
 
 @dataclass(frozen=True)
@@ -25,6 +31,8 @@ class PatchRef:
     cell: tuple[int, int]  # (h, w) on the feature grid
     box: tuple[int, int, int, int]  # (x1, y1, x2, y2) of the cell in the (S, S) view, inclusive
     similarity: float  # cosine similarity of prototype k to this patch
+    label: int  # class index of the training image
+    file: str  # the training image's file (relative to the dataset root); "" for generated data
 
 
 @dataclass(frozen=True)
@@ -49,11 +57,15 @@ class Gallery:
     cell: torch.Tensor  # (K, T) int64 flat cell h * W + w
     usage: torch.Tensor  # (K,) int64 training patches (view 0) whose nearest prototype is k
     class_weights: torch.Tensor  # (C, K) effective class weights, all >= 0
+    label: torch.Tensor  # (K, T) int64 class of each training image
+    source_similarity: torch.Tensor  # (K, H, W) cosine map of prototype k on its nearest image (rank 0)
     classes: tuple[str, ...]
     grid: tuple[int, int]  # (H, W) feature grid
     image_size: int  # S, side of the model's input
     model_hash: str  # hash of the codebook and class weights it was built for
     source: GallerySource
+    files: dict[int, str]  # training image index -> file ("" or absent for generated data)
+    pictures: GalleryPictures  # pixels of every patch and source image, so no training data is needed
 
     @property
     def num_prototypes(self) -> int:
@@ -79,7 +91,35 @@ class Gallery:
             (row, col),
             cell_box((row, col), self.grid, self.image_size),
             float(self.similarity[k, t]),
+            int(self.label[k, t]),
+            self.files.get(int(self.image[k, t]), ""),
         )
+
+    def patch(self, ref: PatchRef) -> TrainingPatch:
+        """The stored pixels of a patch `patches` returned: its window crop, cell outlined."""
+        crop = self.pictures.crops[ref.prototype, ref.rank]  # (c, c, 3)
+        return TrainingPatch(
+            ref, crop, scaled_box(window(ref.cell, self.grid, self.image_size), crop.shape[0])
+        )
+
+    def source_picture(self, prototype: int) -> SourcePicture:
+        """Prototype k's nearest training image (rank 0) with its cosine map and patch cell."""
+        ref = self._ref(prototype, 0)
+        thumbnail = self.pictures.sources[prototype]  # (s, s, 3)
+        side = thumbnail.shape[0]
+        x1, y1, x2, y2 = ref.box
+        scale = side / self.image_size
+        box = (int(x1 * scale), int(y1 * scale), int((x2 + 1) * scale) - 1, int((y2 + 1) * scale) - 1)
+        return SourcePicture(ref, thumbnail, self.source_similarity[prototype].numpy(), box)
+
+    @property
+    def cosine_range(self) -> tuple[float, float]:
+        """(low, high) of the one colour scale every heatmap of this model is drawn on: the median
+        cosine on the prototypes' source images (lower values share the lowest colour) up to the
+        highest cosine of any gallery patch."""
+        low = float(self.source_similarity.float().quantile(SCALE_LOW_QUANTILE))
+        high = float(self.similarity.max())
+        return (low, high) if high > low else (low, low + 1.0)
 
     def weighting_classes(self, prototype: int) -> tuple[tuple[int, float], ...]:
         """(class index, weight) of every class weighting `prototype` above WEIGHT_THRESHOLD, largest first."""
@@ -111,6 +151,70 @@ def cell_box(cell: tuple[int, int], grid: tuple[int, int], size: int) -> tuple[i
 
 
 @dataclass(frozen=True)
+class Window:
+    """The one localisation rule for both sides of "this looks like that": the peak cell with
+    WINDOW_CONTEXT cells of context on each side, shifted inwards at the image border."""
+
+    box: tuple[int, int, int, int]  # (x1, y1, x2, y2) of the window in the (S, S) image, inclusive
+    cell: tuple[int, int, int, int]  # (x1, y1, x2, y2) of the cell inside the window, inclusive
+
+
+def _start(first: int, last: int, span: int, size: int) -> int:
+    """Start of a `span`-pixel window centred on [first, last], shifted inwards to stay in [0, size)."""
+    return min(max(0, (first + last + 1 - span) // 2), size - span)
+
+
+def window(cell: tuple[int, int], grid: tuple[int, int], size: int) -> Window:
+    """Window of grid cell (h, w) in an (S, S) image: every window of a model has the same size,
+    (2 * WINDOW_CONTEXT + 1) cells (rounded up to whole pixels), at most the image."""
+    x1, y1, x2, y2 = cell_box(cell, grid, size)
+    cells = 2 * WINDOW_CONTEXT + 1
+    span_x, span_y = min(size, -(-cells * size // grid[1])), min(size, -(-cells * size // grid[0]))
+    left, top = _start(x1, x2, span_x, size), _start(y1, y2, span_y, size)
+    box = (left, top, left + span_x - 1, top + span_y - 1)
+    return Window(box, (x1 - left, y1 - top, x2 - left, y2 - top))
+
+
+def scaled_box(place: Window, side: int) -> tuple[int, int, int, int]:
+    """The cell box of `place` in its window crop resized to (side, side) pixels, inclusive."""
+    x1, y1, x2, y2 = place.box
+    sx, sy = side / (x2 - x1 + 1), side / (y2 - y1 + 1)
+    cx1, cy1, cx2, cy2 = place.cell
+    return int(cx1 * sx), int(cy1 * sy), int((cx2 + 1) * sx) - 1, int((cy2 + 1) * sy) - 1
+
+
+def cut_window(image: np.ndarray, place: Window, side: int) -> np.ndarray:
+    """(S, S, 3) uint8 image -> (side, side, 3) uint8 crop of `place`'s window (both sides: one zoom)."""
+    x1, y1, x2, y2 = place.box
+    crop = Image.fromarray(np.ascontiguousarray(image[y1 : y2 + 1, x1 : x2 + 1]))
+    return np.asarray(crop.resize((side, side), Image.Resampling.BICUBIC))
+
+
+def window_crop(image: np.ndarray, cell: tuple[int, int], grid: tuple[int, int]) -> tuple[np.ndarray, tuple]:
+    """(S, S, 3) uint8 image -> ((CROP_SIDE, CROP_SIDE, 3) crop of cell (h, w)'s window, its cell box)."""
+    place = window(cell, grid, image.shape[0])
+    return cut_window(image, place, CROP_SIDE), scaled_box(place, CROP_SIDE)
+
+
+@dataclass(frozen=True)
+class GalleryPictures:
+    """Small pictures cut once when the gallery is built, stored in the checkpoint folder."""
+
+    crops: np.ndarray  # (K, T, c, c, 3) uint8 window crop of each gallery patch, c = CROP_SIDE
+    sources: np.ndarray  # (K, s, s, 3) uint8 each prototype's nearest training image, s = SOURCE_SIDE
+
+
+@dataclass(frozen=True)
+class SourcePicture:
+    """A prototype's own source image: its nearest training image, as ProtoPNet's local view shows it."""
+
+    ref: PatchRef  # the rank-0 patch
+    image: np.ndarray  # (s, s, 3) uint8 thumbnail of the training image (view 0)
+    similarity: np.ndarray  # (H, W) float32 cosine map of the prototype on that image
+    box: tuple[int, int, int, int]  # (x1, y1, x2, y2) of the patch cell in the thumbnail, inclusive
+
+
+@dataclass(frozen=True)
 class PrototypeEvidence:
     """How one prototype k adds to one class's logit, and where it fired."""
 
@@ -123,7 +227,8 @@ class PrototypeEvidence:
     location: tuple[int, int]  # (h, w) grid cell where the activation peaks
     similarity: np.ndarray  # (S, S) float32 cosine similarity map, upsampled to the image
     activation: np.ndarray  # (S, S) float32 activation map (softmax over prototypes), upsampled
-    box: tuple[int, int, int, int]  # (x1, y1, x2, y2) high-activation region, inclusive pixels
+    box: tuple[int, int, int, int]  # (x1, y1, x2, y2) of the peak cell `location`, inclusive pixels
+    cosine: float  # cosine similarity of prototype k to the test patch at `location`
     patches: tuple[PatchRef, ...]  # nearest training patches (empty when no gallery was given)
 
 
@@ -177,7 +282,7 @@ class TrainingPatch:
     """Pixels of a training patch, for display."""
 
     ref: PatchRef
-    crop: np.ndarray  # (h, w, 3) uint8 region around the cell
+    crop: np.ndarray  # (c, c, 3) uint8 window around the cell (see `window`)
     cell_box: tuple[int, int, int, int]  # (x1, y1, x2, y2) of the cell inside `crop`, inclusive
 
 
@@ -191,3 +296,4 @@ class Report:
     explanations: tuple[tuple[str, Explanation], ...]  # (image name, explanation)
     gallery: Gallery
     patches: dict[tuple[int, int], TrainingPatch]  # (prototype, rank) -> crop
+    tile_cache: str | None  # folder where gallery tiles are kept between reports (None: none)

@@ -10,11 +10,20 @@ from pathlib import Path
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from protoquant.explain.types import Explanation, Gallery, TrainingPatch
-from protoquant.render.tiles import PNG_COMPRESSION, heatmap_overlay
+from protoquant.explain.types import (
+    ClassExplanation,
+    Explanation,
+    Gallery,
+    PatchRef,
+    TrainingPatch,
+    window_crop,
+)
+from protoquant.render.tiles import COLORMAP, PNG_COMPRESSION, Scale, heatmap_overlay, map_scale, source_tile
 
 PANEL_INCHES = 2.2  # side of one image panel
 TITLE_INCHES = 0.45  # room above a panel for its two-line title
@@ -26,20 +35,24 @@ SHEET_PROTOTYPES = 6  # prototypes per class sheet
 SHEET_PATCHES = 3  # training patches per prototype on a class sheet
 OVERVIEW_TICKS = 60  # label the prototypes of the overview when there are at most this many
 CHAR_INCHES = 0.07  # width of one tick-label character at TITLE_SIZE
+TITLE_CHARS = 30  # characters of a panel title line that fit above a panel; longer names are cut
+BAR_INCHES = 0.9  # room right of the grid for the colour bar and its labels
+BAR_WIDTH_INCHES = 0.15
 
 Patches = Mapping[tuple[int, int], TrainingPatch]  # (prototype, rank) -> crop
 
 
-def _figure(rows: int, cols: int) -> tuple[Figure, np.ndarray]:
-    """A grid of image panels, each with room for a two-line title (fixed layout: fast)."""
+def _figure(rows: int, cols: int, right: float = 0.0) -> tuple[Figure, np.ndarray]:
+    """A grid of image panels, each with room for a two-line title (fixed layout: fast), and
+    `right` inches free beside it."""
     title, top = TITLE_INCHES, SUPTITLE_INCHES
-    height = rows * (PANEL_INCHES + title) + top
-    fig = Figure(figsize=(PANEL_INCHES * cols, height))
+    height, width = rows * (PANEL_INCHES + title) + top, PANEL_INCHES * cols + right
+    fig = Figure(figsize=(width, height))
     FigureCanvasAgg(fig)
     axes = fig.subplots(rows, cols, squeeze=False)  # (rows, cols)
     fig.subplots_adjust(
         left=0.02,
-        right=0.98,
+        right=0.98 - right / width,
         bottom=0.02,
         top=1 - (top + title) / height,  # room for the figure title and the first row's titles
         wspace=0.08,
@@ -64,12 +77,15 @@ def _box(ax, box: tuple[int, int, int, int]) -> None:
     )
 
 
-def _patch(ax, patch: TrainingPatch | None, title: str) -> None:
-    if patch is None:
-        return
-    ax.imshow(patch.crop)
-    _box(ax, patch.cell_box)
+def _crop(ax, crop: np.ndarray, cell: tuple[int, int, int, int], title: str) -> None:
+    ax.imshow(crop)
+    _box(ax, cell)
     _title(ax, title)
+
+
+def _patch(ax, patch: TrainingPatch | None, title: str) -> None:
+    if patch is not None:
+        _crop(ax, patch.crop, patch.cell_box, title)
 
 
 def _save(fig: Figure, path: str | Path) -> Path:
@@ -79,37 +95,91 @@ def _save(fig: Figure, path: str | Path) -> Path:
     return path
 
 
-def render_explanation(
-    explanation: Explanation, path: str | Path, patches: Patches | None = None, *, class_rank: int = 0
-) -> Path:
-    """Local explanation of one class (the prediction by default): the image, each top prototype's
-    activation and box with its score x weight = contribution, and its nearest training patch."""
+def share_text(shown: ClassExplanation) -> str:
+    """What the shown prototypes carry: shares of the class-specific logit and of the margin."""
+    count = len(shown.prototypes)
+    text = f"the {count} shown carry {100 * shown.shown_share:.1f} % of the class-specific logit"
+    text += (
+        f" {shown.specific_logit:.2f} (logit {shown.logit:.2f} − class-agnostic part {shown.agnostic:.2f})"
+    )
+    if shown.runner_up >= 0:
+        text += (
+            f" and {100 * shown.shown_margin_share:.1f} % of the margin {shown.margin:.2f} over the runner-up"
+        )
+    return text
+
+
+def figure_scale(explanation: Explanation, gallery: Gallery | None) -> Scale:
+    """The one colour scale of a figure: the gallery's (shared by every heatmap of the model), else
+    the range of the figure's own maps."""
+    if gallery is not None:
+        return gallery.cosine_range
+    return map_scale([item.similarity for c in explanation.classes for item in c.prototypes])
+
+
+def _cut(text: str) -> str:
+    return text if len(text) <= TITLE_CHARS else text[: TITLE_CHARS - 1] + "…"
+
+
+def _patch_title(ref: PatchRef, classes: tuple[str, ...]) -> str:
+    name = ref.file.rsplit("/", 1)[-1] if ref.file else f"train #{ref.image}"
+    return f"{_cut(f'that: cosine {ref.similarity:.2f} · {name}')}\n{_cut(classes[ref.label])}"
+
+
+def _colour_bar(fig: Figure, axes: np.ndarray, scale: Scale, clipped: bool) -> None:
+    """The figure's one colour bar, beside its first row (the heatmaps)."""
+    first, last = axes[0, 1].get_position(), axes[0, -1].get_position()
+    width = fig.get_figwidth()
+    rect = (last.x1 + 0.1 / width, first.y0, BAR_WIDTH_INCHES / width, first.height)
+    cax = fig.add_axes(rect, label="<colorbar>")  # the label matplotlib gives the axes it makes for bars
+    bar = fig.colorbar(
+        ScalarMappable(Normalize(*scale), COLORMAP), cax=cax, extend="min" if clipped else "neither"
+    )
+    bar.set_label("cosine similarity", fontsize=TITLE_SIZE)
+    bar.ax.tick_params(labelsize=TITLE_SIZE - 1)
+
+
+def explanation_figure(
+    explanation: Explanation, gallery: Gallery | None = None, *, class_rank: int = 0
+) -> Figure:
+    """The figure `render_explanation` saves (for tests: its colour bar and images can be read)."""
     shown = explanation.classes[class_rank]
-    evidence = shown.prototypes
-    rows = 2 if patches else 1
-    fig, axes = _figure(rows, len(evidence) + 1)
+    scale = figure_scale(explanation, gallery)
+    rows = 4 if gallery is not None else 2
+    fig, axes = _figure(rows, len(shown.prototypes) + 1, BAR_INCHES)
     axes[0, 0].imshow(explanation.image)
     _title(axes[0, 0], f"{shown.class_name}\np = {shown.probability:.2f}, logit {shown.logit:.2f}")
-    for col, item in enumerate(evidence, start=1):
-        axes[0, col].imshow(heatmap_overlay(explanation.image, item.activation))
+    for col, item in enumerate(shown.prototypes, start=1):
+        axes[0, col].imshow(heatmap_overlay(explanation.image, item.similarity, scale))
         _box(axes[0, col], item.box)
         _title(
             axes[0, col],
             f"prototype {item.prototype}\n{item.score:.2f} × {item.weight:.2f} = {item.contribution:.2f}",
         )
-        if patches:
-            patch = patches.get((item.prototype, 0))
-            title = f"train #{patch.ref.image}\ncosine {patch.ref.similarity:.2f}" if patch else ""
-            _patch(axes[1, col], patch, title)
-    if patches:
-        axes[1, 0].text(0.5, 0.5, "looks like\n(nearest training\npatches)", ha="center", va="center")
-    total = shown.logit - shown.rest
-    fig.suptitle(
-        f"top {len(evidence)} prototypes give {total:.2f} of logit {shown.logit:.2f} "
-        f"(others {shown.rest:.2f})",
-        fontsize=TITLE_SIZE + 1,
-    )
-    return _save(fig, path)
+        crop, cell = window_crop(explanation.image, item.location, explanation.grid)
+        _crop(axes[1, col], crop, cell, f"this: cosine {item.cosine:.2f}\ncell {item.location}")
+        if gallery is not None:
+            ref = gallery.patches(item.prototype, 1)[0]
+            _patch(axes[2, col], gallery.patch(ref), _patch_title(ref, gallery.classes))
+            source = gallery.source_picture(item.prototype)
+            axes[3, col].imshow(source_tile(source, scale, explanation.image.shape[0]))
+            _title(axes[3, col], f"its source: train #{ref.image}\n{_cut(gallery.classes[ref.label])}")
+    labels = ("heatmap: cosine\nto the prototype", "this (test patch)", "that (nearest\ntraining patch)")
+    for row, label in enumerate(labels[1:rows] + (("prototype's\nsource image",) if rows == 4 else ()), 1):
+        axes[row, 0].text(0.5, 0.5, label, ha="center", va="center", fontsize=TITLE_SIZE)
+    _colour_bar(fig, axes, scale, clipped=gallery is not None)  # the gallery's scale clips low cosines
+    fig.suptitle(share_text(shown), fontsize=TITLE_SIZE + 1)
+    return fig
+
+
+def render_explanation(
+    explanation: Explanation, path: str | Path, gallery: Gallery | None = None, *, class_rank: int = 0
+) -> Path:
+    """Local explanation of one class (the prediction by default) as a PNG: for each top prototype
+    its cosine map on the image (score × weight = contribution), the window around its peak cell
+    ("this"), and with a gallery its nearest training patch ("that", the same window rule and
+    zoom) and its source image, every heatmap on one colour scale shown by the colour bar."""
+    return _save(explanation_figure(explanation, gallery, class_rank=class_rank), path)
 
 
 def render_class_sheet(gallery: Gallery, class_index: int, patches: Patches, path: str | Path) -> Path:

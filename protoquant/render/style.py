@@ -57,13 +57,21 @@ figcaption { font-size: .8rem; color: var(--muted); margin-top: 5px; line-height
 .why { border-top: 1px solid var(--line); padding-top: 14px; margin-top: 6px; }
 details.why > summary { cursor: pointer; font-weight: 600; padding: 4px 0; }
 .evidence { list-style: none; padding: 0; margin: 0; }
-.evidence > li { display: grid; grid-template-columns: 2rem minmax(140px, 190px) 4.5rem minmax(0, 1fr) minmax(150px, 190px);
+.evidence > li { display: grid; grid-template-columns: 2rem minmax(120px, 160px) minmax(72px, 108px) 3.5rem minmax(0, 1fr) minmax(130px, 170px);
   gap: 16px; align-items: center; padding: 14px 0; border-top: 1px dashed var(--line); }
 .evidence > li:first-child { border-top: 0; }
 .rank { width: 2rem; height: 2rem; border-radius: 50%; background: var(--accent-soft); color: var(--accent);
   display: grid; place-items: center; font-weight: 700; font-size: .9rem; }
 .looks { color: var(--muted); font-style: italic; font-size: .85rem; text-align: center; }
-.that { display: grid; grid-template-columns: repeat(auto-fill, minmax(96px, 136px)); gap: 12px; }
+.that { display: grid; grid-template-columns: repeat(auto-fill, minmax(72px, 108px)); gap: 10px; }
+.clip { display: block; white-space: nowrap; overflow: hidden; text-overflow: ellipsis; }
+.grid.wide { grid-template-columns: repeat(auto-fill, minmax(min(100%, 480px), 1fr)); }
+.that figure.source img.tile { outline: 2px dashed var(--line); outline-offset: 2px; }
+.colourbar { display: grid; grid-template-columns: minmax(120px, 260px) 1fr; gap: 2px 12px; align-items: center; margin-top: 8px; }
+.colourbar .ramp { display: block; height: 10px; border-radius: 999px; }
+.colourbar .ends { display: flex; justify-content: space-between; font-size: .75rem; color: var(--muted); grid-column: 1; }
+.colourbar .muted { grid-column: 2; grid-row: 1 / 3; }
+img.strip-img { display: block; width: 100%; height: auto; border-radius: 6px; image-rendering: auto; }
 .contrib { font-size: 1.35rem; font-weight: 700; font-variant-numeric: tabular-nums; letter-spacing: -.01em; }
 .formula { font-size: .82rem; color: var(--muted); font-variant-numeric: tabular-nums; margin-bottom: 6px; }
 .rest { font-size: .85rem; color: var(--muted); margin: 10px 0 0 calc(2rem + 16px); }
@@ -87,10 +95,10 @@ table.facts td.n { text-align: right; font-variant-numeric: tabular-nums; }
 img.figure { max-width: 100%; height: auto; display: block; border-radius: 8px; }
 footer { max-width: 1180px; margin: 0 auto; padding: 0 24px 40px; color: var(--muted); font-size: .82rem; }
 @media (max-width: 860px) {
-  .evidence > li { grid-template-columns: 2rem minmax(0, 1fr) minmax(0, 1fr); }
+  .evidence > li { grid-template-columns: 2rem minmax(0, 1fr) minmax(0, 1fr) minmax(0, 1fr); }
   .evidence > li .looks { display: none; }
-  .evidence > li .that { grid-column: 2 / 4; grid-template-columns: repeat(3, minmax(0, 1fr)); }
-  .evidence > li .numbers { grid-column: 3; grid-row: 1; }
+  .evidence > li .that { grid-column: 2 / 5; grid-template-columns: repeat(4, minmax(0, 1fr)); }
+  .evidence > li .numbers { grid-column: 4; grid-row: 1; }
   .rest { margin-left: 0; }
 }
 @media (max-width: 560px) {
@@ -101,6 +109,8 @@ footer { max-width: 1180px; margin: 0 auto; padding: 0 24px 40px; color: var(--m
   .grid { grid-template-columns: 1fr; }
   .stats { grid-template-columns: repeat(2, minmax(0, 1fr)); gap: 10px; }
   .stat .value { font-size: 1.35rem; }
+  .colourbar { grid-template-columns: 1fr; }
+  .colourbar .muted { grid-column: 1; grid-row: auto; }
 }
 """
 

@@ -22,14 +22,15 @@ def _per_class(report: Report) -> list[int]:
     return (report.gallery.class_weights > WEIGHT_THRESHOLD).sum(dim=1).tolist()
 
 
-def _shown_share(report: Report) -> float | None:
-    """Mean share of the predicted logit given by the shown prototypes, over the explained images."""
-    shares = [
-        (e.predicted.logit - e.predicted.rest) / e.predicted.logit
-        for _, e in report.explanations
-        if e.predicted.logit > 0
-    ]
-    return sum(shares) / len(shares) if shares else None
+def mean_shares(report: Report) -> tuple[float | None, float | None]:
+    """Mean `shown_share` (class-specific logit) and `shown_margin_share` of the predictions, over the
+    explained images where each is defined (None where it is nowhere)."""
+    out = []
+    for name in ("shown_share", "shown_margin_share"):
+        values = [getattr(e.predicted, name) for _, e in report.explanations]
+        values = [v for v in values if v == v]  # nan where the logit or margin is not positive
+        out.append(sum(values) / len(values) if values else None)
+    return out[0], out[1]
 
 
 def _card(value: str, label: str) -> str:
@@ -48,10 +49,16 @@ def stat_cards(report: Report) -> str:
     )
     per_class = _per_class(report)
     cards.append(_card(f"{sum(per_class) / max(1, len(per_class)):.1f}", "prototypes per class (mean)"))
-    share = _shown_share(report)
+    share, margin = mean_shares(report)
+    shown = max((len(e.predicted.prototypes) for _, e in report.explanations), default=0)
     if share is not None:
-        shown = max((len(e.predicted.prototypes) for _, e in report.explanations), default=0)
-        cards.append(_card(f"{100 * share:.0f} %", f"of a logit from the top {shown} prototypes (mean)"))
+        cards.append(
+            _card(f"{100 * share:.1f} %", f"of the class-specific logit from the top {shown} (mean)")
+        )
+    if margin is not None:
+        cards.append(
+            _card(f"{100 * margin:.1f} %", f"of the margin over the runner-up from the top {shown} (mean)")
+        )
     return f'<div class="stats">{"".join(cards)}</div>'
 
 
@@ -70,13 +77,18 @@ def explanation_sizes(report: Report) -> list[tuple[str, str]]:
         ),
         ("weight threshold", f"w > {WEIGHT_THRESHOLD:g}"),
     ]
-    share = _shown_share(report)
+    count = f"mean over {len(report.explanations)} images"
+    share, margin = mean_shares(report)
     if share is not None:
         rows.append(
             (
-                "local: share of the predicted logit from the shown prototypes",
-                f"{100 * share:.1f} % (mean over {len(report.explanations)} images)",
+                "local: share of the class-specific logit from the shown prototypes",
+                f"{100 * share:.1f} % ({count})",
             )
+        )
+    if margin is not None:
+        rows.append(
+            ("local: share of the margin over the runner-up from them", f"{100 * margin:.1f} % ({count})")
         )
     return rows
 

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+import protoquant.explain.gallery as gallery_module
 from protoquant.cli import main
-from protoquant.explain.explanation import load_patches, to_uint8
+from protoquant.data.base import SubsetDataset
+from protoquant.data.synthetic import SyntheticParts
+from protoquant.explain.explanation import build_report, explain, load_patches, to_uint8
 from protoquant.explain.gallery import (
+    GALLERY_FILES,
     GALLERY_META,
-    GALLERY_TENSORS,
     TENSOR_FIELDS,
     build_gallery,
     ensure_gallery,
@@ -19,7 +24,11 @@ from protoquant.explain.gallery import (
     save_gallery,
     training_images,
 )
+from protoquant.explain.types import window_crop
 from protoquant.model import ProtoQuant
+from protoquant.render import write_report
+
+JPEG_ERROR = 12.0  # mean absolute error (0..255) the stored JPEG pictures may have
 
 TOP_K = 3
 
@@ -88,40 +97,87 @@ def test_weighting_classes_match_the_class_layer(run, gallery):
 def test_save_load_round_trip_and_staleness(run, gallery, tmp_path):
     checkpoint = run.model.save(tmp_path / "model")
     save_gallery(gallery, checkpoint)
-    assert sorted(p.name for p in checkpoint.iterdir() if "gallery" in p.name) == [
-        GALLERY_META,
-        GALLERY_TENSORS,
-    ]
+    assert sorted(p.name for p in checkpoint.iterdir() if "gallery" in p.name) == sorted(GALLERY_FILES)
     loaded = load_gallery(checkpoint, model=run.model)
     for name in TENSOR_FIELDS:
         assert torch.equal(getattr(loaded, name), getattr(gallery, name))
-    for name in ("classes", "grid", "image_size", "model_hash", "source"):
+    for name in ("classes", "grid", "image_size", "model_hash", "source", "files"):
         assert getattr(loaded, name) == getattr(gallery, name)
+    for name in ("crops", "sources"):
+        stored, cut = getattr(loaded.pictures, name), getattr(gallery.pictures, name)
+        assert stored.shape == cut.shape and np.abs(stored.astype(float) - cut).mean() < JPEG_ERROR
     other = ProtoQuant.load(checkpoint)
     other.head.class_layer.weight.data[0, 0] += 1.0
     with pytest.raises(ValueError, match="another model"):
         load_gallery(checkpoint, model=other)
-    (checkpoint / GALLERY_TENSORS).write_bytes(b"not a gallery")
+    (checkpoint / GALLERY_FILES[0]).write_bytes(b"not a gallery")
     with pytest.raises(ValueError, match="rebuild"):
         load_gallery(checkpoint)
     with pytest.raises(FileNotFoundError, match="protoquant gallery"):
         load_gallery(tmp_path)
 
 
-def test_patches_load_from_the_recorded_training_split(run, gallery):
+def test_pictures_are_the_windows_of_the_recorded_training_images(run, gallery):
     dataset = training_images(gallery)
     assert len(dataset) == len(run.splits.train)
-    refs = gallery.patches(0)
-    patches = load_patches(gallery, refs)
     transform = run.model.transform
-    for ref in refs:
-        patch = patches[ref.prototype, ref.rank]
-        x1, y1, x2, y2 = patch.cell_box
-        assert 0 <= x1 <= x2 < patch.crop.shape[1] and 0 <= y1 <= y2 < patch.crop.shape[0]
-        view = transform(dataset.load_image(ref.image), ref.image, 0)  # (3, S, S)
-        pixels = to_uint8(view, transform.mean, transform.std)  # (S, S, 3)
-        bx1, by1, bx2, by2 = ref.box
-        assert np.array_equal(patch.crop[y1 : y2 + 1, x1 : x2 + 1], pixels[by1 : by2 + 1, bx1 : bx2 + 1])
+    for k in range(gallery.num_prototypes):
+        refs = gallery.patches(k)
+        patches = load_patches(gallery, refs)
+        for ref in refs:
+            patch = patches[ref.prototype, ref.rank]
+            x1, y1, x2, y2 = patch.cell_box
+            assert 0 <= x1 <= x2 < patch.crop.shape[1] and 0 <= y1 <= y2 < patch.crop.shape[0]
+            view = transform(dataset.load_image(ref.image), ref.image, 0)  # (3, S, S)
+            crop, cell = window_crop(to_uint8(view, transform.mean, transform.std), ref.cell, gallery.grid)
+            assert np.array_equal(patch.crop, crop) and patch.cell_box == cell  # cut from this very view
+            assert ref.label == int(dataset.labels[ref.image]) and ref.file == ""  # generated: no file
+        source = gallery.source_picture(k)
+        assert source.ref == refs[0] and source.similarity.shape == gallery.grid
+        assert float(source.similarity.max()) == pytest.approx(float(gallery.similarity[k, 0]), abs=1e-4)
+
+
+def _no_training_data(monkeypatch):
+    """Every read of a training image, and every reload of the recorded split, now fails."""
+
+    def gone(*args, **kwargs):
+        raise AssertionError("the training data was read")
+
+    monkeypatch.setattr(SyntheticParts, "load_image", gone)
+    monkeypatch.setattr(SubsetDataset, "load_image", gone)
+    monkeypatch.setattr(gallery_module, "load_splits", gone)
+
+
+def test_gallery_crops_load_without_the_training_data(run, gallery, tmp_path, monkeypatch):
+    checkpoint = run.model.save(tmp_path / "model")
+    save_gallery(gallery, checkpoint)
+    image = run.splits.test.load_image(0)
+    _no_training_data(monkeypatch)
+    model = ProtoQuant.load(checkpoint)
+    explanation = explain(model, image, top_prototypes=2)  # the stored gallery, with its pictures
+    stored = load_gallery(checkpoint)
+    refs = [ref for item in explanation.predicted.prototypes for ref in item.patches]
+    assert refs
+    for (k, rank), patch in load_patches(stored, refs).items():
+        cut = gallery.patch(gallery.patches(k)[rank])  # as cut from the training image at build time
+        assert patch.cell_box == cut.cell_box
+        assert np.abs(patch.crop.astype(float) - cut.crop).mean() < JPEG_ERROR
+    report = build_report(model, [("test #0", image)], top_prototypes=2)
+    index = write_report(report, tmp_path / "report")
+    strips = list((index.parent / "img").glob("strip-*.jpg"))
+    assert len(strips) == len(stored.weighted_prototypes())
+
+
+def test_old_gallery_is_refused_with_the_fix_and_rebuilt(run, gallery, tmp_path):
+    checkpoint = run.model.save(tmp_path / "model")
+    save_gallery(gallery, checkpoint)
+    meta = json.loads((checkpoint / GALLERY_META).read_text())
+    (checkpoint / GALLERY_META).write_text(json.dumps({**meta, "format": 1}))
+    with pytest.raises(ValueError, match="protoquant gallery --model"):
+        load_gallery(checkpoint)
+    model = ProtoQuant.load(checkpoint)
+    rebuilt = ensure_gallery(model, checkpoint, top_k=2)
+    assert rebuilt.top_k == 2 and load_gallery(checkpoint).top_k == 2
 
 
 def test_ensure_gallery_reads_the_cache_without_the_backbone(run, tmp_path, monkeypatch):

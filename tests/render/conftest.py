@@ -48,11 +48,9 @@ REPORT_IMAGES = 2  # test images in the fixture report
 def tiny_report(tiny_run):
     """A Report of the tiny run: its gallery and REPORT_IMAGES explained test images."""
     result = tiny_run.result
-    gallery = build_gallery(result.model, result.caches.train_plain, top_k=3)
+    gallery = build_gallery(result.model, result.caches.train_plain, top_k=3, dataset=result.splits.train)
     images = [(f"test #{i}", result.splits.test.load_image(i)) for i in range(REPORT_IMAGES)]
-    return build_report(
-        result.model, images, gallery, metrics=result.metrics, dataset=result.splits.train, top_prototypes=4
-    )
+    return build_report(result.model, images, gallery, metrics=result.metrics, top_prototypes=4)
 
 
 def _forbidden(self, *args, **kwargs):
