@@ -1,11 +1,15 @@
 """Backbone + head for image-in use, and the one checkpoint format.
 
 A checkpoint is a folder: `model.safetensors` (head tensors), `config.json` (run
-config, backbone facts, class names, temperature, format version) and, only for
-randomly initialised backbones that no name can reference, `backbone.safetensors`;
+config, backbone facts, class names, temperature, format version, the edit history) and, only
+for randomly initialised backbones that no name can reference, `backbone.safetensors`;
 optionally the prototype gallery (`gallery.json`, `gallery.safetensors`) and, in folders
 written by `save_pretrained`, a model card `README.md` and the run's `metrics.json`.
 Loading is strict, and the backbone's weights hash must match the recorded one.
+
+Format 1 is every checkpoint training writes (and edited ones with a plain head); format 2 adds
+`removed_codebook` to the head tensors (prototypes kept only in the softmax normaliser, see
+`protoquant.pruned_head`). Both are read; "edits" in config.json is optional (none before editing).
 """
 
 from __future__ import annotations
@@ -30,14 +34,18 @@ from protoquant.data.inputs import Images, to_rgb_images
 from protoquant.data.transforms import view_transform
 from protoquant.distributed import resolve_device
 from protoquant.head import HeadOutput, ProtoQuantHead
+from protoquant.history import EditRecord, read_history
 from protoquant.hub import HubMixin
+from protoquant.pruned_head import PrunedHead
 
 if TYPE_CHECKING:  # the explanation and hub modules call into this one: hints only
     from protoquant.explain.types import Explanation, Gallery
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 1  # a plain head; what training writes
+PRUNED_FORMAT = 2  # the head carries normaliser-only prototypes (`removed_codebook`)
+READABLE_FORMATS = (CHECKPOINT_FORMAT, PRUNED_FORMAT)
 
 
 @dataclass(frozen=True)
@@ -57,7 +65,8 @@ class ProtoQuant(HubMixin, nn.Module):
 
     `save_pretrained`, `from_pretrained` and `push_to_hub` (from `HubMixin`) add the Hugging
     Face Hub to `save` / `load`. `checkpoint` is the folder the model was loaded from (None for
-    a model built in memory); explanations read the prototype gallery stored there.
+    a model built in memory); explanations read the prototype gallery stored there. `edits` is
+    the edit history (oldest first; empty for a model as training produced it).
     """
 
     def __init__(
@@ -68,12 +77,14 @@ class ProtoQuant(HubMixin, nn.Module):
         config: RunConfig,
         *,
         checkpoint: str | Path | None = None,
+        edits: Sequence[EditRecord] = (),
     ):
         super().__init__()
         self.backbone, self.head = backbone, head
         self.classes = tuple(classes)
         self.config = config
         self.checkpoint = Path(checkpoint) if checkpoint is not None else None
+        self.edits = tuple(edits)
         info = backbone.info
         self.transform = view_transform(config, info.mean, info.std)
 
@@ -166,12 +177,13 @@ class ProtoQuant(HubMixin, nn.Module):
             state = {k: v.contiguous().cpu() for k, v in self.backbone.model.state_dict().items()}
             save_file(state, str(tmp / "backbone.safetensors"))
         meta = {
-            "format": CHECKPOINT_FORMAT,
+            "format": PRUNED_FORMAT if isinstance(self.head, PrunedHead) else CHECKPOINT_FORMAT,
             "config": to_dict(self.config),
             "backbone": asdict(self.backbone.info),
             "classes": list(self.classes),
             "temperature": self.head.temperature,
             "num_prototypes": self.head.num_prototypes,
+            "edits": [record.to_dict() for record in self.edits],
         }
         (tmp / "config.json").write_text(json.dumps(meta, indent=2))
         self._copy_gallery(tmp)
@@ -182,7 +194,7 @@ class ProtoQuant(HubMixin, nn.Module):
 
     def _copy_gallery(self, target: Path) -> None:
         """Copy the gallery files of `checkpoint` into `target` if they were built for this model."""
-        from protoquant.explain.gallery import GALLERY_META, GALLERY_TENSORS, has_gallery, model_hash
+        from protoquant.explain.gallery import GALLERY_FILES, GALLERY_META, has_gallery, model_hash
 
         source = self.checkpoint
         if source is None or not has_gallery(source):
@@ -190,8 +202,9 @@ class ProtoQuant(HubMixin, nn.Module):
         if json.loads((source / GALLERY_META).read_text()).get("model_hash") != model_hash(self):
             logger.warning("%s: the stored gallery belongs to another model; not copied", source)
             return
-        for name in (GALLERY_TENSORS, GALLERY_META):
-            shutil.copy2(source / name, target / name)
+        for name in GALLERY_FILES:  # the meta file last: it names the others' hashes
+            if (source / name).is_file():
+                shutil.copy2(source / name, target / name)
 
     @classmethod
     def load(
@@ -212,17 +225,11 @@ class ProtoQuant(HubMixin, nn.Module):
                 f"{path}: backbone weights hash {backbone.info.weights_hash[:12]} does not match "
                 f"the checkpoint's {recorded[:12]}; the checkpoint was trained on other weights"
             )
-        tensors = load_file(str(path / "model.safetensors"))
-        if "codebook" not in tensors:
-            raise ValueError(f"{path / 'model.safetensors'}: no 'codebook' tensor; not a protoquant head")
-        head = ProtoQuantHead(tensors["codebook"], len(meta["classes"]), temperature=meta["temperature"])
-        try:
-            head.load_state_dict(tensors, strict=True)
-        except RuntimeError as err:
-            raise ValueError(f"{path / 'model.safetensors'}: does not match the head: {err}") from err
-        head.requires_grad_(False)
+        head = _load_head(path / "model.safetensors", meta)
+        edits = read_history(meta.get("edits", []), str(path / "config.json"))
         device = resolve_device(device) if isinstance(device, str) else torch.device(device)
-        return cls(backbone, head, meta["classes"], config, checkpoint=path).to(device).eval()
+        model = cls(backbone, head, meta["classes"], config, checkpoint=path, edits=edits)
+        return model.to(device).eval()
 
 
 class DifferentiableModel(nn.Module):
@@ -258,6 +265,25 @@ def _rebuild_backbone(path: Path, config: RunConfig) -> FrozenBackbone:
     return backbone
 
 
+def _load_head(file: Path, meta: dict) -> ProtoQuantHead:
+    """The frozen head stored in `file`; a `removed_codebook` tensor makes it a `PrunedHead`."""
+    tensors = load_file(str(file))
+    if "codebook" not in tensors:
+        raise ValueError(f"{file}: no 'codebook' tensor; not a protoquant head")
+    num_classes, temperature = len(meta["classes"]), meta["temperature"]
+    if "removed_codebook" in tensors:
+        head = PrunedHead(
+            tensors["codebook"], tensors["removed_codebook"], num_classes, temperature=temperature
+        )
+    else:
+        head = ProtoQuantHead(tensors["codebook"], num_classes, temperature=temperature)
+    try:
+        head.load_state_dict(tensors, strict=True)
+    except RuntimeError as err:
+        raise ValueError(f"{file}: does not match the head: {err}") from err
+    return head.requires_grad_(False)
+
+
 def _read_meta(path: Path) -> dict:
     config_path = path / "config.json"
     if not config_path.is_file() or not (path / "model.safetensors").is_file():
@@ -265,8 +291,9 @@ def _read_meta(path: Path) -> dict:
             f"{path} is not a protoquant checkpoint (needs config.json and model.safetensors)"
         )
     meta = json.loads(config_path.read_text())
-    if meta.get("format") != CHECKPOINT_FORMAT:
+    if meta.get("format") not in READABLE_FORMATS:
+        readable = " and ".join(str(f) for f in READABLE_FORMATS)
         raise ValueError(
-            f"{config_path}: checkpoint format {meta.get('format')}, this version reads {CHECKPOINT_FORMAT}"
+            f"{config_path}: checkpoint format {meta.get('format')}, this version reads {readable}"
         )
     return meta

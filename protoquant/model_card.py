@@ -13,6 +13,8 @@ import yaml
 from protoquant.config import WEIGHT_THRESHOLD, to_dict
 
 if TYPE_CHECKING:  # the model's hub methods call into this module: hints only
+    import torch
+
     from protoquant.model import ProtoQuant
 
 MAX_LISTED_CLASSES = 100  # longer class lists are cut on the card (config.json keeps them all)
@@ -42,7 +44,8 @@ def model_card(
         _front_matter(model, metrics, license),
         _summary(model, metrics),
         _facts(model, metrics),
-        _accuracy(metrics),
+        _accuracy(metrics, edited=bool(model.edits)),
+        _history(model),
         _classes(model),
         _usage(model, repo_id or REPO_PLACEHOLDER, with_gallery),
         "## Training config\n\n```yaml\n" + yaml.safe_dump(to_dict(model.config), sort_keys=False) + "```\n",
@@ -52,8 +55,12 @@ def model_card(
 
 def explanation_size(model: ProtoQuant) -> tuple[int, float]:
     """(prototypes with max_c w[c, k] > WEIGHT_THRESHOLD, mean over classes of #{k : w[c, k] > it})."""
-    weights = model.head.class_weights.detach().cpu()  # (C, K)
-    used = weights > WEIGHT_THRESHOLD  # (C, K)
+    return weights_size(model.head.class_weights)
+
+
+def weights_size(class_weights: torch.Tensor) -> tuple[int, float]:
+    """`explanation_size` of class weights (C, K)."""
+    used = class_weights.detach().cpu() > WEIGHT_THRESHOLD  # (C, K)
     return int(used.any(dim=0).sum()), float(used.sum(dim=1).float().mean())
 
 
@@ -98,7 +105,7 @@ def _facts(model: ProtoQuant, metrics: dict) -> str:
             f"{config.backbone.image_size} x {config.backbone.image_size} px, "
             f"{info.grid[0]} x {info.grid[1]} grid",
         ),
-        ("prototypes (K)", str(head.num_prototypes)),
+        ("prototypes (K)", str(head.num_prototypes) + _removed_note(head)),
         ("temperature (tau)", f"{head.temperature:g}"),
         ("explanation size", f"{global_size} prototypes with max_c w[c, k] > {WEIGHT_THRESHOLD:g}"),
         (
@@ -118,7 +125,37 @@ def _percent(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.1f} %"
 
 
-def _accuracy(metrics: dict) -> str:
+def _removed_note(head) -> str:
+    """How many removed prototypes still enter the softmax normaliser (a `PrunedHead`), if any."""
+    removed = int(getattr(head, "num_removed", 0))
+    return f" (+ {removed} removed, kept in the softmax normaliser only)" if removed else ""
+
+
+def _history(model: ProtoQuant) -> str:
+    """The edit history section: one row per edit, oldest first."""
+    if not model.edits:
+        return "## Edit history\n\nNone: the model is as training produced it.\n"
+    rows = "\n".join(
+        f"| {n} | {r.time} | {r.operation} | {_parameters(r.parameters)} "
+        f"| {_percent(r.before.val_accuracy)} -> {_percent(r.after.val_accuracy)} "
+        f"| {r.before.global_size} -> {r.after.global_size} "
+        f"| {r.before.per_class_size:.1f} -> {r.after.per_class_size:.1f} "
+        f"| {r.before.num_prototypes} -> {r.after.num_prototypes} |"
+        for n, r in enumerate(model.edits, 1)
+    )
+    return (
+        "## Edit history\n\nEdits made with `protoquant edit` after training (UTC times; accuracy on the "
+        f"validation split; sizes count weights > {WEIGHT_THRESHOLD:g}).\n\n"
+        "| # | time | operation | parameters | val accuracy | prototypes weighted | per class | K |\n"
+        f"|---|---|---|---|---|---|---|---|\n{rows}\n"
+    )
+
+
+def _parameters(parameters: dict) -> str:
+    return ", ".join(f"{key}={value}" for key, value in parameters.items()) or "-"
+
+
+def _accuracy(metrics: dict, *, edited: bool = False) -> str:
     if not _has_accuracy(metrics):
         return "## Accuracy\n\nNot recorded (no run `metrics.json` was found beside the checkpoint).\n"
     rows = "\n".join(
@@ -127,9 +164,10 @@ def _accuracy(metrics: dict) -> str:
         for stage, label in STAGES
         if stage in metrics
     )
+    note = " These are the trained model's, before the edits below." if edited else ""
     return (
         "## Accuracy\n\nFrom the training run's `metrics.json`; validation is carved from the training "
-        f"data, test is the dataset's test split.\n\n| model | val | test |\n|---|---|---|\n{rows}\n"
+        f"data, test is the dataset's test split.{note}\n\n| model | val | test |\n|---|---|---|\n{rows}\n"
     )
 
 

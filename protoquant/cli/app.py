@@ -6,7 +6,7 @@ import sys
 import traceback
 
 from protoquant import __version__
-from protoquant.cli import checkpoint_commands, data_commands, image_commands, run_commands
+from protoquant.cli import checkpoint_commands, data_commands, edit_commands, image_commands, run_commands
 from protoquant.cli.config_flags import base_config, list_flags
 from protoquant.cli.parsing import PROG, USAGE_ERROR, Parser, add_verbosity, expand_lists, reject_unknown
 
@@ -35,6 +35,7 @@ def build_parser(argv: list[str] | None = None) -> Parser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run_commands.register(sub, base_config(_command(argv), argv))
     checkpoint_commands.register(sub)
+    edit_commands.register(sub)
     image_commands.register(sub)
     data_commands.register(sub)
     return parser
