@@ -7,7 +7,9 @@ torchvision weight enums (torch hub cache), files shipped inside PyPI packages, 
 local file. Nothing is downloaded unless `BackboneConfig.download` is set; a missing file fails
 at once with a message saying how to provide it. The input (size, crop, interpolation,
 normalisation) is the model's pretrained one unless the config overrides it
-(`protoquant.backbones.input`); `BackboneInfo` records both.
+(`protoquant.backbones.input`); `BackboneInfo` records both. `BackboneConfig.stage` takes the
+map from an earlier stage of the feature pyramid instead of the last (`protoquant.backbones.stages`);
+`BackboneInfo` records the stage, the stride and the receptive field of the map.
 """
 
 from __future__ import annotations
@@ -22,6 +24,13 @@ import torch
 from torch import nn
 
 from protoquant.backbones.input import InputConfig, resolve_input, timm_input, torchvision_input
+from protoquant.backbones.stages import (
+    LAST_STAGE,
+    cut_timm,
+    cut_torchvision,
+    receptive_field_counter,
+    sequential_extract,
+)
 from protoquant.backbones.timm_hub import HF_HUB_PREFIX, load_hub_model, resolve_hub_weights
 from protoquant.backbones.weights import (
     WeightsSource,
@@ -48,6 +57,9 @@ class BackboneInfo:
     weights_hash: str  # sha256 over the state dict, identifies the weights exactly
     image_size: int  # S it was built for (ViT position embeddings follow it)
     pretrained_input: InputConfig  # the model's own input config, before the config's overrides
+    stage: int  # feature pyramid stage the map comes from (-1: the model's last map)
+    stride: int  # input pixels per feature-grid cell, round(S / W)
+    receptive_field: int  # input pixels one feature cell sees (see protoquant.backbones.stages)
 
 
 class FrozenBackbone(nn.Module):
@@ -156,6 +168,8 @@ def _build_torchvision(model_name: str, config: BackboneConfig) -> Built:
     source = resolve_torchvision_weights(model_name, config)
     if source.state_dict is not None:
         model.load_state_dict(source.state_dict, strict=True)
+    if config.stage != LAST_STAGE:
+        model, extract = cut_torchvision(model_name, model, config.stage, size), sequential_extract
     return model, source, extract, pretrained
 
 
@@ -209,7 +223,8 @@ def _build_timm(model_name: str, config: BackboneConfig) -> Built:
     elif source.path is not None or source.download_pretrained:
         overlay = {"file": str(source.path)} if source.path is not None else None
         model = timm.create_model(architecture, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
-    return model, source, _timm_extract, pretrained
+    extract = _timm_extract if config.stage == LAST_STAGE else cut_timm(model, config.stage, config.name)
+    return model, source, extract, pretrained
 
 
 def state_hash(model: nn.Module) -> str:
@@ -245,7 +260,8 @@ def create_backbone(config: BackboneConfig) -> FrozenBackbone:
     backbone = FrozenBackbone(model, extract)
     chosen = resolve_input(config, pretrained)
     probe = torch.zeros(1, 3, chosen.image_size, chosen.image_size)
-    features = backbone(probe)  # (1, D, H, W)
+    with receptive_field_counter(model, chosen.image_size) as receptive_field:
+        features = backbone(probe)  # (1, D, H, W)
     backbone.info = BackboneInfo(
         name=config.name,
         channels=int(features.shape[1]),
@@ -256,12 +272,18 @@ def create_backbone(config: BackboneConfig) -> FrozenBackbone:
         weights_hash=state_hash(model),
         image_size=chosen.image_size,
         pretrained_input=pretrained,
+        stage=config.stage,
+        stride=round(chosen.image_size / features.shape[3]),
+        receptive_field=round(receptive_field[0]),
     )
     logger.info(
-        "backbone %s: D=%d grid=%s weights=%s",
+        "backbone %s: stage=%d D=%d grid=%s stride=%d rf=%d weights=%s",
         config.name,
+        config.stage,
         backbone.info.channels,
         backbone.info.grid,
+        backbone.info.stride,
+        backbone.info.receptive_field,
         source.description,
     )
     return backbone

@@ -65,11 +65,14 @@ def draw_box(
     """Draw inclusive pixel box (x1, y1, x2, y2), given in unscaled pixels, onto `image` in place."""
     x1, y1, x2, y2 = box
     left, top = x1 * scale, y1 * scale
-    right, bottom = (x2 + 1) * scale - 1, (y2 + 1) * scale - 1
+    right, bottom = (
+        max(left, (x2 + 1) * scale - 1),
+        max(top, (y2 + 1) * scale - 1),
+    )  # >= 1 px when scaled down
     width = max(1, round(line * max(image.size) / TILE_SIZE))
     draw = ImageDraw.Draw(image)
     draw.rectangle((left, top, right, bottom), outline=BOX_OUTLINE, width=width + 2)
-    inset = 1
+    inset = min(1.0, (right - left) / 2, (bottom - top) / 2)  # small cells (fine grids) keep a valid box
     draw.rectangle(
         (left + inset, top + inset, right - inset, bottom - inset), outline=BOX_COLOUR, width=width
     )
