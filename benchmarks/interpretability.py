@@ -9,6 +9,11 @@ evaluates both with `protoquant.metrics` and prints a markdown table and per-met
 Results go to runs/interpretability/benchmark.json. The misalignment attack (40 PGD steps through
 the backbone) and FunnyBirds interventions run on the first test images only (see --attack-images,
 --funnybirds-images) to keep the run under 15 minutes on two CPU cores.
+
+With --funnybirds-root (e.g. ../shared/funnybirds/FunnyBirds, the official layout) it also trains
+(or reuses) a model with the demo's settings on that FunnyBirds folder and runs the FunnyBirds
+protocols on its whole test split, once with each attribution upsampling (OpenCV-exact bicubic,
+and bilinear as the FunnyBirds framework's default); results go to <out>/funnybirds.json.
 """
 
 from __future__ import annotations
@@ -42,10 +47,9 @@ METRICS = [
 ]
 
 
-def _trained(out: Path, retrain: bool):
-    """(model, caches, splits, probe test accuracy): reuse <out>/model unless asked to retrain."""
-    config = demo_config(str(out))
-    config = replace(config, cache=replace(config.cache, root="runs/demo/cache"))  # the demo's cache
+def _trained(config, retrain: bool):
+    """(model, caches, splits, probe test accuracy): reuse <config.out>/model unless asked to retrain."""
+    out = Path(config.out)
     if not retrain and (out / "model").is_dir() and (out / "metrics.json").is_file():
         model = ProtoQuant.load(out / "model")
         splits = load_splits(model.config.data, model.config.seed)
@@ -75,11 +79,11 @@ def _evaluate(model, splits, caches, settings: MetricSettings, memo: FeatureMemo
 
 
 def _pm(block: dict) -> str:
-    with_images = block.get("mean_with_images")
-    tail = f", mean {with_images:.3f} over those" if with_images is not None else ""
+    """Headline mean ± std over prototypes with images (the reference's), then the all-counted extra."""
     return (
         f"{block['mean']:.3f} ± {block['std']:.3f} ({block['num_pure']} > 0.5; "
-        f"{block['num_with_images']} of {block['num_prototypes']} with images{tail})"
+        f"{block['num_with_images']} of {block['num_prototypes']} with images; "
+        f"all counted {block['mean_all']:.3f} ± {block['std_all']:.3f})"
     )
 
 
@@ -143,17 +147,79 @@ def timings(reports: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+FB_ROWS = {
+    "accuracy": "FunnyBirds accuracy",
+    "csdc": "CSDC",
+    "pc": "PC",
+    "dc": "DC",
+    "d": "D",
+    "bi": "BI",
+    "sd": "SD",
+    "ts": "TS",
+    "completeness": "Com",
+    "headline": "headline",
+    "threshold": "t*",
+}
+
+
+def funnybirds_official(root: str, out: Path, retrain: bool) -> dict[str, dict]:
+    """FunnyBirds protocols on the official layout for a demo-settings model trained there, per upsampling."""
+    config = demo_config(str(out / "funnybirds"))
+    config = replace(config, data=replace(config.data, dataset="funnybirds", root=root))
+    model, caches, splits, _, _ = _trained(config, retrain)
+    reports, memo = {}, FeatureMemo()  # re-renders are featurised once for both upsamplings
+    for upsampling in ("bicubic", "bilinear"):
+        settings = MetricSettings(seed=model.config.seed, funnybirds_upsampling=upsampling)
+        kwargs = {"settings": settings, "store": caches.test.store, "memo": memo}
+        report = evaluate_metrics(model, splits.test, ["funnybirds"], **kwargs)
+        reports[upsampling] = {"funnybirds": report["funnybirds"], "protocol": report["protocol"]}
+    (out / "funnybirds.json").write_text(json.dumps(reports, indent=2))
+    return reports
+
+
+def funnybirds_markdown(reports: dict[str, dict]) -> str:
+    """One column per upsampling: the FunnyBirds scores at t*, and how many images had a full re-render."""
+    lines = [
+        "| FunnyBirds (official layout) | " + " | ".join(reports) + " |",
+        "|---" * (len(reports) + 1) + "|",
+    ]
+    for key, label in FB_ROWS.items():
+        lines.append(
+            f"| {label} | " + " | ".join(f"{r['funnybirds'][key]:.3f}" for r in reports.values()) + " |"
+        )
+    counts = [r["funnybirds"]["counts"] for r in reports.values()]
+    lines.append(
+        "| images (full re-render) | "
+        + " | ".join(f"{c['images']} ({c['full_render_images']})" for c in counts)
+        + " |"
+    )
+    return "\n".join(lines)
+
+
+def _arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/interpretability")
     parser.add_argument("--retrain", action="store_true", help="train again even if <out>/model exists")
     parser.add_argument("--attack-images", type=int, default=8, help="test images attacked (misalignment)")
     parser.add_argument("--funnybirds-images", type=int, default=60, help="test images for FunnyBirds")
+    parser.add_argument(
+        "--funnybirds-root",
+        default="",
+        help="also train and evaluate on this FunnyBirds folder (official layout)",
+    )
+    parser.add_argument("--funnybirds-only", action="store_true", help="only the --funnybirds-root part")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.WARNING)
+    if args.funnybirds_only and not args.funnybirds_root:
+        parser.error("--funnybirds-only needs --funnybirds-root (the FunnyBirds folder)")
+    return args
+
+
+def synthetic_benchmark(args: argparse.Namespace, out: Path) -> None:
+    """ProtoQuant vs the PIP-Net-style head on the built-in data: table, timings, benchmark.json."""
     start = time.perf_counter()
-    out = Path(args.out)
-    model, caches, splits, probe_accuracy, train_seconds = _trained(out, args.retrain)
+    config = demo_config(str(out))
+    config = replace(config, cache=replace(config.cache, root="runs/demo/cache"))  # the demo's cache
+    model, caches, splits, probe_accuracy, train_seconds = _trained(config, args.retrain)
     device = model.head.class_layer.weight.device
     baseline_start = time.perf_counter()
     head, selection = train_baseline_head(
@@ -187,6 +253,16 @@ def main() -> None:
     print(
         f"\ntrain ProtoQuant {train_seconds:.0f} s, baseline head {baseline_seconds:.0f} s, total {total:.0f} s, threads {torch.get_num_threads()}"
     )
+
+
+def main() -> None:
+    args = _arguments()
+    logging.basicConfig(level=logging.WARNING)
+    out = Path(args.out)
+    if not args.funnybirds_only:
+        synthetic_benchmark(args, out)
+    if args.funnybirds_root:
+        print("\n" + funnybirds_markdown(funnybirds_official(args.funnybirds_root, out, args.retrain)))
 
 
 if __name__ == "__main__":

@@ -177,14 +177,26 @@ class FunnyBirds(FileImageDataset):
         masks = [(colours == (r, g, b + j)).all(axis=2) for j in range(self.num_background_objects(index))]
         return np.stack(masks) if masks else np.zeros((0, *colours.shape[:2]), dtype=bool)
 
-    def intervention(self, index: int, removed_parts: Sequence[str]) -> Image.Image:
-        """Image `index` re-rendered without the named part slots (e.g. ["beak", "wing"])."""
+    def intervention_path(self, index: int, removed_parts: Sequence[str]) -> Path:
+        """File of image `index` re-rendered without the named slots (none removed: all-parts re-render)."""
         unknown = sorted(set(removed_parts) - set(self.part_slots))
         if unknown:
             raise ValueError(f"unknown FunnyBirds part(s) {unknown}; valid: {list(self.part_slots)}")
         kept = sorted(set(self.part_slots) - set(removed_parts))
         name = "body_" + "_".join(kept) + ".png"
-        return open_rgb(self.root / f"{self.split}_interventions" / self._item(index) / name)
+        return self.root / f"{self.split}_interventions" / self._item(index) / name
+
+    def intervention(self, index: int, removed_parts: Sequence[str]) -> Image.Image:
+        """Image `index` re-rendered without the named part slots (e.g. ["beak", "wing"]).
+
+        With no slot removed this is the re-render with all parts (`body_beak_eye_foot_tail_wing.png`),
+        which the reference evaluates in place of the original image when nothing is removed.
+        """
+        return open_rgb(self.intervention_path(index, removed_parts))
+
+    def has_full_render(self, index: int) -> bool:
+        """Whether image `index` has its all-parts re-render on disk (see `intervention`)."""
+        return self.intervention_path(index, ()).is_file()
 
     def background_intervention(self, index: int, object_index: int) -> Image.Image:
         """Image `index` re-rendered without background object `object_index`."""

@@ -16,6 +16,7 @@ from protoquant.metrics.run_consistency import run_consistency
 from protoquant.metrics.run_funnybirds import run_funnybirds
 from protoquant.metrics.run_grounding import run_grounding
 from protoquant.metrics.run_misalignment import run_misalignment
+from protoquant.metrics.run_placement import run_placement
 from protoquant.metrics.run_purity import run_purity
 from protoquant.metrics.run_size import run_size
 from protoquant.metrics.run_stability import run_stability
@@ -32,6 +33,7 @@ METRICS: dict[str, Callable[[EvalContext], MetricResult]] = {
     "misalignment": run_misalignment,
     "funnybirds": run_funnybirds,
     "grounding": run_grounding,
+    "placement": run_placement,
 }
 
 

@@ -70,8 +70,9 @@ def keypoints_to_input(
 ) -> np.ndarray:
     """Part centres in image pixels -> integer pixels of the model input, as the reference code.
 
-    Keypoints are truncated to integers first, then scaled and truncated again:
-    x' = int(S * int(x) / W) (CUB: int(224 * (int(x) - x1) / (x2 - x1)) on the box crop).
+    Keypoints are truncated to integers first, then divided by the side, scaled and truncated:
+    x' = int(S * (int(x) / W)) (CUB: int(224 * ((int(x) - x1) / (x2 - x1))) on the box crop), in
+    the reference's order of operations: x = W = 191 gives 224 (int(191 * (224 / 191)) gives 223).
     With crop_ratio < 1 the shorter side is resized to int(S / ratio) and the centre S x S kept.
 
     Args:
@@ -83,13 +84,12 @@ def keypoints_to_input(
     width, height = image_wh
     whole = np.floor(keypoints.astype(np.float64))  # int(x) for x >= 0 (keypoints are non-negative)
     if crop_ratio >= 1.0:
-        scale = np.array([image_size / width, image_size / height])
-        return np.trunc(whole * scale).astype(np.int64)
+        return np.trunc(image_size * (whole / np.array([width, height]))).astype(np.int64)
     short = int(math.floor(image_size / crop_ratio))
     if width <= height:
         new_w, new_h = short, int(short * height / width)
     else:
         new_w, new_h = int(short * width / height), short
     offset = np.array([int(round((new_w - image_size) / 2.0)), int(round((new_h - image_size) / 2.0))])
-    mapped = np.trunc(whole * np.array([new_w / width, new_h / height])).astype(np.int64)
+    mapped = np.trunc(np.array([new_w, new_h]) * (whole / np.array([width, height]))).astype(np.int64)
     return mapped - offset

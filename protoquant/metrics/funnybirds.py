@@ -11,14 +11,29 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy import stats
 
+from protoquant.metrics.common import part_groups
 from protoquant.metrics.settings import FB_DILATION, FB_LOGIT_FRACTION, FB_TS_DISTANCE
+
+
+def slots_of_parts(part_names: Sequence[str], slots: Sequence[str]) -> np.ndarray:
+    """(P,) slot index of every annotated part, matched by name as the reference does.
+
+    Digits are stripped from the part names ("eye01" -> "eye"), whatever order the masks come in;
+    e.g. FunnyBirds' masks (eye01, eye02, beak, ...) against its slots (beak, eye, foot, tail, wing)
+    give [1, 1, 0, ...]. A part whose name is no slot raises a ValueError naming both.
+    """
+    names, group_of = part_groups(tuple(part_names), merge_left_right=False)
+    missing = [n for n in names if n not in slots]
+    if missing:
+        raise ValueError(f"FunnyBirds: annotated part(s) {missing} match no part slot of {list(slots)}")
+    return np.asarray([list(slots).index(names[g]) for g in group_of], dtype=np.int64)
 
 
 def dilate(masks: torch.Tensor, size: int = FB_DILATION) -> torch.Tensor:
@@ -193,3 +208,57 @@ def combine(
         threshold=float(thresholds[index]),
         threshold_index=index,
     )
+
+
+@dataclass
+class Tally:
+    """Per-image results of the FunnyBirds protocols, gathered by the runner."""
+
+    csdc: list = field(default_factory=list)
+    pc: list = field(default_factory=list)
+    dc: list = field(default_factory=list)
+    d: list = field(default_factory=list)
+    sd: list = field(default_factory=list)
+    ts: list = field(default_factory=list)
+    correct: int = 0
+    images: int = 0
+    bg_relevant: int = 0
+    bg_total: int = 0
+    ts_no_pair: int = 0
+    ts_assumption_failed: int = 0
+    full_renders: int = 0  # images whose "nothing removed" is the all-parts re-render
+
+
+def finish(tally: Tally, thresholds: np.ndarray) -> tuple[FunnyBirdsScores, dict]:
+    """Scores at t* and the aggregates, plus the per-threshold curves and counts."""
+
+    def mean_rows(rows: list, default: float) -> np.ndarray:
+        return np.mean(np.asarray(rows, float), axis=0) if rows else np.full(len(thresholds), default)
+
+    def mean(values: list) -> float:
+        return float(np.mean(values)) if values else float("nan")
+
+    per_threshold = {
+        "csdc": mean_rows(tally.csdc, 0.0),
+        "pc": mean_rows(tally.pc, 0.0),
+        "dc": mean_rows(tally.dc, 0.0),
+        "d": 1.0 - mean_rows(tally.d, 0.0),  # no valid image: D = 1, as the reference
+    }
+    scalars = {
+        "accuracy": tally.correct / tally.images if tally.images else float("nan"),
+        "bi": 1.0 - tally.bg_relevant / tally.bg_total if tally.bg_total else float("nan"),
+        "sd": mean(tally.sd),
+        "ts": mean(tally.ts),
+    }
+    counts = {
+        "images": tally.images,
+        "correct": tally.correct,
+        "d_images": len(tally.d),
+        "sd_images": len(tally.sd),
+        "ts_checks": len(tally.ts),
+        "ts_no_pair": tally.ts_no_pair,
+        "ts_assumption_failed": tally.ts_assumption_failed,
+        "background_objects": tally.bg_total,
+        "full_render_images": tally.full_renders,
+    }
+    return combine(per_threshold, scalars, thresholds), {"per_threshold": per_threshold, "counts": counts}

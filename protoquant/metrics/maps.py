@@ -73,6 +73,21 @@ def resize_bilinear(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return out.reshape(*lead, *size)
 
 
+UPSAMPLING = {
+    "bicubic": "bicubic, bit-exact OpenCV INTER_CUBIC on float32 (A = -0.75, half-pixel centres)",
+    "bilinear": "bilinear, half-pixel centres (torch align_corners=False; OpenCV INTER_LINEAR geometry)",
+}  # map upsampling modes the metrics offer, with the description their outputs record
+
+
+def upsample(maps: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
+    """(..., H, W) -> (..., height, width) float32 with `mode` "bicubic" or "bilinear" (see UPSAMPLING)."""
+    if mode == "bicubic":
+        return resize_cubic(maps, size)
+    if mode == "bilinear":
+        return resize_bilinear(maps, size)
+    raise ValueError(f"upsampling must be one of {sorted(UPSAMPLING)}, got {mode!r}")
+
+
 def argmax_row_major(maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Row and column of each map's maximum, first in row-major order on ties.
 

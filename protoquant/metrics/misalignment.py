@@ -7,11 +7,18 @@ prototypes more activated than the target. PLC: 100 (1 - IoU) of the top-10 % re
 target's bilinear map before and after. The published attack steps on the gradient of a
 cross-entropy over one logit, which is identically zero, so its numbers come from the random
 start alone: `random_start_only=True` reproduces that; the default attack really descends.
+
+Targets (`attack_target`): "top", the most activated prototype; "class", the reference's
+class-prototype variant: one attack per image, the union of all the true class's prototype boxes
+frozen, the mean of their max activations maximised (so PAC is negative when they rise), and
+PAC / PRC / PLC reported for the most activated of them; "class_each", ProtoQuant's variant (a
+deviation): one attack and one record per (image, class prototype), each with its own box,
+minimising that prototype's activation.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,6 +35,61 @@ from protoquant.metrics.settings import (
 )
 
 BOX_LIMIT_MARGIN = 2  # the reference clips the grown box to [0, S - 2] (222 at 224)
+ATTACK_TARGETS = ("top", "class", "class_each")  # see the module docstring
+MAXIMISED_TARGETS = ("class",)  # targets whose objective the attack raises (the reference's class variant)
+
+
+@dataclass(frozen=True)
+class Attack:
+    """One attack: image row `row`, prototype `target` reported, prototypes `group` frozen and attacked."""
+
+    row: int
+    target: int
+    group: tuple[int, ...]
+
+
+def attack_plan(
+    mode: str, scores: torch.Tensor, labels: Sequence[int], class_prototypes: Callable[[int], Sequence[int]]
+) -> list[Attack]:
+    """The attacks of a batch for target rule `mode` (one of ATTACK_TARGETS).
+
+    Args:
+        scores: (B, K) pooled activations before the attack. labels: (B,) true classes.
+        class_prototypes: class -> its prototypes (the class-prototype rule).
+
+    Returns:
+        "top": one per image, the most activated prototype (first on ties). "class": one per image
+        with class prototypes, group = all of them, target = the most activated (ties: lower
+        index). "class_each": one per (image, class prototype).
+    """
+    if mode == "top":
+        return [Attack(b, int(t), (int(t),)) for b, t in enumerate(scores.argmax(dim=1).tolist())]
+    if mode not in ATTACK_TARGETS:
+        raise ValueError(f"attack_target must be one of {list(ATTACK_TARGETS)}, got {mode!r}")
+    attacks = []
+    for b, label in enumerate(labels):
+        group = tuple(sorted(int(p) for p in class_prototypes(int(label))))
+        if mode == "class_each":
+            attacks += [Attack(b, p, (p,)) for p in group]
+        elif group:
+            target = group[int(scores[b, list(group)].argmax())]  # first maximum = lower index
+            attacks.append(Attack(b, target, group))
+    return attacks
+
+
+def union_box_mask(
+    heatmaps: np.ndarray, quantile: float = MASK_QUANTILE, grow: int = MASK_GROW
+) -> np.ndarray:
+    """(S, S) bool union of `frozen_box_mask` over (n, S, S) heatmaps (a class's prototypes)."""
+    return np.logical_or.reduce([frozen_box_mask(h, quantile, grow) for h in heatmaps])
+
+
+def objective_weights(attacks: Sequence[Attack], num_prototypes: int, device=None) -> torch.Tensor:
+    """(R, K) float: 1 / |group| on each attack's group, so the objective is the group's mean max activation."""
+    weights = torch.zeros(len(attacks), num_prototypes, device=device)
+    for r, attack in enumerate(attacks):
+        weights[r, list(attack.group)] = 1.0 / len(attack.group)
+    return weights
 
 
 def frozen_box_mask(
@@ -95,14 +157,17 @@ def masked_pgd(
     step: float = ATTACK_STEP,
     iterations: int = ATTACK_ITERATIONS,
     random_start_only: bool = False,
+    maximise: bool = False,
 ) -> torch.Tensor:
-    """L-inf PGD from a random start that lowers each target prototype's max activation.
+    """L-inf PGD from a random start that lowers (or raises) each target's max activation.
 
     Args:
         activation_fn: differentiable map (B, 3, S, S) -> activation (B, K, H, W).
-        images: (B, 3, S, S) normalised. targets: (B,) prototype per image.
+        images: (B, 3, S, S) normalised. targets: (B,) prototype per image, or (B, K) weights of
+            each prototype's max activation in the objective (see `objective_weights`).
         changeable: (B, 1, S, S) 1 where a pixel may change (outside the frozen box), else 0.
         random_start_only: stop after the uniform random start (the published protocol).
+        maximise: ascend on the objective instead of descending.
 
     Returns:
         (B, 3, S, S) adversarial images, |x_adv - x| <= epsilon, equal to x inside the box.
@@ -112,13 +177,14 @@ def masked_pgd(
     if random_start_only:
         return adversarial
     rows = torch.arange(len(targets), device=images.device)
+    direction = 1.0 if maximise else -1.0
     for _ in range(iterations):
         adversarial.requires_grad_(True)
         with torch.enable_grad():
-            activation = activation_fn(adversarial)  # (B, K, H, W)
-            loss = activation[rows, targets].flatten(1).amax(dim=1).sum()
+            peaks = activation_fn(adversarial).flatten(2).amax(dim=2)  # (B, K) max activations
+            loss = peaks[rows, targets].sum() if targets.dim() == 1 else (peaks * targets).sum()
             (grad,) = torch.autograd.grad(loss, adversarial)
-        stepped = adversarial.detach() - step * grad.sign() * changeable
+        stepped = adversarial.detach() + direction * step * grad.sign() * changeable
         adversarial = (images + (stepped - images).clamp(-epsilon, epsilon) * changeable).detach()
     return adversarial
 

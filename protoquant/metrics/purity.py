@@ -127,22 +127,38 @@ def images_above(scores: np.ndarray, threshold: float = PURITY_SCORE_THRESHOLD) 
 
 @dataclass(frozen=True)
 class PuritySummary:
-    mean: float
-    std: float  # ddof 0
+    """Purity of the counted prototypes; the headline averages those with selected images.
+
+    The reference writes a row only for (prototype, image) pairs it selects, so a prototype with
+    no selected image (all@0.5: no pooled score above 0.5) is absent from its mean and std;
+    `mean_all` / `std_all` score such a prototype as 0 and keep it (ProtoQuant's extra).
+    """
+
+    mean: float  # over prototypes with >= 1 selected image (the reference's)
+    std: float  # ddof 0, same set
+    mean_all: float  # over every counted prototype, 0 for one without images
+    std_all: float  # ddof 0, same set
     num_pure: int  # prototypes with purity > 0.5
     num_prototypes: int  # prototypes counted (max_c w > 1e-5)
     num_with_images: int  # ... of which had at least one selected image
-    purity: np.ndarray  # (n,) per counted prototype
+    purity: np.ndarray  # (n,) per counted prototype (0 without images)
     part: np.ndarray  # (n,) best merged part per counted prototype (-1: none)
     image_counts: np.ndarray  # (n,) images selected for each counted prototype
 
 
+def _mean_std(values: np.ndarray) -> tuple[float, float]:
+    return (float(values.mean()), float(values.std())) if len(values) else (float("nan"), float("nan"))
+
+
 def summarise(purity: np.ndarray, part: np.ndarray, image_counts: np.ndarray) -> PuritySummary:
-    """Mean +- std (ddof 0) of per-prototype purity and the count above 0.5."""
-    empty = len(purity) == 0
+    """Mean +- std (ddof 0) of per-prototype purity, headline and all-counted, and the count above 0.5."""
+    mean, std = _mean_std(purity[image_counts > 0])
+    mean_all, std_all = _mean_std(purity)
     return PuritySummary(
-        mean=float("nan") if empty else float(purity.mean()),
-        std=float("nan") if empty else float(purity.std()),
+        mean=mean,
+        std=std,
+        mean_all=mean_all,
+        std_all=std_all,
         num_pure=int((purity > PURE).sum()),
         num_prototypes=len(purity),
         num_with_images=int((image_counts > 0).sum()),

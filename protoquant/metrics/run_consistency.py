@@ -8,6 +8,7 @@ import torch
 from protoquant.metrics import consistency as cons
 from protoquant.metrics.common import PrototypeSlots, class_prototypes
 from protoquant.metrics.context import EvalContext
+from protoquant.metrics.maps import UPSAMPLING
 from protoquant.metrics.result import MetricResult
 from protoquant.metrics.settings import scaled
 
@@ -33,11 +34,12 @@ def _protocol(ctx: EvalContext, slots: PrototypeSlots) -> dict:
     return {
         "prototype_rule": slots.rule,
         "num_slots": len(slots.classes),
-        "maps": "activation (softmax over prototypes), OpenCV-equivalent bicubic to the input size",
+        "maps": "activation (softmax over prototypes), upsampled to the input size",
+        "upsampling": UPSAMPLING["bicubic"] + " (the reference's cv2.resize INTER_CUBIC)",
         "box_half_size": scaled(settings.box_half_size, ctx.image_size),
         "box_half_size_at_224": settings.box_half_size,
         "parts": "all annotated parts, no left/right merging",
-        "keypoints": "truncated to int, then x' = int(S * int(x) / W)",
+        "keypoints": "truncated to int, then x' = int(S * (int(x) / W)) (the reference's order)",
     }
 
 

@@ -1,12 +1,16 @@
 """Runner of the FunnyBirds protocols on any dataset that offers interventions.
 
 A dataset qualifies when it (or the dataset a `SubsetDataset` wraps) implements
-`render(index, remove_parts=..., remove_background=...)` (part = group index of the annotation's
-part names with digits stripped, e.g. "eye01"/"eye02" -> "eye"), `background_masks(index)`
-((M, H, W) bool) and `class_parts` ((C, G) variant per part; minimal sufficient part sets are
+`render(index, remove_parts=..., remove_background=...)` (part = slot index), `background_masks(index)`
+((M, H, W) bool) and `class_parts` ((C, G) variant per slot; minimal sufficient part sets are
 computed from it, correctly for every class) or `minimal_sufficient_parts(class)`. The built-in
-`SyntheticParts` does. Clean images are read from the feature cache; re-renders go through the
-backbone once per distinct removal set and are memoised.
+`SyntheticParts` and `FunnyBirds` do. Annotated parts are matched to slots by name (digits
+stripped: "eye01"/"eye02" -> slot "eye"), as the reference does, so the mask order does not matter;
+slots are the dataset's `part_slots` when it has them, else the part names in order. Where the
+dataset has an all-parts re-render (`has_full_render`), "nothing removed" (PC with every part
+important, DC with none) is scored on it, as the reference; otherwise on the original image.
+Clean images are read from the feature cache; re-renders go through the backbone once per
+distinct removal set and are memoised.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from protoquant.data.synthetic import minimal_sufficient_sets
 from protoquant.metrics import funnybirds as fb
 from protoquant.metrics.common import part_groups
 from protoquant.metrics.context import EvalContext
-from protoquant.metrics.maps import quantile_box, resize_cubic
+from protoquant.metrics.maps import UPSAMPLING, quantile_box, upsample
 from protoquant.metrics.result import MetricResult
 from protoquant.metrics.settings import BOX_VARIANT_QUANTILE, FB_TS_DISTANCE, fb_thresholds
 
@@ -35,7 +39,9 @@ def _base(dataset: ImageDataset, index: int) -> tuple[ImageDataset, int]:
     return dataset, index
 
 
-def _check(dataset: ImageDataset) -> ImageDataset:
+def _check(dataset: ImageDataset, upsampling: str) -> ImageDataset:
+    if upsampling not in UPSAMPLING:
+        raise ValueError(f"funnybirds_upsampling must be one of {sorted(UPSAMPLING)}, got {upsampling!r}")
     base, _ = _base(dataset, 0)
     missing = [name for name in ("render", "background_masks") if not hasattr(base, name)]
     if not hasattr(base, "class_parts") and not hasattr(base, "minimal_sufficient_parts"):
@@ -55,22 +61,6 @@ def minimal_sets(base: ImageDataset, class_index: int) -> list[tuple[int, ...]]:
 
 
 @dataclass
-class _Tally:
-    csdc: list = field(default_factory=list)
-    pc: list = field(default_factory=list)
-    dc: list = field(default_factory=list)
-    d: list = field(default_factory=list)
-    sd: list = field(default_factory=list)
-    ts: list = field(default_factory=list)
-    correct: int = 0
-    images: int = 0
-    bg_relevant: int = 0
-    bg_total: int = 0
-    ts_no_pair: int = 0
-    ts_assumption_failed: int = 0
-
-
-@dataclass
 class _Image:
     """One image's clean outputs, masks and cached importances."""
 
@@ -81,9 +71,10 @@ class _Image:
     activation: torch.Tensor  # (K, h, w)
     scores: torch.Tensor  # (K,)
     masks: torch.Tensor  # (P, H, W) part instances
-    group_of: np.ndarray  # (P,)
-    num_groups: int
+    group_of: np.ndarray  # (P,) slot of each part instance
+    num_groups: int  # G slots
     background: torch.Tensor  # (M, H, W)
+    full_render: bool = False  # "nothing removed" = the all-parts re-render (else the original)
     cache: dict = field(default_factory=dict)
 
 
@@ -91,15 +82,17 @@ def _attribution(ctx: EvalContext, image: _Image, c: int) -> torch.Tensor:
     """(H, W) attribution for class c: weighted maps ("similarity", "activation") or boxes ("box")."""
     weights = ctx.model.head.class_weights.detach().cpu()[c]  # (K,)
     size = tuple(image.masks.shape[-2:])
-    mode = ctx.settings.funnybirds_attribution
+    mode, resize = ctx.settings.funnybirds_attribution, ctx.settings.funnybirds_upsampling
     if mode in ("similarity", "activation"):
         maps = image.similarity if mode == "similarity" else image.activation
-        return resize_cubic(torch.einsum("k,khw->hw", weights, maps), size)  # upsampling is linear
+        return upsample(torch.einsum("k,khw->hw", weights, maps), size, resize)  # upsampling is linear
     if mode != "box":
         raise ValueError(f"funnybirds_attribution must be 'similarity', 'activation' or 'box', got {mode!r}")
     out = torch.zeros(size)
     for k in torch.nonzero(weights > 0).flatten().tolist():
-        y0, x0, y1, x1 = quantile_box(resize_cubic(image.similarity[k], size).numpy(), BOX_VARIANT_QUANTILE)
+        y0, x0, y1, x1 = quantile_box(
+            upsample(image.similarity[k], size, resize).numpy(), BOX_VARIANT_QUANTILE
+        )
         out[y0 : y1 + 1, x0 : x1 + 1] += float(weights[k] * image.scores[k])
     return out
 
@@ -115,12 +108,18 @@ def _importance(ctx, image: _Image, c: int) -> tuple[np.ndarray, np.ndarray, flo
     return image.cache[c]
 
 
+def part_slots(base: ImageDataset, part_names: tuple[str, ...]) -> tuple[tuple[str, ...], np.ndarray]:
+    """The dataset's slots (G,) and the slot (P,) of each annotated part, matched by name."""
+    slots = getattr(base, "part_slots", None) or part_groups(part_names, merge_left_right=False)[0]
+    return tuple(slots), fb.slots_of_parts(part_names, slots)
+
+
 def _load(ctx: EvalContext, index: int, out, row: int) -> _Image:
     annotation = ctx.dataset.annotations(index)
     if annotation is None or annotation.masks is None:
         raise ValueError(f"metric 'funnybirds' needs part masks; {ctx.dataset.name} image {index} has none")
-    names, group_of = part_groups(annotation.part_names, merge_left_right=False)
     base, base_index = _base(ctx.dataset, index)
+    slots, group_of = part_slots(base, annotation.part_names)
     return _Image(
         index=index,
         label=int(ctx.labels[index]),
@@ -130,8 +129,9 @@ def _load(ctx: EvalContext, index: int, out, row: int) -> _Image:
         scores=out.scores[row],
         masks=torch.from_numpy(np.asarray(annotation.masks, dtype=bool)),
         group_of=group_of,
-        num_groups=len(names),
+        num_groups=len(slots),
         background=torch.from_numpy(np.asarray(base.background_masks(base_index), dtype=bool)),
+        full_render=bool(getattr(base, "has_full_render", lambda _: False)(base_index)),
     )
 
 
@@ -150,9 +150,19 @@ def _plan(ctx: EvalContext, image: _Image, base, thresholds: np.ndarray) -> dict
         "pair": pair,
     }
     overlaps = [tuple(pair[2].tolist()), tuple(pair[3].tolist())] if pair else []
-    part_sets = set(plan["pc"] + plan["dc"] + plan["singles"] + overlaps) - {()}
+    part_sets = set(plan["pc"] + plan["dc"] + plan["singles"] + overlaps)
+    if not image.full_render:
+        part_sets.discard(())  # nothing removed: the original image's logits
     plan["keys"] = [(p, ()) for p in sorted(part_sets)] + [((), (m,)) for m in range(len(image.background))]
     return plan
+
+
+def logits_after(image: _Image, logits: dict, parts: tuple = (), background: tuple = ()) -> np.ndarray:
+    """(C,) logits of image without `parts` / `background`; nothing removed and no full re-render: clean."""
+    key = (image.index, parts, background)
+    if not parts and not background and key not in logits:
+        return image.logits
+    return logits[key]
 
 
 def _logits(ctx: EvalContext, images: list[_Image], plans: list[dict]) -> dict:
@@ -165,6 +175,9 @@ def _logits(ctx: EvalContext, images: list[_Image], plans: list[dict]) -> dict:
         renders = []
         for *_, index, parts, background in keys:
             base, base_index = _base(ctx.dataset, index)
+            if not parts and not background:  # the all-parts re-render (planned only where it exists)
+                renders.append(base.intervention(base_index, []))
+                continue
             renders.append(
                 base.render(base_index, remove_parts=list(parts), remove_background=list(background))
             )
@@ -176,14 +189,15 @@ def _logits(ctx: EvalContext, images: list[_Image], plans: list[dict]) -> dict:
 
 
 def _score(
-    ctx: EvalContext, image: _Image, plan: dict, logits: dict, tally: _Tally, base, thresholds
+    ctx: EvalContext, image: _Image, plan: dict, logits: dict, tally: fb.Tally, base, thresholds
 ) -> None:
     y, predicted, fraction = image.label, plan["predicted"], ctx.settings.fb_logit_fraction
 
     def after(parts: tuple = (), background: tuple = ()) -> np.ndarray:
-        return image.logits if not parts and not background else logits[(image.index, parts, background)]
+        return logits_after(image, logits, parts, background)
 
     tally.images += 1
+    tally.full_renders += int(image.full_render)
     if predicted == y:
         tally.correct += 1
         tally.csdc.append(fb.csdc(plan["important"], minimal_sets(base, y)))
@@ -207,7 +221,7 @@ def _score(
     _target_sensitivity(ctx, image, plan["pair"], after, tally)
 
 
-def _target_sensitivity(ctx, image: _Image, pair, after, tally: _Tally) -> None:
+def _target_sensitivity(ctx, image: _Image, pair, after, tally: fb.Tally) -> None:
     if pair is None:
         tally.ts_no_pair += 1
         return
@@ -220,45 +234,13 @@ def _target_sensitivity(ctx, image: _Image, pair, after, tally: _Tally) -> None:
     tally.ts.extend(fb.ts_checks(importance1, importance2, overlap1, overlap2))
 
 
-def _finish(tally: _Tally, thresholds: np.ndarray) -> tuple[fb.FunnyBirdsScores, dict]:
-    def mean_rows(rows: list, default: float) -> np.ndarray:
-        return np.mean(np.asarray(rows, float), axis=0) if rows else np.full(len(thresholds), default)
-
-    def mean(values: list) -> float:
-        return float(np.mean(values)) if values else float("nan")
-
-    per_threshold = {
-        "csdc": mean_rows(tally.csdc, 0.0),
-        "pc": mean_rows(tally.pc, 0.0),
-        "dc": mean_rows(tally.dc, 0.0),
-        "d": 1.0 - mean_rows(tally.d, 0.0),  # no valid image: D = 1, as the reference
-    }
-    scalars = {
-        "accuracy": tally.correct / tally.images if tally.images else float("nan"),
-        "bi": 1.0 - tally.bg_relevant / tally.bg_total if tally.bg_total else float("nan"),
-        "sd": mean(tally.sd),
-        "ts": mean(tally.ts),
-    }
-    counts = {
-        "images": tally.images,
-        "correct": tally.correct,
-        "d_images": len(tally.d),
-        "sd_images": len(tally.sd),
-        "ts_checks": len(tally.ts),
-        "ts_no_pair": tally.ts_no_pair,
-        "ts_assumption_failed": tally.ts_assumption_failed,
-        "background_objects": tally.bg_total,
-    }
-    return fb.combine(per_threshold, scalars, thresholds), {"per_threshold": per_threshold, "counts": counts}
-
-
 def run_funnybirds(ctx: EvalContext) -> MetricResult:
     """FunnyBirds accuracy, CSDC, PC, DC, D, BI, SD, TS, t* and aggregates on the first n images."""
-    base = _check(ctx.dataset)
+    base = _check(ctx.dataset, ctx.settings.funnybirds_upsampling)
     thresholds = fb_thresholds()
     count = min(ctx.settings.funnybirds_images or len(ctx.dataset), len(ctx.dataset))
     entries = ctx.store.entries(first_view_only=True)[:count]
-    tally = _Tally()
+    tally = fb.Tally()
     for start in progress.bar(range(0, count, IMAGES_PER_CHUNK), desc="metrics: funnybirds", unit="chunk"):
         for indices, out in ctx.head_batches(entries[start : start + IMAGES_PER_CHUNK]):
             images = [_load(ctx, int(i), out, row) for row, i in enumerate(indices)]
@@ -266,16 +248,23 @@ def run_funnybirds(ctx: EvalContext) -> MetricResult:
             logits = _logits(ctx, images, plans)
             for image, plan in zip(images, plans):
                 _score(ctx, image, plan, logits, tally, base, thresholds)
-    scores, extra = _finish(tally, thresholds)
+    scores, extra = fb.finish(tally, thresholds)
+    settings = ctx.settings
+    resize = settings.funnybirds_upsampling
     protocol = {
-        "attribution": ctx.settings.funnybirds_attribution,
-        "attribution_rule": f"sum_p w[c, p] * bicubic({ctx.settings.funnybirds_attribution}_p) at the image's size"
-        if ctx.settings.funnybirds_attribution != "box"
-        else "sum_p w[c, p] * score_p over the 95th-percentile box of bicubic(similarity_p)",
+        "attribution": settings.funnybirds_attribution,
+        "attribution_rule": f"sum_p w[c, p] * {resize}({settings.funnybirds_attribution}_p) at the image's size"
+        if settings.funnybirds_attribution != "box"
+        else f"sum_p w[c, p] * score_p over the 95th-percentile box of {resize}(similarity_p)",
+        "upsampling": UPSAMPLING[resize]
+        + ("" if resize == "bilinear" else "; the framework's default is bilinear"),
+        "part_matching": "annotated parts matched to the slots by name, digits stripped (as the reference)",
+        "nothing_removed": f"all-parts re-render where the dataset has it ({tally.full_renders} of "
+        f"{tally.images} images, as the reference), else the original image",
         "thresholds": f"linspace({thresholds[0]}, {thresholds[-1]}, {len(thresholds)}), important iff > t * total",
         "dilation": "5 x 5 max-pool per part instance and per background object",
         "classes": "CSDC true class on correct images; PC/DC predicted class; D, BI, SD, TS true class",
-        "logit_fraction": ctx.settings.fb_logit_fraction,
+        "logit_fraction": settings.fb_logit_fraction,
         "minimal_sets": "computed from class_parts for every class (reference bug for the last class not copied)",
         "ts_distance": FB_TS_DISTANCE,
         "images": f"first {count} of {len(ctx.dataset)}",

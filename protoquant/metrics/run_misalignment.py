@@ -14,7 +14,7 @@ from protoquant import progress
 from protoquant.metrics import misalignment as mis
 from protoquant.metrics.common import class_prototypes
 from protoquant.metrics.context import EvalContext
-from protoquant.metrics.maps import resize_cubic
+from protoquant.metrics.maps import UPSAMPLING, resize_cubic
 from protoquant.metrics.result import MetricResult
 from protoquant.metrics.settings import scaled
 
@@ -30,42 +30,44 @@ def _activation_fn(ctx: EvalContext):
     return activation
 
 
-def _targets(ctx: EvalContext, scores: torch.Tensor, labels: np.ndarray, slots) -> list[tuple[int, int]]:
-    """(row in batch, target prototype) pairs: the top prototype, or every prototype of the true class."""
-    if ctx.settings.attack_target == "top":
-        return [(b, int(t)) for b, t in enumerate(scores.argmax(dim=1).tolist())]
-    if ctx.settings.attack_target == "class":
-        return [(b, int(p)) for b, y in enumerate(labels) for p in slots.prototypes[slots.of_class(int(y))]]
-    raise ValueError(f"attack_target must be 'top' or 'class', got {ctx.settings.attack_target!r}")
+def _frozen(ctx: EvalContext, act: torch.Tensor, attacks: list[mis.Attack]) -> torch.Tensor:
+    """(R, 1, S, S) float 1 where attack r may change a pixel: outside the union of its group's boxes."""
+    size, grow = ctx.image_size, scaled(ctx.settings.mask_grow, ctx.image_size)
+    frozen = []
+    for attack in attacks:
+        heat = resize_cubic(act[attack.row, list(attack.group)], (size, size)).numpy()  # (n, S, S)
+        frozen.append(mis.union_box_mask(heat, grow=grow))
+    return torch.from_numpy(~np.stack(frozen)).float()[:, None]
 
 
 def _attack_batch(ctx, indices: np.ndarray, slots, generator: torch.Generator) -> list[dict]:
-    settings, size, device = ctx.settings, ctx.image_size, ctx.device
+    settings, device = ctx.settings, ctx.device
     labels = ctx.labels[indices]
     images = ctx.preprocess([ctx.dataset.load_image(int(i)) for i in indices], indices)
     images = images.to(device).contiguous(memory_format=torch.channels_last)  # (B, 3, S, S)
-    activation_fn = _activation_fn(ctx)
     with torch.no_grad():
         before = ctx.model.head(ctx.model.backbone(images))
-    pairs = _targets(ctx, before.scores.cpu(), labels, slots)
-    rows, targets = (torch.tensor(v, dtype=torch.long) for v in zip(*pairs))
+    of_class = lambda c: slots.prototypes[slots.of_class(c)].tolist()  # noqa: E731
+    attacks = mis.attack_plan(settings.attack_target, before.scores.cpu(), labels.tolist(), of_class)
+    if not attacks:
+        return []
     act = before.activation.clamp(min=0).cpu()  # (B, K, H, W)
-    heat = resize_cubic(act[rows, targets], (size, size)).numpy()  # (R, S, S)
-    frozen = np.stack([mis.frozen_box_mask(h, grow=scaled(settings.mask_grow, size)) for h in heat])
-    changeable = torch.from_numpy(~frozen).float()[:, None].to(device)  # (R, 1, S, S)
+    rows = torch.tensor([a.row for a in attacks], dtype=torch.long)
     adversarial = mis.masked_pgd(
-        activation_fn,
+        _activation_fn(ctx),
         images[rows.to(device)],
-        targets.to(device),
-        changeable,
+        mis.objective_weights(attacks, act.shape[1], device),
+        _frozen(ctx, act, attacks).to(device),
         generator=generator,
         epsilon=settings.attack_epsilon,
         step=settings.attack_step,
         iterations=settings.attack_iterations,
         random_start_only=settings.random_start_only,
+        maximise=settings.attack_target in mis.MAXIMISED_TARGETS,
     )
     with torch.no_grad():
         after = ctx.model.head(ctx.model.backbone(adversarial))
+    targets = torch.tensor([a.target for a in attacks], dtype=torch.long)
     return _records(ctx, indices, labels, slots, (rows, targets), before, after)
 
 
@@ -95,6 +97,16 @@ def _records(ctx, indices, labels, slots, pairs, before, after) -> list[dict]:
     return out
 
 
+TARGET_RULES = {
+    "top": "the most activated prototype (first on ties); its own box frozen; its max activation minimised",
+    "class": "one attack per image on the true class's prototypes (the reference's variant): the union of "
+    "their boxes frozen, the mean of their max activations maximised, PAC / PRC / PLC of the most "
+    "activated of them (PAC < 0 when it rises); images whose class has no prototype are skipped",
+    "class_each": "deviation (ProtoQuant's variant): one attack and one record per (image, class "
+    "prototype), each with its own box, its max activation minimised",
+}
+
+
 def run_misalignment(ctx: EvalContext) -> MetricResult:
     """PAC / PRC / PLC / AC over the first `misalignment_images` images (all when 0)."""
     settings = ctx.settings
@@ -121,11 +133,13 @@ def run_misalignment(ctx: EvalContext) -> MetricResult:
         "iterations": 0 if settings.random_start_only else settings.attack_iterations,
         "space": "normalised input, no clamp to the image range",
         "target": settings.attack_target,
+        "target_rule": TARGET_RULES[settings.attack_target],
+        "upsampling": f"mask: {UPSAMPLING['bicubic']}; PLC: {UPSAMPLING['bilinear']}",
         "prototype_rule": slots.rule + " (non-class prototypes for PRC)",
         "mask": f"box of pixels >= 95th percentile (OpenCV bicubic), grown {scaled(settings.mask_grow, ctx.image_size)} px, clipped to [0, S-2]",
         "plc": "bilinear maps, region > 0.9 quantile, empty union -> PLC 0",
         "pac_undefined": "activation 0 before the attack: PAC left out (counted in num_undefined_pac)",
         "seed": settings.seed,
-        "images": f"first {len(indices)} of {len(ctx.dataset)}",
+        "images": f"first {len(indices)} of {len(ctx.dataset)}; {len({r['index'] for r in records})} attacked",
     }
     return MetricResult(summary, protocol, tuple(records))

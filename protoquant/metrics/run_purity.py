@@ -69,16 +69,18 @@ def run_purity(ctx: EvalContext) -> MetricResult:
     value = {}
     for name, select in variants.items():
         summary = _variant_purity(ctx, inputs, table, counted, select, groups)
-        fields = ("mean", "std", "num_pure", "num_prototypes", "num_with_images")
+        fields = ("mean", "std", "mean_all", "std_all", "num_pure", "num_prototypes", "num_with_images")
         value[name] = {k: getattr(summary, k) for k in fields}
-        with_images = summary.purity[summary.image_counts > 0]
-        value[name]["mean_with_images"] = float(with_images.mean()) if len(with_images) else float("nan")
     protocol = {
         "prototypes": f"max_c w[c, p] > {settings.purity_weight_threshold} (raw weights)",
         "top_k": settings.purity_top_k,
         "score_threshold": f"pooled > {settings.purity_score_threshold} (strict)",
+        "headline": "mean / std (ddof 0) over the counted prototypes with >= 1 selected image, as the "
+        "reference (it writes rows only for selected images)",
+        "extra": "mean_all / std_all: every counted prototype, one without selected images scored 0",
         "patch": settings.purity_patch,
         "patch_rule": "PIP-Net get_img_coordinates; argmax cell column-first; bounds scaled to the image",
+        "upsampling": "none: the argmax latent cell's patch (no map is upsampled)",
         "merged_parts": list(groups[0]),
         "images": f"{ctx.dataset.name}/{ctx.dataset.split} as loaded (protocol: uncropped CUB)",
         "deviation": None

@@ -83,10 +83,15 @@ class MetricSettings:
     attack_step: float = ATTACK_STEP
     attack_iterations: int = ATTACK_ITERATIONS
     random_start_only: bool = False  # True reproduces the published attack (zero gradient)
-    attack_target: str = "top"  # "top" (most activated prototype) or "class" (true class's prototypes)
+    # "top": the most activated prototype; "class": the true class's prototypes attacked jointly
+    # (the reference); "class_each": one attack per class prototype (ProtoQuant's variant)
+    attack_target: str = "top"
     mask_grow: int = MASK_GROW  # at 224
     misalignment_images: int = 0  # 0 = all images of the split; else the first n
     funnybirds_images: int = 0  # 0 = all images of the split; else the first n
     funnybirds_attribution: str = "similarity"  # "similarity" maps (METRICS.md), "activation" maps or "box"
+    # upsampling of the FunnyBirds attribution maps: "bicubic" (OpenCV-exact, as the part-prototype
+    # protocols) or "bilinear" (the FunnyBirds framework's default); recorded in the output
+    funnybirds_upsampling: str = "bicubic"
     fb_logit_fraction: float = FB_LOGIT_FRACTION
     duplicate_cosine: float = DUPLICATE_COSINE

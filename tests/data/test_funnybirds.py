@@ -151,3 +151,12 @@ def test_missing_part_map_is_named(fb_root: Path) -> None:
     (fb_root / "test_part_map/0/000001.png").unlink()
     with pytest.raises(FileNotFoundError, match=r"test_part_map/0/000001\.png"):
         FunnyBirds(fb_root, "test").annotations(1)
+
+
+def test_full_re_render_is_the_intervention_without_removals(fb_root: Path) -> None:
+    test = FunnyBirds(fb_root, "test")
+    path = fb_root / "test_interventions/1/000000/body_beak_eye_foot_tail_wing.png"
+    assert test.intervention_path(0, []) == path and not test.has_full_render(0)
+    Image.fromarray(np.full((FB_SIZE, FB_SIZE, 4), 7, np.uint8), "RGBA").save(path)
+    assert test.has_full_render(0) and not test.has_full_render(1)  # image 1 has no interventions
+    np.testing.assert_array_equal(np.asarray(test.intervention(0, ())), np.full((FB_SIZE, FB_SIZE, 3), 7))

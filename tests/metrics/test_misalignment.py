@@ -7,12 +7,16 @@ import pytest
 import torch
 
 from protoquant.metrics.misalignment import (
+    Attack,
     activation_change,
+    attack_plan,
     frozen_box_mask,
     location_change,
     masked_pgd,
+    objective_weights,
     rank_change,
     summarise,
+    union_box_mask,
 )
 
 
@@ -87,3 +91,50 @@ def test_pgd_lowers_the_target_inside_budget_and_mask():
         random_start_only=True,
     )
     assert torch.equal(start[..., 2:], images[..., 2:]) and start.abs().max() > 0  # random start, no steps
+
+
+def test_two_prototype_class_is_one_joint_attack_reporting_the_most_activated():
+    scores = torch.tensor([[0.1, 0.6, 0.2, 0.6], [0.9, 0.1, 0.3, 0.2]])  # (B, K)
+    of_class = {0: [3, 1], 1: [2], 2: []}.__getitem__  # class 0 has prototypes 1 and 3 (tie 0.6)
+    joint = attack_plan("class", scores, [0, 1, 2], of_class)
+    assert joint == [Attack(0, 1, (1, 3)), Attack(1, 2, (2,))]  # tie -> lower index; class 2 skipped
+    each = attack_plan("class_each", scores, [0, 1], of_class)
+    assert each == [Attack(0, 1, (1,)), Attack(0, 3, (3,)), Attack(1, 2, (2,))]
+    assert attack_plan("top", scores, [0, 1], of_class) == [Attack(0, 1, (1,)), Attack(1, 0, (0,))]
+    with pytest.raises(ValueError, match="attack_target must be one of"):
+        attack_plan("all", scores, [0], of_class)
+    weights = objective_weights(joint, 4)
+    assert weights.tolist() == [[0, 0.5, 0, 0.5], [0, 0, 1, 0]]
+
+
+def test_joint_mask_is_the_union_of_both_boxes():
+    heat = np.zeros((2, 40, 40))
+    heat[0, 5, 5] = 1.0  # the 99.99th percentile of 1,600 values interpolates to 0.84: this pixel only
+    heat[1, 30, 20] = 1.0
+    mask = union_box_mask(heat, quantile=0.9999, grow=2)
+    expected = np.zeros((40, 40), bool)
+    expected[3:8, 3:8] = True  # rows / cols 5 +- 2
+    expected[28:33, 18:23] = True  # row 30 +- 2, col 20 +- 2
+    np.testing.assert_array_equal(mask, expected)
+
+
+def test_joint_attack_raises_the_mean_of_both_max_activations():
+    images = torch.zeros(1, 3, 4, 4)
+    changeable = torch.ones(1, 1, 4, 4)
+    changeable[..., 3] = 0.0  # column 3 frozen (part of prototype 1's half)
+    weights = objective_weights([Attack(0, 0, (0, 1))], 2)
+    adversarial = masked_pgd(
+        toy_activation,
+        images,
+        weights,
+        changeable,
+        generator=torch.Generator().manual_seed(0),
+        step=0.1,
+        iterations=10,
+        maximise=True,
+    )
+    after = toy_activation(adversarial)[0, :, 0, 0]
+    # every changeable pixel climbs to +0.4: left mean 0.4, right mean (0.4 + 0) / 2 = 0.2 (from 0)
+    assert after.tolist() == pytest.approx([1 / (1 + math.exp(-0.4)), 1 / (1 + math.exp(-0.2))])
+    assert torch.allclose(adversarial[..., :3], torch.full_like(adversarial[..., :3], 0.4))
+    assert torch.equal(adversarial[..., 3], images[..., 3])

@@ -59,7 +59,27 @@ def test_image_selection_ties_and_strict_threshold():
     assert images_above(scores).tolist() == [1, 2, 4]  # 0.5 itself is not > 0.5
 
 
-def test_summary_ddof0():
-    summary = summarise(np.array([1.0, 0.5, 0.0]), np.array([0, 1, -1]), np.array([3, 0, 1]))
-    assert summary.mean == pytest.approx(0.5) and summary.std == pytest.approx(np.std([1, 0.5, 0]))
-    assert summary.num_pure == 1 and summary.num_with_images == 2
+def test_summary_ddof0_headline_over_prototypes_with_images():
+    summary = summarise(np.array([1.0, 0.0, 0.25]), np.array([0, -1, 1]), np.array([3, 0, 1]))
+    # headline over prototypes 0 and 2 (prototype 1 has no image): mean 0.625, std 0.375
+    assert summary.mean == pytest.approx(0.625) and summary.std == pytest.approx(0.375)
+    assert summary.mean_all == pytest.approx(1.25 / 3) and summary.std_all == pytest.approx(
+        np.std([1, 0, 0.25])
+    )
+    assert summary.num_pure == 1 and summary.num_with_images == 2 and summary.num_prototypes == 3
+
+
+def test_all_above_prototype_that_never_passes_half_is_left_out_of_the_headline():
+    scores = np.array([[0.9, 0.5], [0.7, 0.3], [0.2, 0.1]])  # (N, K): prototype 1 never exceeds 0.5
+    hits = np.array([[True], [False], [True]])  # (N, G): the one part is hit in images 0 and 2
+    visible = np.ones((3, 1), bool)
+    values, counts = [], []
+    for p in range(2):
+        chosen = images_above(scores[:, p])  # p0: images 0, 1; p1: none
+        values.append(prototype_purity(hits[chosen], visible[chosen])[0])
+        counts.append(len(chosen))
+    assert values == [0.5, 0.0] and counts == [2, 0]
+    summary = summarise(np.array(values), np.array([0, -1]), np.array(counts))
+    assert (summary.mean, summary.std) == (0.5, 0.0)  # the reference: rows only for prototype 0
+    assert (summary.mean_all, summary.std_all) == (0.25, 0.25)  # prototype 1 scored 0 and kept
+    assert summary.num_pure == 0  # 0.5 is not > 0.5

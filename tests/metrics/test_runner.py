@@ -127,3 +127,52 @@ def test_funnybirds_attribution_variants(tiny_metrics_run, attribution):
     )
     assert report["funnybirds"]["counts"]["images"] == 2
     assert attribution in report["protocol"]["metrics"]["funnybirds"]["attribution"]
+
+
+def test_class_misalignment_is_one_joint_attack_per_image_and_class_each_one_per_prototype(tiny_metrics_run):
+    result = tiny_metrics_run
+    kwargs = {"store": result.caches.test.store}
+    slots = class_prototypes(result.model.head.class_weights, FAST.prototypes_per_class)
+    labels = result.splits.test.labels[: FAST.misalignment_images]
+    per_image = [len(slots.of_class(int(y))) for y in labels]
+    assert min(per_image) >= 2  # every attacked class has several prototypes
+    reports = {
+        target: evaluate_metrics(
+            result.model,
+            result.splits.test,
+            ["misalignment"],
+            settings=replace(FAST, attack_target=target),
+            **kwargs,
+        )
+        for target in ("class", "class_each")
+    }
+    joint = reports["class"]["rows"]["misalignment"]
+    assert [row["index"] for row in joint] == list(range(FAST.misalignment_images))
+    for row in joint:  # the reported prototype is the most activated of the class's prototypes
+        assert row["target"] in set(slots.prototypes[slots.of_class(row["label"])].tolist())
+    assert len(reports["class_each"]["rows"]["misalignment"]) == sum(per_image)
+    rules = [reports[t]["protocol"]["metrics"]["misalignment"]["target_rule"] for t in reports]
+    assert "union of their boxes" in rules[0] and rules[1].startswith("deviation")
+
+
+def test_funnybirds_upsampling_setting_is_recorded(tiny_metrics_run):
+    result = tiny_metrics_run
+    settings = replace(FAST, funnybirds_images=2, funnybirds_upsampling="bilinear")
+    report = evaluate_metrics(
+        result.model, result.splits.test, ["funnybirds"], settings=settings, store=result.caches.test.store
+    )
+    protocol = report["protocol"]
+    assert protocol["settings"]["funnybirds_upsampling"] == "bilinear"
+    assert protocol["metrics"]["funnybirds"]["upsampling"].startswith("bilinear")
+    assert "bilinear(similarity_p)" in protocol["metrics"]["funnybirds"]["attribution_rule"]
+    assert protocol["metrics"]["funnybirds"]["nothing_removed"].endswith("else the original image")
+    with pytest.raises(
+        ValueError, match=r"funnybirds_upsampling must be one of \[.bicubic., .bilinear.\], got .area."
+    ):
+        evaluate_metrics(
+            result.model,
+            result.splits.test,
+            ["funnybirds"],
+            settings=replace(settings, funnybirds_upsampling="area"),
+            store=result.caches.test.store,
+        )
