@@ -90,6 +90,12 @@ class BackboneConfig(Checked):
     )
     mean: tuple[float, ...] = knob((), "normalisation mean, 3 values (R, G, B); empty = the model's")
     std: tuple[float, ...] = knob((), "normalisation std, 3 values (R, G, B); empty = the model's", above=0.0)
+    stage: int = knob(
+        -1,
+        "feature map from stage n of the backbone's feature pyramid (0 = finest; timm feature_info, "
+        "torchvision stages): finer grid, smaller receptive field; -1 = the model's last map",
+        minimum=-1,
+    )
 
 
 @dataclass(frozen=True)
@@ -183,9 +189,38 @@ class HeadConfig(Checked):
         0.0, "L1 penalty on the effective class weights (keep tiny: 1e-4 already costs accuracy)", minimum=0.0
     )
     top_k_per_class: int = knob(
-        0, "0 = off; else keep each class's k largest weights and fine-tune", minimum=0
+        5,
+        "k prototypes per class (the reference's 5): each class keeps the k that best separate it "
+        "from the others on its training images, re-fitted; 0 = off (every prototype weighted)",
+        minimum=0,
     )
-    top_k_epochs: int = knob(30, "fine-tuning epochs after the top-k limit", minimum=1)
+    top_k_fallback: tuple[int, ...] = knob(
+        (10, 20, 0),
+        "larger k tried in order when k loses more than top_k_tolerance of validation accuracy; "
+        "0 = every prototype (the dense head: never lose accuracy for compactness)",
+        minimum=0,
+    )
+    top_k_tolerance: float = knob(
+        0.01, "validation accuracy a top-k head may lose against the dense head", minimum=0.0, maximum=1.0
+    )
+    top_k_epochs: int = knob(100, "fine-tuning epochs after the top-k limit", minimum=1)
+    top_k_lr: float = knob(
+        0.5, "Adam learning rate of the fine-tuning: k small scores need large weights", above=0.0
+    )
+    min_part_coverage: float = knob(
+        0.0,
+        "data with part masks only: above 0, the top-k never keeps a prototype whose 10 nearest "
+        "training patches average less than this share of part pixels (background); 0 = off",
+        minimum=0.0,
+        maximum=1.0,
+    )
+    usage_coverage: float = knob(
+        1.0,
+        "below 1: before stage 2, keep only the most-used prototypes that are nearest to this share "
+        "of the training patches (the softmax then spreads over fewer); 1 = keep every prototype",
+        above=0.0,
+        maximum=1.0,
+    )
     scores_dtype: str = knob(
         "float32",
         "dtype of the fixed (N, K) training scores; float16 halves their memory",

@@ -26,14 +26,17 @@ from protoquant.cache.view import CacheView
 from protoquant.codebook import VectorQuantizer
 from protoquant.config import WEIGHT_THRESHOLD, RunConfig, save_yaml
 from protoquant.data import Splits, load_splits, resolve_dataset
+from protoquant.data.base import ImageDataset
 from protoquant.data.transforms import view_transform
 from protoquant.distributed import resolve_device
 from protoquant.explain.grounding import nearest_patches, snap_to_patches
 from protoquant.head import ProtoQuantHead
+from protoquant.metrics.size import local_sizes, top_shares
 from protoquant.model import ProtoQuant
 from protoquant.train.codebook import evaluate_quantized, prototype_usage, train_codebook
-from protoquant.train.head import evaluate_head, global_size, train_head
+from protoquant.train.head import compute_scores, evaluate_head, global_size, train_head
 from protoquant.train.probe import evaluate_probe, train_probe
+from protoquant.train.prune import part_coverage, prune_by_usage
 
 logger = logging.getLogger(__name__)
 
@@ -100,8 +103,18 @@ class Trained:
     selection: dict
 
 
-def train_stages(caches: Caches, num_classes: int, config: RunConfig, device: torch.device) -> Trained:
-    """Stage 0 (probe), stage 1 (codebook) and stage 2 (head), all from the cache."""
+def train_stages(
+    caches: Caches,
+    num_classes: int,
+    config: RunConfig,
+    device: torch.device,
+    *,
+    dataset: ImageDataset | None = None,
+) -> Trained:
+    """Stage 0 (probe), stage 1 (codebook) and stage 2 (head), all from the cache.
+
+    `dataset` (the training split) is read only for `head.min_part_coverage`: its part masks.
+    """
     seed = config.seed
     probe = train_probe(caches.train, caches.val, num_classes, config.probe, seed=seed, device=device)
     quantizer, history = train_codebook(
@@ -113,11 +126,39 @@ def train_stages(caches: Caches, num_classes: int, config: RunConfig, device: to
                 snap_to_patches(quantizer.codebook, caches.train_plain, config.codebook.batch_size, device)
             )
     usage = prototype_usage(quantizer.codebook, caches.train_plain, config.codebook.batch_size, device)
-    codebook = quantizer.codebook.detach()
+    codebook, usage = prune_by_usage(quantizer.codebook.detach(), usage, config.head.usage_coverage)
+    allowed = on_part_prototypes(codebook, caches, dataset, config, device)
     head, selection = train_head(
-        codebook, usage, caches.train, caches.val, num_classes, config.head, seed=seed, device=device
+        codebook,
+        usage,
+        caches.train,
+        caches.val,
+        num_classes,
+        config.head,
+        seed=seed,
+        device=device,
+        allowed=allowed,
     )
     return Trained(probe, quantizer, head, history, selection)
+
+
+PART_COVERAGE_PATCHES = 10  # nearest training patches per prototype that head.min_part_coverage reads
+
+
+def on_part_prototypes(
+    codebook: torch.Tensor, caches: Caches, dataset: ImageDataset | None, config: RunConfig, device
+) -> torch.Tensor | None:
+    """(K,) bool: prototypes whose nearest patches are on parts (None when the option is off)."""
+    threshold = config.head.min_part_coverage
+    if not threshold:
+        return None
+    if dataset is None:
+        raise ValueError("head.min_part_coverage needs the training dataset (its part masks)")
+    batch = config.codebook.batch_size
+    kwargs = dict(top=PART_COVERAGE_PATCHES, batch_size=batch, device=device)
+    coverage = part_coverage(codebook, caches.train_plain, dataset, **kwargs)
+    logger.info("stage 2: %d of %d prototypes on parts", int((coverage >= threshold).sum()), len(coverage))
+    return coverage >= threshold
 
 
 def accuracies(trained: Trained, caches: Caches, batch: int, device: torch.device) -> dict:
@@ -139,6 +180,26 @@ def grounding_summary(head: ProtoQuantHead, caches: Caches, batch: int, device: 
     return {
         "mean_nearest_cosine_used": float(nearest.cosine[used].mean()),
         "min_nearest_cosine_used": float(nearest.cosine[used].min()),
+    }
+
+
+SHOWN_PROTOTYPES = 5  # the explanation's default top_prototypes: the share the figure states
+
+
+def explanation_summary(head: ProtoQuantHead, subset: CacheView, batch: int, device: torch.device) -> dict:
+    """How compact the test explanations are: the predicted class's class-specific logit share of
+    the 5 largest contributions (mean), and the local size (median, prototypes with
+    |score x weight| > WEIGHT_THRESHOLD)."""
+    scores = compute_scores(head, subset, batch, device)  # (N, K) on the CPU
+    weights = head.class_weights.detach().cpu()  # (C, K)
+    predicted = (scores @ weights.t()).argmax(dim=1)  # (N,)
+    shares = top_shares(scores, weights, predicted, SHOWN_PROTOTYPES)
+    local = local_sizes(scores, weights, predicted, WEIGHT_THRESHOLD)
+    return {
+        "top5_specific_share_mean": float(shares.nanmean()) if len(shares) else float("nan"),
+        "local_size_median": float(local.float().median()) if len(local) else float("nan"),
+        "global_size": global_size(head, WEIGHT_THRESHOLD),
+        "per_class_max": int((weights > WEIGHT_THRESHOLD).sum(dim=1).max()),
     }
 
 
@@ -174,6 +235,7 @@ def collect_metrics(
             "num_prototypes": global_size(head, WEIGHT_THRESHOLD),
             "temperature": trained.selection["temperature"],
             "lr": trained.selection["lr"],
+            "top_k_per_class": trained.selection["top_k"],
             "selection": trained.selection["trials"],
         },
     }
@@ -196,13 +258,14 @@ def run(config: RunConfig, *, backbone: FrozenBackbone | None = None) -> RunResu
     caches = build_caches(splits, backbone, config, device)
     cache_seconds = time.perf_counter() - start
     train_start = time.perf_counter()
-    trained = train_stages(caches, splits.train.num_classes, config, device)
+    trained = train_stages(caches, splits.train.num_classes, config, device, dataset=splits.train)
     train_seconds = time.perf_counter() - train_start
     batch = config.codebook.batch_size
     metrics = collect_metrics(config, splits, backbone, trained, accuracies(trained, caches, batch, device))
     model = ProtoQuant(backbone, trained.head, splits.train.classes, config)
     if ctx.is_main:
         metrics["grounding"] = grounding_summary(trained.head, caches, batch, device)
+        metrics["explanations"] = explanation_summary(trained.head, caches.test, batch, device)
         metrics["timing"] = {
             "cache_seconds": cache_seconds,
             "train_seconds": train_seconds,

@@ -244,3 +244,16 @@ def test_a_given_backbone_must_match_the_configured_input(tiny_run, tmp_path) ->
     config = replace(tiny_run.config, backbone=replace(tiny_run.config.backbone, image_size=96))
     with pytest.raises(ValueError, match="the backbone was built for 64 px input, the config asks for 96"):
         run(replace(config, out=str(tmp_path / "out")), backbone=tiny_run.result.model.backbone)
+
+
+def test_default_run_is_compact_and_reports_it(tiny_run) -> None:
+    """The default stage 2 limits every class to k prototypes and metrics.json says how compact."""
+    metrics, head = tiny_run.result.metrics, tiny_run.result.model.head
+    k = metrics["protoquant"]["top_k_per_class"]
+    assert k in (tiny_run.config.head.top_k_per_class, *tiny_run.config.head.top_k_fallback)
+    k = k or head.num_prototypes  # 0: every k lost validation accuracy, the head stayed dense
+    assert ((head.class_weights > WEIGHT_THRESHOLD).sum(dim=1) <= k).all()
+    summary = metrics["explanations"]
+    assert summary["per_class_max"] <= k and summary["local_size_median"] <= k
+    assert summary["global_size"] == metrics["protoquant"]["num_prototypes"]
+    assert 0.0 <= summary["top5_specific_share_mean"] <= 1.0 + 1e-6

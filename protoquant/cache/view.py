@@ -20,4 +20,3 @@ class CacheView:
     @property
     def labels(self) -> torch.Tensor:
         return torch.from_numpy(self.store.labels[self.entries])
-

@@ -78,3 +78,25 @@ def explanation_size(
         threshold=threshold,
         per_class_threshold=per_class_threshold,
     )
+
+
+def top_shares(
+    scores: torch.Tensor, class_weights: torch.Tensor, predicted: torch.Tensor, top: int
+) -> torch.Tensor:
+    """Share of each image's class-specific logit that its `top` largest contributions carry.
+
+    The class-specific logit drops the class-agnostic part sum_k score_k * min_c w[c, k] (added to
+    every class alike); this is `ClassExplanation.shown_share` with `top_prototypes=top`.
+
+    Args:
+        scores: (B, K) pooled presence. class_weights: (C, K). predicted: (B,) class per image.
+
+    Returns:
+        (B,) float shares, nan where the class-specific logit is not positive.
+    """
+    weights = class_weights[predicted]  # (B, K)
+    specific = scores * (weights - class_weights.amin(dim=0))  # (B, K)
+    order = (scores * weights).argsort(dim=1, descending=True)[:, :top]  # (B, top) by contribution
+    total = specific.sum(dim=1)  # (B,)
+    shown = specific.gather(1, order).sum(dim=1)
+    return torch.where(total > 0, shown / total.clamp(min=torch.finfo(total.dtype).tiny), float("nan"))

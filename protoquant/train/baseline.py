@@ -7,7 +7,7 @@ baseline isolates what the quantized codebook adds. It speaks the head interface
 forward -> `HeadOutput` with similarity (B, K=D, H, W) = the channel map before the softmax,
 activation = the softmax over channels, scores = spatial max; `class_weights` (C, D); `scores()`.
 Stage 2 is trained by the same code path as ProtoQuant's (`train_head.compute_scores`,
-`fit_class_layer`, `limit_top_k`) on the fixed pooled scores.
+`fit_class_layer`, `limit_sparse`) on the fixed pooled scores.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from protoquant.cache.view import CacheView
 from protoquant.config import HeadConfig
 from protoquant.head import HeadOutput, NonNegativeLinear, presence_scores
 from protoquant.model import ProtoQuant
-from protoquant.train.head import compute_scores, fit_class_layer, limit_top_k
+from protoquant.train.head import compute_scores, fit_class_layer, limit_sparse, validation_fit
 
 logger = logging.getLogger(__name__)
 
@@ -104,9 +104,11 @@ def train_baseline_head(
             if best is None or val_acc > best[0]:
                 best = (val_acc, candidate, scores, lr)
     val_acc, head, scores, lr = best
-    if config.top_k_per_class:
-        limit_top_k(head.class_layer, config.top_k_per_class)
-        val_acc = _fit(head, scores, (train.labels, val.labels), lr, config.top_k_epochs, config, seed)
+    if config.top_k_per_class:  # the same limit and fine-tuning as ProtoQuant's stage 2
+        rows = (scores[0], train.labels), (scores[1], val.labels)
+        fit = dict(lr=lr, epochs=config.epochs, config=replace(config, lr=lr), seed=seed)
+        limit_sparse(head.class_layer, config.top_k_per_class, *rows, config, fit)
+        val_acc = validation_fit(head.class_layer, rows[1])[0]
     head.requires_grad_(False).eval()
     return head, {"temperature": head.temperature, "lr": lr, "val_accuracy": val_acc, "trials": trials}
 

@@ -19,6 +19,7 @@ from protoquant.cache.view import CacheView
 from protoquant.config import HeadConfig
 from protoquant.head import NonNegativeLinear, ProtoQuantHead
 from protoquant.train.common import reduced_accuracy, wrap_ddp
+from protoquant.train.prune import class_margin_priority
 
 logger = logging.getLogger(__name__)
 
@@ -80,9 +81,11 @@ def fit_class_layer(
 ) -> float:
     """Train `layer` in place on (scores, labels); keep the best-on-validation weights.
 
-    `train` holds every training row (on every rank); under torchrun each rank trains on
-    its part of every global batch with DDP. `val` holds this rank's share of the
-    validation rows; counts are summed over ranks. Returns the best validation accuracy.
+    Best = highest validation accuracy, ties broken by the lower validation cross-entropy (a small
+    validation split saturates early, and the first epoch to reach the top accuracy is rarely the
+    best-separating one). `train` holds every training row (on every rank); under torchrun each
+    rank trains on its part of every global batch with DDP. `val` holds this rank's share of the
+    validation rows; counts and losses are summed over ranks. Returns the best validation accuracy.
     """
     ctx = ctx or distributed.context()
     (x_train, y_train), (x_val, y_val) = train, val
@@ -90,7 +93,7 @@ def fit_class_layer(
     x_train, y_train, x_val, y_val = (t.to(device) for t in (x_train, y_train, x_val, y_val))
     model = wrap_ddp(layer, device, ctx)
     optimizer = torch.optim.Adam([layer.weight], lr=lr)
-    best_acc, best_state = -1.0, None
+    best, best_state = (-1.0, 0.0), None
     bar = progress.bar(range(epochs), desc=f"stage 2: class layer lr={lr:g}", unit="epoch")
     for epoch in bar:
         for rows in distributed.rank_batches(np.arange(len(y_train)), config.batch_size, seed, epoch, ctx):
@@ -101,21 +104,33 @@ def fit_class_layer(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-        with torch.no_grad():
-            correct = int((layer(x_val.float()).argmax(1) == y_val).sum())
-        val_acc = reduced_accuracy(correct, len(y_val))
+        val_acc, val_loss = validation_fit(layer, (x_val, y_val))
         bar.set_postfix(val=val_acc)
-        if val_acc > best_acc:
-            best_acc, best_state = val_acc, copy.deepcopy(layer.state_dict())
+        if (val_acc, -val_loss) > best:
+            best, best_state = (val_acc, -val_loss), copy.deepcopy(layer.state_dict())
     layer.load_state_dict(best_state)
-    return best_acc
+    return best[0]
 
 
-def limit_top_k(layer: NonNegativeLinear, k: int) -> None:
-    """Keep only the k largest effective weights of every class (sets the mask)."""
+def validation_fit(layer: NonNegativeLinear, val: tuple[torch.Tensor, torch.Tensor]) -> tuple[float, float]:
+    """(accuracy, mean cross-entropy) of `layer` on this rank's validation rows, reduced over ranks."""
+    x_val, y_val = (t.to(layer.weight.device) for t in val)
+    with torch.no_grad():
+        logits = layer(x_val.float())
+        correct = int((logits.argmax(1) == y_val).sum())
+        total_loss = F.cross_entropy(logits, y_val, reduction="sum").double().cpu()
+    loss = distributed.all_reduce_sum(torch.stack([total_loss, torch.tensor(float(len(y_val)))]))
+    return reduced_accuracy(correct, len(y_val)), float(loss[0] / loss[1]) if loss[1] else float("nan")
+
+
+def limit_top_k(layer: NonNegativeLinear, k: int, priority: torch.Tensor | None = None) -> None:
+    """Keep only k weights of every class (sets the mask): the k largest `priority` (C, K) entries
+    among the weights still allowed, by default the k largest effective weights."""
     weights = layer.effective_weight.detach()  # (C, K)
-    top = weights.topk(min(k, weights.shape[1]), dim=1).indices  # (C, k)
-    mask = torch.zeros_like(weights).scatter_(1, top, 1.0)
+    rank = weights if priority is None else priority.to(weights)
+    rank = rank.masked_fill(layer.mask == 0, float("-inf"))  # a removed weight never comes back
+    top = rank.topk(min(k, weights.shape[1]), dim=1).indices  # (C, k)
+    mask = torch.zeros_like(weights).scatter_(1, top, 1.0) * layer.mask
     layer.mask.copy_(mask)
 
 
@@ -130,35 +145,114 @@ def train_head(
     seed: int,
     device: torch.device,
     ctx: distributed.Context | None = None,
+    allowed: torch.Tensor | None = None,
 ) -> tuple[ProtoQuantHead, dict]:
-    """Stage 2 with frozen prototypes; returns the head and the selection record (grid, choice, val accuracy)."""
+    """Stage 2 with frozen prototypes; returns the head and the selection record.
+
+    For every temperature the dense class layer is fitted for every learning rate; then, when
+    `top_k_per_class` is set, each temperature's best dense layer is cut to k prototypes per
+    class (`limit_sparse`) and fine-tuned. The choice is made on the validation split only:
+    the most accurate (ties: lowest validation loss) dense head, or the most accurate cut head
+    of the first k (`top_k_per_class`, then `top_k_fallback`) that stays within
+    `top_k_tolerance` of the dense head's validation accuracy. `allowed` (K,) bool, when given,
+    names the prototypes the top-k limit may keep (e.g. not background: `part_coverage`).
+    """
     ctx = ctx or distributed.context()
     val = CacheView(val.store, distributed.shard_for_rank(val.entries, ctx))
     dtype = scores_dtype(config)
-    trials, best = [], None
+    trials, dense = [], []
     for temperature in config.temperature_grid or (config.temperature,):
         head = _new_head(codebook, usage, num_classes, config, temperature, seed).to(device)
         train_scores = (all_scores(head, train, config.batch_size, device, ctx, dtype), train.labels)
         val_scores = (compute_scores(head, val, config.batch_size, device, dtype), val.labels)
+        best = None
         grid = progress.bar(config.lr_grid or (config.lr,), desc=f"stage 2: tau={temperature:g}", unit="fit")
         for lr in grid:
             candidate = _new_head(codebook, usage, num_classes, config, temperature, seed).to(device)
             fit = dict(lr=lr, epochs=config.epochs, config=config, seed=seed, ctx=ctx)
-            val_acc = fit_class_layer(candidate.class_layer, train_scores, val_scores, **fit)
-            trials.append({"temperature": temperature, "lr": lr, "val_accuracy": val_acc})
-            logger.info("stage 2: tau %.3g lr %.3g -> val %.4f", temperature, lr, val_acc)
-            grid.set_postfix(lr=f"{lr:g}", val=val_acc)
-            if best is None or val_acc > best[0]:
-                best = (val_acc, candidate, (train_scores, val_scores), fit)
-    val_acc, head, (train_scores, val_scores), fit = best
+            fit_class_layer(candidate.class_layer, train_scores, val_scores, **fit)
+            trial = _trial(candidate, val_scores, temperature=temperature, lr=lr, top_k=0)
+            trials.append(trial)
+            grid.set_postfix(lr=f"{lr:g}", val=trial["val_accuracy"])
+            if best is None or _rank(trial) > _rank(best[0]):
+                best = (trial, candidate, (train_scores, val_scores), fit)
+        dense.append(best)
+    chosen = max(dense, key=lambda item: _rank(item[0]))
     if config.top_k_per_class:
-        limit_top_k(head.class_layer, config.top_k_per_class)
-        val_acc = fit_class_layer(
-            head.class_layer, train_scores, val_scores, **{**fit, "epochs": config.top_k_epochs}
-        )
+        chosen = _choose_sparse(dense, chosen, config, trials, allowed)
+    trial, head, _, fit = chosen
     head.requires_grad_(False).eval()
-    selection = {"temperature": head.temperature, "lr": fit["lr"], "val_accuracy": val_acc, "trials": trials}
+    selection = {**{k: trial[k] for k in ("temperature", "lr", "top_k", "val_accuracy")}, "trials": trials}
     return head, selection
+
+
+def _rank(trial: dict) -> tuple[float, float]:
+    """Validation order of two fits: accuracy first, then the lower validation loss."""
+    return trial["val_accuracy"], -trial["val_loss"]
+
+
+def _trial(head: ProtoQuantHead, val: tuple[torch.Tensor, torch.Tensor], **record) -> dict:
+    accuracy, loss = validation_fit(head.class_layer, val)
+    logger.info("stage 2: %s -> val %.4f (loss %.4f)", record, accuracy, loss)
+    return {**record, "val_accuracy": accuracy, "val_loss": loss}
+
+
+def _choose_sparse(dense: list, reference: tuple, config: HeadConfig, trials: list[dict], allowed):
+    """The cut head of the first k in (top_k_per_class, *top_k_fallback) within tolerance of the
+    dense `reference` on validation; a 0 in the fallback stands for `reference` itself."""
+    candidates, target = [], reference[0]["val_accuracy"] - config.top_k_tolerance
+    for k in (config.top_k_per_class, *config.top_k_fallback):
+        if k == 0:
+            logger.warning("stage 2: every k lost validation accuracy; the head stays dense")
+            return reference
+        candidates = [_cut(item, k, config, trials, allowed) for item in dense]
+        best = max(candidates, key=lambda item: _rank(item[0]))
+        if best[0]["val_accuracy"] >= target:
+            return best
+        logger.info("stage 2: k = %d loses validation accuracy; trying the next k", k)
+    logger.warning("stage 2: k = %d loses validation accuracy against the dense head", k)
+    return max(candidates, key=lambda item: _rank(item[0]))
+
+
+def _cut(item: tuple, k: int, config: HeadConfig, trials: list[dict], allowed) -> tuple:
+    """A copy of a dense fit limited to k prototypes per class and fine-tuned (`limit_sparse`)."""
+    trial, dense_head, (train_scores, val_scores), fit = item
+    head = copy.deepcopy(dense_head)
+    limit_sparse(head.class_layer, k, train_scores, val_scores, config, fit, allowed=allowed)
+    record = {"temperature": trial["temperature"], "lr": trial["lr"], "top_k": k}
+    cut_trial = _trial(head, val_scores, **record)
+    trials.append(cut_trial)
+    return cut_trial, head, (train_scores, val_scores), fit
+
+
+def limit_sparse(
+    layer: NonNegativeLinear,
+    k: int,
+    train: tuple[torch.Tensor, torch.Tensor],
+    val: tuple[torch.Tensor, torch.Tensor],
+    config: HeadConfig,
+    fit: dict,
+    *,
+    allowed: torch.Tensor | None = None,
+) -> None:
+    """Keep each class's k prototypes of highest `class_margin_priority`, then fine-tune in place.
+
+    `allowed` (K,) bool, when given, limits the choice to those prototypes.
+
+    The kept weights restart from `weight_init_mean` (the dense weights were fitted next to
+    hundreds of others and are far too small alone) and train for `top_k_epochs` at `top_k_lr`.
+    """
+    scores, labels = train
+    priority = class_margin_priority(layer.effective_weight.detach().cpu(), scores.float(), labels)
+    if allowed is not None:
+        with torch.no_grad():
+            layer.mask.mul_(allowed.to(layer.mask)[None])  # (C, K) * (1, K)
+    limit_top_k(layer, k, priority)
+    torch.manual_seed(fit["seed"])
+    with torch.no_grad():
+        layer.weight.normal_(config.weight_init_mean, config.weight_init_std)
+    tune = {**fit, "lr": config.top_k_lr, "epochs": config.top_k_epochs}
+    fit_class_layer(layer, train, val, **tune)
 
 
 def _new_head(
