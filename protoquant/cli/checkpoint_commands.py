@@ -10,7 +10,9 @@ from protoquant.cli.output import emit
 from protoquant.cli.parsing import add_flag, add_json_flag, command
 
 SPLITS = ("train", "val", "test")
-METRIC_NAMES = "accuracy, size, consistency, stability, purity, misalignment, funnybirds, grounding, placement"
+METRIC_NAMES = (
+    "accuracy, size, consistency, stability, purity, misalignment, funnybirds, grounding, placement"
+)
 DEFAULT_BATCH = 64  # images (or cached maps) per batch when reading a checkpoint's split
 
 
