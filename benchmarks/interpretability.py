@@ -78,10 +78,14 @@ def _evaluate(model, splits, caches, settings: MetricSettings, memo: FeatureMemo
     return report
 
 
+def _num(value) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
 def _pm(block: dict) -> str:
     """Headline mean ± std over prototypes with images (the reference's), then the all-counted extra."""
     return (
-        f"{block['mean']:.3f} ± {block['std']:.3f} ({block['num_pure']} > 0.5; "
+        f"{_num(block['mean'])} ± {_num(block['std'])} ({block['num_pure']} > 0.5; "
         f"{block['num_with_images']} of {block['num_prototypes']} with images; "
         f"all counted {block['mean_all']:.3f} ± {block['std_all']:.3f})"
     )
