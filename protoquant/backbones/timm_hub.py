@@ -14,7 +14,7 @@ import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from protoquant.backbones.weights import WeightsSource, hub_cache_dir, is_path, missing_weights, verify
+from protoquant.backbones.weights import WeightsSource, explicit_timm_weights, hub_cache_dir, missing_weights
 
 HF_HUB_PREFIX = "hf-hub:"
 CONFIG_FILE = "config.json"
@@ -108,16 +108,9 @@ def load_hub_model(model_name: str, *, download: bool) -> HubModel:
 
 def resolve_hub_weights(hub: HubModel, spec: str, download: bool) -> WeightsSource:
     """backbone.weights for a hub model: 'default' = the repository's weights file, 'none' or a file."""
-    if spec == "none":
-        return WeightsSource("random")
-    if is_path(spec):
-        path = Path(spec).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"backbone.weights file {path} does not exist")
-        verify(path, None)
-        return WeightsSource(str(path), path=path)
-    if spec != "default":
-        raise ValueError(f"backbone.weights '{spec}' for timm: expected 'default', 'none' or a file path")
+    explicit = explicit_timm_weights(spec)
+    if explicit is not None:
+        return explicit
     for allowed in (False, True) if download else (False,):  # every cached name before any download
         for filename in WEIGHT_FILES:
             path = cached_file(hub.repo, filename, hub.revision, download=allowed)

@@ -173,9 +173,8 @@ def resolve_torchvision_weights(model_name: str, config: BackboneConfig) -> Weig
     raise missing_weights(config.name, filename, [hub_file], hint)
 
 
-def resolve_timm_weights(model: nn.Module, config: BackboneConfig) -> WeightsSource:
-    """Resolve config.weights for a timm model to a local file (or random / allowed download)."""
-    spec = config.weights
+def explicit_timm_weights(spec: str) -> WeightsSource | None:
+    """backbone.weights 'none' or a file for a timm model; None for 'default'; anything else is an error."""
     if spec == "none":
         return WeightsSource("random")
     if is_path(spec):
@@ -186,6 +185,15 @@ def resolve_timm_weights(model: nn.Module, config: BackboneConfig) -> WeightsSou
         return WeightsSource(str(path), path=path)
     if spec != "default":
         raise ValueError(f"backbone.weights '{spec}' for timm: expected 'default', 'none' or a file path")
+    return None
+
+
+def resolve_timm_weights(model: nn.Module, config: BackboneConfig) -> WeightsSource:
+    """Resolve config.weights for a timm model to a local file (or random / allowed download)."""
+    spec = config.weights
+    explicit = explicit_timm_weights(spec)
+    if explicit is not None:
+        return explicit
     cfg = getattr(model, "pretrained_cfg", {}) or {}
     looked: list[Path] = []
     hub_id = cfg.get("hf_hub_id")
