@@ -203,6 +203,12 @@ class HeadConfig(Checked):
     top_k_tolerance: float = knob(
         0.01, "validation accuracy a top-k head may lose against the dense head", minimum=0.0, maximum=1.0
     )
+    top_k_loss_tolerance: float = knob(
+        0.05,
+        "share by which a top-k head's validation loss may exceed the dense head's (a finer check "
+        "than accuracy on a small validation split)",
+        minimum=0.0,
+    )
     top_k_epochs: int = knob(100, "fine-tuning epochs after the top-k limit", minimum=1)
     top_k_lr: float = knob(
         0.5, "Adam learning rate of the fine-tuning: k small scores need large weights", above=0.0

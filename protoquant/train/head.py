@@ -154,8 +154,8 @@ def train_head(
     class (`limit_sparse`) and fine-tuned. The choice is made on the validation split only:
     the most accurate (ties: lowest validation loss) dense head, or the most accurate cut head
     of the first k (`top_k_per_class`, then `top_k_fallback`) that stays within
-    `top_k_tolerance` of the dense head's validation accuracy. `allowed` (K,) bool, when given,
-    names the prototypes the top-k limit may keep (e.g. not background: `part_coverage`).
+    `top_k_tolerance` of the dense head's validation accuracy and `top_k_loss_tolerance` of its
+    validation loss. `allowed` (K,) bool, when given, names the prototypes the top-k limit may keep (e.g. not background: `part_coverage`).
     """
     ctx = ctx or distributed.context()
     val = CacheView(val.store, distributed.shard_for_rank(val.entries, ctx))
@@ -199,17 +199,19 @@ def _trial(head: ProtoQuantHead, val: tuple[torch.Tensor, torch.Tensor], **recor
 
 def _choose_sparse(dense: list, reference: tuple, config: HeadConfig, trials: list[dict], allowed):
     """The cut head of the first k in (top_k_per_class, *top_k_fallback) within tolerance of the
-    dense `reference` on validation; a 0 in the fallback stands for `reference` itself."""
+    dense `reference` on validation, in accuracy and in loss; a 0 in the fallback stands for
+    `reference` itself."""
     candidates, target = [], reference[0]["val_accuracy"] - config.top_k_tolerance
+    loss_limit = reference[0]["val_loss"] * (1 + config.top_k_loss_tolerance)
     for k in (config.top_k_per_class, *config.top_k_fallback):
         if k == 0:
             logger.warning("stage 2: every k lost validation accuracy; the head stays dense")
             return reference
         candidates = [_cut(item, k, config, trials, allowed) for item in dense]
         best = max(candidates, key=lambda item: _rank(item[0]))
-        if best[0]["val_accuracy"] >= target:
+        if best[0]["val_accuracy"] >= target and best[0]["val_loss"] <= loss_limit:
             return best
-        logger.info("stage 2: k = %d loses validation accuracy; trying the next k", k)
+        logger.info("stage 2: k = %d loses validation accuracy or loss; trying the next k", k)
     logger.warning("stage 2: k = %d loses validation accuracy against the dense head", k)
     return max(candidates, key=lambda item: _rank(item[0]))
 

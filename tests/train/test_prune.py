@@ -62,7 +62,11 @@ def test_compact_head_keeps_at_most_k_positive_weights(tiny_run, caches, k) -> N
 def test_fallback_tries_larger_k_and_chooses_on_validation(tiny_run, caches) -> None:
     usage = torch.ones(len(tiny_run.stage1_codes))
     config = dict(
-        top_k_per_class=1, top_k_fallback=(2, 16), top_k_tolerance=0.0, temperature_grid=(0.05, 0.5)
+        top_k_per_class=1,
+        top_k_fallback=(2, 16),
+        top_k_tolerance=0.0,
+        top_k_loss_tolerance=float("inf"),  # accuracy alone decides here
+        temperature_grid=(0.05, 0.5),
     )
     head, selection = _train(tiny_run.stage1_codes, usage, caches, **config)
     trials = selection["trials"]
@@ -175,7 +179,9 @@ def test_top_k_keeps_only_allowed_prototypes(tiny_run, caches) -> None:
 
 def test_fallback_zero_keeps_the_dense_head_when_k_loses_accuracy(tiny_run, caches) -> None:
     usage = torch.ones(len(tiny_run.stage1_codes))
-    config = dict(top_k_per_class=1, top_k_fallback=(0,), top_k_tolerance=0.0)
+    config = dict(
+        top_k_per_class=1, top_k_fallback=(0,), top_k_tolerance=0.0, top_k_loss_tolerance=float("inf")
+    )
     head, selection = _train(tiny_run.stage1_codes, usage, caches, **config)
     trials = selection["trials"]
     dense_best = max(t["val_accuracy"] for t in trials if t["top_k"] == 0)
@@ -186,3 +192,24 @@ def test_fallback_zero_keeps_the_dense_head_when_k_loses_accuracy(tiny_run, cach
         )
     else:
         assert selection["top_k"] == 1 and ((head.class_weights > 0).sum(dim=1) <= 1).all()
+
+
+def _best(trials: list[dict], k: int) -> dict:
+    """The trial the selection ranks first among those of k: most accurate, then lowest loss."""
+    return max((t for t in trials if t["top_k"] == k), key=lambda t: (t["val_accuracy"], -t["val_loss"]))
+
+
+def test_a_top_k_head_whose_validation_loss_is_worse_is_not_kept(tiny_run, caches) -> None:
+    """With accuracy ignored (tolerance 1), k is kept only where its validation loss is no worse."""
+    usage = torch.ones(len(tiny_run.stage1_codes))
+    config = dict(top_k_per_class=1, top_k_fallback=(2, 16, 0), top_k_tolerance=1.0, top_k_loss_tolerance=0.0)
+    head, selection = _train(tiny_run.stage1_codes, usage, caches, **config)
+    trials = selection["trials"]
+    limit = _best(trials, 0)["val_loss"]
+    tried = [k for k in (1, 2, 16) if any(t["top_k"] == k for t in trials)]
+    chosen = selection["top_k"]
+    for k in tried:
+        kept = _best(trials, k)["val_loss"] <= limit
+        assert kept == (k == chosen), (k, chosen, _best(trials, k)["val_loss"], limit)
+    if chosen == 0:
+        assert all(_best(trials, k)["val_loss"] > limit for k in tried) and tried == [1, 2, 16]
