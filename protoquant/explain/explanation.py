@@ -97,6 +97,30 @@ def _check_counts(top_classes: int, top_prototypes: int) -> None:
         raise ValueError(f"top_classes and top_prototypes must be >= 1, got {top_classes}, {top_prototypes}")
 
 
+def _class_explanation(prediction, index, c, ranked, weights, classes, top_prototypes, image, patches):
+    """ClassExplanation of class c for image `index`; weights = ((C, K) class weights, (K,) floor)."""
+    class_weights, floor = weights
+    scores, logits = prediction.scores[index], prediction.logits[index]  # (K,), (C,)
+    runner_up = next((r for r in ranked if r != c), -1)
+    rival = class_weights[runner_up] if runner_up >= 0 else class_weights[c]  # (K,)
+    contributions = scores * class_weights[c]  # (K,)
+    order = contributions.argsort(descending=True)[:top_prototypes].tolist()
+    evidence = _evidence(prediction, index, (class_weights[c], floor, rival), order, image.shape[0], patches)
+    logit = float(logits[c])
+    return ClassExplanation(
+        c,
+        classes[c],
+        float(prediction.probabilities[index, c]),
+        logit,
+        evidence,
+        logit - sum(item.contribution for item in evidence),  # rest
+        int((contributions > 0).sum()),
+        float(scores @ floor),  # the class-agnostic part
+        runner_up,
+        logit - float(logits[runner_up]) if runner_up >= 0 else 0.0,  # margin
+    )
+
+
 def explain_prediction(
     prediction: Prediction,
     index: int,
@@ -120,37 +144,14 @@ def explain_prediction(
     def patches(k: int) -> tuple[PatchRef, ...]:
         return gallery.patches(k, patches_per_prototype) if gallery is not None else ()
 
-    scores, probabilities = prediction.scores[index], prediction.probabilities[index]  # (K,), (C,)
-    logits = prediction.logits[index]  # (C,)
     floor = class_weights.amin(dim=0)  # (K,) weight every class gives prototype k
-    agnostic = float(scores @ floor)
-    ranked = probabilities.argsort(descending=True).tolist()
-    shown = []
-    for c in ranked[:top_classes]:
-        runner_up = next((r for r in ranked if r != c), -1)
-        rival = class_weights[runner_up] if runner_up >= 0 else class_weights[c]  # (K,)
-        contributions = scores * class_weights[c]  # (K,)
-        order = contributions.argsort(descending=True)[:top_prototypes].tolist()
-        weights = (class_weights[c], floor, rival)
-        evidence = _evidence(prediction, index, weights, order, image.shape[0], patches)
-        logit = float(logits[c])
-        rest = logit - sum(item.contribution for item in evidence)
-        margin = logit - float(logits[runner_up]) if runner_up >= 0 else 0.0
-        count = int((contributions > 0).sum())
-        shown.append(
-            ClassExplanation(
-                c,
-                classes[c],
-                float(probabilities[c]),
-                logit,
-                evidence,
-                rest,
-                count,
-                agnostic,
-                runner_up,
-                margin,
-            )
+    ranked = prediction.probabilities[index].argsort(descending=True).tolist()
+    shown = [
+        _class_explanation(
+            prediction, index, c, ranked, (class_weights, floor), classes, top_prototypes, image, patches
         )
+        for c in ranked[:top_classes]
+    ]
     return Explanation(image, tuple(prediction.activation.shape[-2:]), tuple(shown))
 
 

@@ -119,6 +119,21 @@ def _source(model: ProtoQuant, store) -> GallerySource:
     )
 
 
+def _plain_entries(model: ProtoQuant, train: CacheView, top_k: int) -> tuple:
+    """(store, view-0 entries, grid) of the cache a gallery is built from, checked against the model."""
+    if top_k < 1:
+        raise ValueError(f"gallery top_k must be >= 1, got {top_k}")
+    store = train.store
+    plain = train.entries[store.view_index[train.entries] == 0]
+    if len(plain) == 0:
+        raise ValueError(f"{store.folder}: the subset holds no view-0 entries to build a gallery from")
+    pool = model.config.cache.grid_pool
+    grid = tuple(-(-side // pool) for side in model.backbone.info.grid)  # as the cache pooled it
+    if tuple(store.grid) != grid:
+        raise ValueError(f"{store.folder}: cache grid {store.grid} differs from the model's {grid}")
+    return store, plain, grid
+
+
 def build_gallery(
     model: ProtoQuant,
     train: CacheView,
@@ -137,16 +152,7 @@ def build_gallery(
         dataset: that training split (checked against the cache's fingerprint); by default loaded
             from the model's data config.
     """
-    if top_k < 1:
-        raise ValueError(f"gallery top_k must be >= 1, got {top_k}")
-    store = train.store
-    plain = train.entries[store.view_index[train.entries] == 0]
-    if len(plain) == 0:
-        raise ValueError(f"{store.folder}: the subset holds no view-0 entries to build a gallery from")
-    pool = model.config.cache.grid_pool
-    grid = tuple(-(-side // pool) for side in model.backbone.info.grid)  # as the cache pooled it
-    if tuple(store.grid) != grid:
-        raise ValueError(f"{store.folder}: cache grid {store.grid} differs from the model's {grid}")
+    store, plain, grid = _plain_entries(model, train, top_k)
     similarity, entry, cell, usage = _scan(
         model.head.codebook, CacheView(store, plain), top_k, batch_size, torch.device(device)
     )
