@@ -13,8 +13,6 @@ The public API, imported on first use (so `import protoquant` does not load torc
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from protoquant._lazy import lazy_exports
 
 __version__ = "0.2.0"
@@ -65,21 +63,3 @@ __all__ = [
     "run",
 ]
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
-
-if TYPE_CHECKING:  # what type checkers and IDEs see; at run time the names load lazily
-    from protoquant.backbones import create_backbone
-    from protoquant.config import (
-        BackboneConfig,
-        CacheConfig,
-        CodebookConfig,
-        DataConfig,
-        HeadConfig,
-        ProbeConfig,
-        RunConfig,
-        load_yaml,
-    )
-    from protoquant.data import load_dataset, load_splits
-    from protoquant.explain.gallery import ensure_gallery, load_gallery
-    from protoquant.explain.types import Explanation, Gallery
-    from protoquant.model import DifferentiableModel, Prediction, ProtoQuant
-    from protoquant.pipeline import RunResult, run

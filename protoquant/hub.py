@@ -18,14 +18,15 @@ from typing import TYPE_CHECKING
 import huggingface_hub
 from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 
+import protoquant
 from protoquant import __version__
+from protoquant.gallery_files import has_gallery
 from protoquant.model_card import model_card
 
 if TYPE_CHECKING:  # the model inherits from the mixin here: hints only
     import torch
 
     from protoquant.backbones.frozen import FrozenBackbone
-    from protoquant.model import ProtoQuant
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ class HubMixin:
     """Hub methods for `ProtoQuant`, built on its `save` and `load`."""
 
     def save_pretrained(
-        self: ProtoQuant,
+        self: protoquant.ProtoQuant,
         folder: str | Path,
         *,
         metrics: dict | None = None,
@@ -61,7 +62,6 @@ class HubMixin:
             license: a Hub license id (e.g. "apache-2.0") for the card; omitted when None.
             repo_id: the repo the card's usage snippet names.
         """
-        from protoquant.explain.gallery import has_gallery  # lazy: the gallery module builds on models
 
         metrics = run_metrics(self) if metrics is None else metrics  # read before `save` replaces it
         folder = self.save(folder)
@@ -73,7 +73,7 @@ class HubMixin:
 
     @classmethod
     def from_pretrained(
-        cls: type[ProtoQuant],
+        cls: type[protoquant.ProtoQuant],
         name_or_path: str | Path,
         *,
         revision: str | None = None,
@@ -83,7 +83,7 @@ class HubMixin:
         force_download: bool = False,
         backbone: FrozenBackbone | None = None,
         device: str | torch.device = "cpu",
-    ) -> ProtoQuant:
+    ) -> protoquant.ProtoQuant:
         """Load a checkpoint folder, or Hub repo `owner/name` through the local HF cache.
 
         HF_HUB_OFFLINE=1 or `local_files_only` reads the cache only. The backbone is resolved
@@ -100,7 +100,7 @@ class HubMixin:
         return cls.load(folder, backbone=backbone, device=device)
 
     def push_to_hub(
-        self: ProtoQuant,
+        self: protoquant.ProtoQuant,
         repo_id: str,
         *,
         token: str | bool | None = None,
@@ -130,7 +130,7 @@ class HubMixin:
         return commit
 
 
-def run_metrics(model: ProtoQuant) -> dict:
+def run_metrics(model: protoquant.ProtoQuant) -> dict:
     """The run's metrics: `metrics.json` inside the model's checkpoint folder, else beside it.
 
     {} when the model has no folder, there is no file, or the file names other backbone weights.

@@ -33,6 +33,7 @@ from protoquant.config import RunConfig, from_dict, to_dict
 from protoquant.data.inputs import Images, to_rgb_images
 from protoquant.data.transforms import view_transform
 from protoquant.distributed import resolve_device
+from protoquant.gallery_files import GALLERY_FILES, GALLERY_META, has_gallery, model_hash
 from protoquant.head import HeadOutput, ProtoQuantHead
 from protoquant.history import EditRecord, read_history
 from protoquant.hub import HubMixin
@@ -194,8 +195,6 @@ class ProtoQuant(HubMixin, nn.Module):
 
     def _copy_gallery(self, target: Path) -> None:
         """Copy the gallery files of `checkpoint` into `target` if they were built for this model."""
-        from protoquant.explain.gallery import GALLERY_FILES, GALLERY_META, has_gallery, model_hash
-
         source = self.checkpoint
         if source is None or not has_gallery(source):
             return

@@ -10,12 +10,12 @@ from typing import TYPE_CHECKING
 
 import yaml
 
+import protoquant
 from protoquant.config import WEIGHT_THRESHOLD, to_dict
 
 if TYPE_CHECKING:  # the model's hub methods call into this module: hints only
     import torch
 
-    from protoquant.model import ProtoQuant
 
 MAX_LISTED_CLASSES = 100  # longer class lists are cut on the card (config.json keeps them all)
 STAGES = (  # (metrics.json section, row label) of the accuracy table
@@ -27,7 +27,7 @@ REPO_PLACEHOLDER = "OWNER/REPO"
 
 
 def model_card(
-    model: ProtoQuant,
+    model: protoquant.ProtoQuant,
     metrics: dict,
     *,
     license: str | None = None,
@@ -53,7 +53,7 @@ def model_card(
     return "\n".join(sections)
 
 
-def explanation_size(model: ProtoQuant) -> tuple[int, float]:
+def explanation_size(model: protoquant.ProtoQuant) -> tuple[int, float]:
     """(prototypes with max_c w[c, k] > WEIGHT_THRESHOLD, mean over classes of #{k : w[c, k] > it})."""
     return weights_size(model.head.class_weights)
 
@@ -64,7 +64,7 @@ def weights_size(class_weights: torch.Tensor) -> tuple[int, float]:
     return int(used.any(dim=0).sum()), float(used.sum(dim=1).float().mean())
 
 
-def _front_matter(model: ProtoQuant, metrics: dict, license: str | None) -> str:
+def _front_matter(model: protoquant.ProtoQuant, metrics: dict, license: str | None) -> str:
     library = model.backbone.info.name.partition("/")[0]
     meta = {"library_name": "protoquant"}
     if license:
@@ -76,12 +76,12 @@ def _front_matter(model: ProtoQuant, metrics: dict, license: str | None) -> str:
     return "---\n" + yaml.safe_dump(meta, sort_keys=False) + "---\n"
 
 
-def _dataset(model: ProtoQuant, metrics: dict) -> str:
+def _dataset(model: protoquant.ProtoQuant, metrics: dict) -> str:
     """The dataset's name as the run recorded it, else as configured."""
     return str(metrics.get("data", {}).get("dataset", model.config.data.dataset))
 
 
-def _summary(model: ProtoQuant, metrics: dict) -> str:
+def _summary(model: protoquant.ProtoQuant, metrics: dict) -> str:
     return (
         f"# ProtoQuant: {_dataset(model, metrics)} on {model.backbone.info.name}\n\n"
         "An interpretable image classifier (quantized prototypical parts on a frozen backbone): "
@@ -90,7 +90,7 @@ def _summary(model: ProtoQuant, metrics: dict) -> str:
     )
 
 
-def _facts(model: ProtoQuant, metrics: dict) -> str:
+def _facts(model: protoquant.ProtoQuant, metrics: dict) -> str:
     info, head, config = model.backbone.info, model.head, model.config
     data = metrics.get("data", {})
     counts = ", ".join(f"{data[split]} {split}" for split in ("train", "val", "test") if split in data)
@@ -131,7 +131,7 @@ def _removed_note(head) -> str:
     return f" (+ {removed} removed, kept in the softmax normaliser only)" if removed else ""
 
 
-def _history(model: ProtoQuant) -> str:
+def _history(model: protoquant.ProtoQuant) -> str:
     """The edit history section: one row per edit, oldest first."""
     if not model.edits:
         return "## Edit history\n\nNone: the model is as training produced it.\n"
@@ -171,14 +171,14 @@ def _accuracy(metrics: dict, *, edited: bool = False) -> str:
     )
 
 
-def _classes(model: ProtoQuant) -> str:
+def _classes(model: protoquant.ProtoQuant) -> str:
     shown = ", ".join(model.classes[:MAX_LISTED_CLASSES])
     rest = len(model.classes) - MAX_LISTED_CLASSES
     more = f", ... and {rest} more (all in `config.json`)" if rest > 0 else ""
     return f"## Classes\n\n{shown}{more}\n"
 
 
-def _usage(model: ProtoQuant, repo_id: str, with_gallery: bool) -> str:
+def _usage(model: protoquant.ProtoQuant, repo_id: str, with_gallery: bool) -> str:
     info = model.backbone.info
     explain = (
         "model.explain(image)  # prototypes, heatmaps and nearest training patches"

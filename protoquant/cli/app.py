@@ -5,8 +5,12 @@ from __future__ import annotations
 import sys
 import traceback
 
+import protoquant.cli.checkpoint_commands as checkpoint_commands
+import protoquant.cli.data_commands as data_commands
+import protoquant.cli.edit_commands as edit_commands
+import protoquant.cli.image_commands as image_commands
+import protoquant.cli.run_commands as run_commands
 from protoquant import __version__
-from protoquant.cli import checkpoint_commands, data_commands, edit_commands, image_commands, run_commands
 from protoquant.cli.config_flags import base_config, list_flags
 from protoquant.cli.parsing import PROG, USAGE_ERROR, Parser, add_verbosity, expand_lists, reject_unknown
 

@@ -10,13 +10,13 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
+import protoquant
 from protoquant.data.inputs import ImageInput, Images, is_batch
 from protoquant.explain.gallery import resolve_gallery
 from protoquant.explain.pictures import to_uint8
@@ -30,9 +30,6 @@ from protoquant.explain.types import (
     TrainingPatch,
     cell_box,
 )
-
-if TYPE_CHECKING:  # the model calls into this module, so its type is imported for hints only
-    from protoquant.model import Prediction, ProtoQuant
 
 BOX_QUANTILE = 0.95  # a prototype's box covers its peak's connected region at or above this quantile
 PATCHES_PER_PROTOTYPE = 3  # nearest training patches referenced by each shown prototype
@@ -53,7 +50,7 @@ def high_activation_box(heatmap: np.ndarray, quantile: float = BOX_QUANTILE) -> 
 
 
 def _evidence(
-    prediction: Prediction,
+    prediction: protoquant.Prediction,
     index: int,
     weights: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     order: list[int],
@@ -122,7 +119,7 @@ def _class_explanation(prediction, index, c, ranked, weights, classes, top_proto
 
 
 def explain_prediction(
-    prediction: Prediction,
+    prediction: protoquant.Prediction,
     index: int,
     class_weights: torch.Tensor,
     classes: Sequence[str],
@@ -156,7 +153,7 @@ def explain_prediction(
 
 
 def explain(
-    model: ProtoQuant,
+    model: protoquant.ProtoQuant,
     images: Images,
     *,
     top_classes: int = 1,
@@ -201,7 +198,7 @@ def load_patches(gallery: Gallery, refs: Iterable[PatchRef]) -> dict[tuple[int, 
     return {(ref.prototype, ref.rank): gallery.patch(ref) for ref in refs}
 
 
-def model_facts(model: ProtoQuant, gallery: Gallery) -> tuple[tuple[str, str], ...]:
+def model_facts(model: protoquant.ProtoQuant, gallery: Gallery) -> tuple[tuple[str, str], ...]:
     info, config = model.backbone.info, model.config
     return (
         ("backbone", f"{info.name} (weights: {Path(info.weights).name})"),
@@ -224,7 +221,7 @@ def read_run_metrics(checkpoint: str | Path) -> dict:
 
 
 def build_report(
-    model: ProtoQuant,
+    model: protoquant.ProtoQuant,
     images: Sequence[tuple[str, ImageInput]],
     gallery: Gallery | None = None,
     *,

@@ -19,12 +19,12 @@ import logging
 import os
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+import protoquant
 from protoquant import progress
 from protoquant.cache.build import build_cache
 from protoquant.cache.view import CacheView
@@ -32,23 +32,18 @@ from protoquant.config import DataConfig, from_dict, to_dict
 from protoquant.data import ImageDataset, load_splits
 from protoquant.data.transforms import ViewTransform
 from protoquant.explain.pictures import (
-    GALLERY_PICTURES,
     cut_pictures,
     image_file,
     load_pictures,
     save_pictures,
 )
 from protoquant.explain.types import Gallery, GallerySource
+from protoquant.gallery_files import GALLERY_META, GALLERY_TENSORS, has_gallery, model_hash
 from protoquant.head import cosine_similarity_map
-
-if TYPE_CHECKING:  # the model calls into this module, so its type is imported for hints only
-    from protoquant.model import ProtoQuant
 
 logger = logging.getLogger(__name__)
 
 GALLERY_FORMAT = 2  # 2: labels, files, source maps and pictures stored; 1 (older) is rebuilt
-GALLERY_TENSORS, GALLERY_META = "gallery.safetensors", "gallery.json"
-GALLERY_FILES = (GALLERY_TENSORS, GALLERY_PICTURES, GALLERY_META)  # the meta file last: it commits
 TENSOR_FIELDS = (  # in gallery.safetensors
     "similarity",
     "entry",
@@ -60,14 +55,6 @@ TENSOR_FIELDS = (  # in gallery.safetensors
     "source_similarity",
 )
 TOP_K = 5  # training images kept per prototype
-
-
-def model_hash(model: ProtoQuant) -> str:
-    """sha256 over the codebook and the effective class weights."""
-    digest = hashlib.sha256()
-    for tensor in (model.head.codebook, model.head.class_weights):
-        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
 
 
 @torch.no_grad()
@@ -106,7 +93,7 @@ def _source_maps(codebook: torch.Tensor, store, entry: torch.Tensor) -> torch.Te
     return torch.einsum("kdhw,kd->khw", features, codes).contiguous()  # (K, H, W)
 
 
-def _source(model: ProtoQuant, store) -> GallerySource:
+def _source(model: protoquant.ProtoQuant, store) -> GallerySource:
     """What the gallery's image indices refer to: the model's data config and the cache's key."""
     key = store.manifest["key"]
     return GallerySource(
@@ -119,7 +106,7 @@ def _source(model: ProtoQuant, store) -> GallerySource:
     )
 
 
-def _plain_entries(model: ProtoQuant, train: CacheView, top_k: int) -> tuple:
+def _plain_entries(model: protoquant.ProtoQuant, train: CacheView, top_k: int) -> tuple:
     """(store, view-0 entries, grid) of the cache a gallery is built from, checked against the model."""
     if top_k < 1:
         raise ValueError(f"gallery top_k must be >= 1, got {top_k}")
@@ -135,7 +122,7 @@ def _plain_entries(model: ProtoQuant, train: CacheView, top_k: int) -> tuple:
 
 
 def build_gallery(
-    model: ProtoQuant,
+    model: protoquant.ProtoQuant,
     train: CacheView,
     *,
     top_k: int = TOP_K,
@@ -207,11 +194,7 @@ def save_gallery(gallery: Gallery, checkpoint: str | Path) -> Path:
     return folder / GALLERY_META
 
 
-def has_gallery(checkpoint: str | Path) -> bool:
-    return (Path(checkpoint) / GALLERY_META).is_file() and (Path(checkpoint) / GALLERY_TENSORS).is_file()
-
-
-def load_gallery(checkpoint: str | Path, *, model: ProtoQuant | None = None) -> Gallery:
+def load_gallery(checkpoint: str | Path, *, model: protoquant.ProtoQuant | None = None) -> Gallery:
     """Read the gallery stored in a checkpoint folder; with `model`, check it belongs to that model."""
     folder = Path(checkpoint)
     if not has_gallery(folder):
@@ -262,7 +245,7 @@ def checked_split(source: GallerySource, train: ImageDataset | None = None) -> I
     return train
 
 
-def training_subset(model: ProtoQuant, device: str | torch.device = "cpu") -> CacheView:
+def training_subset(model: protoquant.ProtoQuant, device: str | torch.device = "cpu") -> CacheView:
     """View 0 of every training image in the model's feature cache (read back; built only if missing)."""
     config = model.config
     train = load_splits(config.data, config.seed).train
@@ -274,7 +257,7 @@ def training_subset(model: ProtoQuant, device: str | torch.device = "cpu") -> Ca
 
 
 def ensure_gallery(
-    model: ProtoQuant,
+    model: protoquant.ProtoQuant,
     checkpoint: str | Path,
     *,
     top_k: int = TOP_K,
@@ -302,7 +285,7 @@ def ensure_gallery(
     return gallery
 
 
-def stored_gallery(model: ProtoQuant) -> Gallery:
+def stored_gallery(model: protoquant.ProtoQuant) -> Gallery:
     """The gallery stored in the model's checkpoint folder, checked against the model.
 
     Raises:
@@ -325,7 +308,7 @@ def stored_gallery(model: ProtoQuant) -> Gallery:
     return load_gallery(folder, model=model)
 
 
-def resolve_gallery(model: ProtoQuant, gallery: Gallery | bool | None) -> Gallery | None:
+def resolve_gallery(model: protoquant.ProtoQuant, gallery: Gallery | bool | None) -> Gallery | None:
     """The gallery an explanation uses: None for `gallery=False`, the stored one for None or True,
     else `gallery` itself after checking that it was built for `model`."""
     if gallery is False:

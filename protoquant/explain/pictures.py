@@ -25,8 +25,8 @@ from protoquant.data import ImageDataset
 from protoquant.data.base import SubsetDataset
 from protoquant.data.transforms import ViewTransform
 from protoquant.explain.types import SOURCE_SIDE, GalleryPictures, window_crop
+from protoquant.gallery_files import GALLERY_PICTURES
 
-GALLERY_PICTURES = "gallery_pictures.zip"
 JPEG_QUALITY = 90  # of the stored pictures: no visible loss at a tenth of the raw size
 
 

@@ -17,15 +17,16 @@ from pathlib import Path
 
 import numpy as np
 
+import protoquant.metrics.grounding as grounding_metrics
 from protoquant.cache.view import CacheView
 from protoquant.config import WEIGHT_THRESHOLD
 from protoquant.data import Splits, load_splits
 from protoquant.distributed import resolve_device
 from protoquant.explain.grounding import nearest_patches
-from protoquant.metrics import MetricSettings, evaluate_metrics
-from protoquant.metrics import grounding as grounding_metrics
 from protoquant.metrics.context import split_store
 from protoquant.metrics.result import jsonable
+from protoquant.metrics.runner import evaluate_metrics
+from protoquant.metrics.settings import MetricSettings
 from protoquant.model import ProtoQuant
 from protoquant.train.head import evaluate_head, global_size
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from protoquant.metrics import consistency as cons
+import protoquant.metrics.consistency as cons
 from protoquant.metrics.common import PrototypeSlots, class_prototypes
 from protoquant.metrics.context import EvalContext
 from protoquant.metrics.maps import UPSAMPLING

@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+import protoquant.metrics.funnybirds as fb
 from protoquant import progress
 from protoquant.data.base import ImageDataset, SubsetDataset
 from protoquant.data.synthetic import minimal_sufficient_sets
-from protoquant.metrics import funnybirds as fb
 from protoquant.metrics.common import part_groups
 from protoquant.metrics.context import EvalContext
 from protoquant.metrics.maps import UPSAMPLING, quantile_box, upsample

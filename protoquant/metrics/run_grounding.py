@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+import protoquant.metrics.grounding as grounding
 from protoquant.cache.view import CacheView
 from protoquant.explain.grounding import nearest_patches
-from protoquant.metrics import grounding
 from protoquant.metrics.context import EvalContext
 from protoquant.metrics.result import MetricResult
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+import protoquant.metrics.misalignment as mis
 from protoquant import progress
-from protoquant.metrics import misalignment as mis
 from protoquant.metrics.common import class_prototypes
 from protoquant.metrics.context import EvalContext
 from protoquant.metrics.maps import UPSAMPLING, resize_cubic

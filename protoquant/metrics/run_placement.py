@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from protoquant.metrics import placement as pl
+import protoquant.metrics.placement as pl
 from protoquant.metrics.context import EvalContext
 from protoquant.metrics.result import MetricResult
 from protoquant.metrics.settings import scaled

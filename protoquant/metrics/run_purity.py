@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from protoquant.metrics import purity as pur
+import protoquant.metrics.purity as pur
 from protoquant.metrics.common import part_groups
 from protoquant.metrics.context import EvalContext
 from protoquant.metrics.maps import argmax_column_major

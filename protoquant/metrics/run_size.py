@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from protoquant.metrics import size
+import protoquant.metrics.size as size
 from protoquant.metrics.context import EvalContext
 from protoquant.metrics.result import MetricResult
 

@@ -15,6 +15,7 @@ from protoquant.cache.view import CacheView
 from protoquant.data.base import ImageDataset, SubsetDataset
 from protoquant.metrics.common import class_prototypes
 from protoquant.metrics.context import EvalContext, FeatureMemo, split_store
+from protoquant.metrics.registry import METRICS
 from protoquant.metrics.result import jsonable
 from protoquant.metrics.settings import REFERENCE_SIZE, MetricSettings
 from protoquant.model import ProtoQuant
@@ -54,8 +55,6 @@ HEADLINE_FIELDS = {
 
 def resolve_metrics(names: str | Sequence[str]) -> list[str]:
     """A comma list, a sequence of names or "all" -> registry names, in order; unknown names raise."""
-    from protoquant.metrics import METRICS
-
     if isinstance(names, str):
         names = [n.strip() for n in names.split(",") if n.strip()]
     if list(names) == ["all"]:
@@ -130,8 +129,6 @@ def evaluate_metrics(
         {metric: value, ..., "protocol": {...}, "timing_seconds": {...}, "rows": {metric: [...]}}.
     """
     names = resolve_metrics(metrics)
-    from protoquant.metrics import METRICS
-
     settings = settings or MetricSettings()
     device = torch.device(device) if device is not None else model.head.class_layer.weight.device
     start = time.perf_counter()
@@ -167,8 +164,6 @@ def _fmt(value) -> str:
 
 def format_table(report: dict) -> str:
     """A two-column text table of each metric's headline numbers and its run time."""
-    from protoquant.metrics import METRICS
-
     lines = []
     for name in (n for n in METRICS if n in report):
         value = report[name]

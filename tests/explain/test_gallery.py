@@ -15,8 +15,6 @@ from protoquant.data.base import SubsetDataset
 from protoquant.data.synthetic import SyntheticParts
 from protoquant.explain.explanation import build_report, explain, load_patches, to_uint8
 from protoquant.explain.gallery import (
-    GALLERY_FILES,
-    GALLERY_META,
     TENSOR_FIELDS,
     build_gallery,
     ensure_gallery,
@@ -25,6 +23,7 @@ from protoquant.explain.gallery import (
     training_images,
 )
 from protoquant.explain.types import window_crop
+from protoquant.gallery_files import GALLERY_FILES, GALLERY_META
 from protoquant.model import ProtoQuant
 from protoquant.render import write_report
 

@@ -1,0 +1,43 @@
+"""What type checkers and IDEs see of `protoquant` (at run time the names load lazily: __init__.py)."""
+
+from protoquant.backbones import create_backbone
+from protoquant.config import (
+    BackboneConfig,
+    CacheConfig,
+    CodebookConfig,
+    DataConfig,
+    HeadConfig,
+    ProbeConfig,
+    RunConfig,
+    load_yaml,
+)
+from protoquant.data import load_dataset, load_splits
+from protoquant.explain.gallery import ensure_gallery, load_gallery
+from protoquant.explain.types import Explanation, Gallery
+from protoquant.model import DifferentiableModel, Prediction, ProtoQuant
+from protoquant.pipeline import RunResult, run
+
+__version__: str
+__all__ = [
+    "BackboneConfig",
+    "CacheConfig",
+    "CodebookConfig",
+    "DataConfig",
+    "DifferentiableModel",
+    "Explanation",
+    "Gallery",
+    "HeadConfig",
+    "Prediction",
+    "ProbeConfig",
+    "ProtoQuant",
+    "RunConfig",
+    "RunResult",
+    "__version__",
+    "create_backbone",
+    "ensure_gallery",
+    "load_dataset",
+    "load_gallery",
+    "load_splits",
+    "load_yaml",
+    "run",
+]
