@@ -24,10 +24,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from protoquant.backbones.features import patch_features
 from protoquant.backbones.frozen import FrozenBackbone, create_backbone, state_hash
 from protoquant.config import RunConfig, from_dict, to_dict
 from protoquant.data.inputs import Images, to_rgb_images
@@ -94,13 +94,12 @@ class ProtoQuant(HubMixin, nn.Module):
         return self.head(self.features(images))
 
     def features(self, images: torch.Tensor, *, input_gradients: bool = False) -> torch.Tensor:
-        """(B, D, H, W) patch features exactly as the cache stored them (grid pooling included).
+        """(B, D, H, W) patch features exactly as the cache stored them (`patch_features`: bf16
+        autocast, grid pooling and float16 rounding as configured).
 
         Without autograd through the backbone unless `input_gradients` (see `differentiable`).
         """
-        features = self.backbone(images, input_gradients=input_gradients)
-        pool = self.config.cache.grid_pool
-        return F.avg_pool2d(features, pool, ceil_mode=True) if pool > 1 else features  # (B, D, H/p, W/p)
+        return patch_features(self.backbone, images, self.config.cache, input_gradients=input_gradients)
 
     def preprocess(self, images: Images) -> torch.Tensor:
         """One picture or a batch (see `protoquant.data.inputs`) -> normalised (B, 3, S, S) batch.

@@ -319,7 +319,10 @@ def test_input_gradients_match_finite_differences_and_spare_the_parameters(tiny_
         behind = differentiable(images - step * direction)[0, 1]
     numeric = (ahead - behind) / (2 * step)
     assert float(numeric) == pytest.approx(float((grad * direction).sum()), rel=1e-4)
-    torch.testing.assert_close(differentiable(images.detach()), tiny_double(images.detach()).logits)
+    # predict rounds the features to the cache's float16; the differentiable path does not
+    exact = differentiable(images.detach())
+    torch.testing.assert_close(exact, tiny_double(images.detach()).logits, rtol=2e-3, atol=2e-3)
+    assert not torch.equal(exact, tiny_double(images.detach()).logits)
 
 
 def test_default_path_builds_no_autograd_graph(tiny_double) -> None:

@@ -20,10 +20,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from protoquant import distributed, progress
+from protoquant.backbones.features import STORAGE_DTYPE, patch_features
 from protoquant.backbones.frozen import FrozenBackbone
 from protoquant.cache.shards import ShardWriter, atomic_write_bytes, shard_paths
 from protoquant.cache.store import FeatureStore
@@ -136,11 +136,8 @@ def _launch(
     event after which both host tensors are filled (the copy runs while the next batch loads).
     """
     images = transform.normalise(pixels.to(device, non_blocking=True))
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.autocast_bf16):
-        features = backbone(images.contiguous(memory_format=torch.channels_last))  # (B, D, H, W)
-    if config.grid_pool > 1:
-        features = F.avg_pool2d(features.float(), config.grid_pool, ceil_mode=True)  # (B, D, H/p, W/p)
-    stored = features.float().permute(0, 2, 3, 1).to(torch.float16).contiguous()  # (B, H, W, D)
+    features = patch_features(backbone, images, config, dtype=STORAGE_DTYPE)  # (B, D, H, W)
+    stored = features.permute(0, 2, 3, 1).contiguous()  # (B, H, W, D) float16
     pooled = stored.float().mean(dim=(1, 2))  # (B, D): the mean of what is stored
     if device.type != "cuda":
         return stored, pooled, None
