@@ -10,7 +10,6 @@ shape of MobileNetV2's 7 x 7 x 1280), so only the amount of data changes.
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -20,8 +19,8 @@ import torch
 from common import machine
 from torch import nn
 
-from protoquant.cache.build import FeatureStore
-from protoquant.cache.shards import atomic_save_npy
+from protoquant.cache.store import FeatureStore
+from protoquant.cache.synthetic import write_cache
 from protoquant.cache.view import CacheView
 from protoquant.config import CodebookConfig, HeadConfig
 from protoquant.train.codebook import train_codebook
@@ -31,20 +30,16 @@ GRID, CHANNELS, CLASSES, SHARD = (7, 7), 1280, 10, 512
 
 
 def fake_cache(folder: Path, entries: int, seed: int) -> FeatureStore:
-    """A complete cache folder of `entries` random maps (format of protoquant.cache.build)."""
+    """A complete cache folder of `entries` random maps (the library's own cache format)."""
     rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True)
     labels = rng.integers(0, CLASSES, entries)
-    for shard, start in enumerate(range(0, entries, SHARD)):
-        count = min(SHARD, entries - start)
-        maps = np.maximum(rng.normal(0, 1, (count, *GRID, CHANNELS)), 0).astype(np.float16)  # (n, H, W, D)
-        maps[np.arange(count), 0, 0, labels[start : start + count]] += 4  # a learnable signal
-        atomic_save_npy(folder / f"features-{shard:05d}.npy", maps)
-        atomic_save_npy(folder / f"pooled-{shard:05d}.npy", maps.astype(np.float32).mean(axis=(1, 2)))
-    manifest = {"key": {"views": 1}, "shard_size": SHARD, "channels": CHANNELS, "grid": list(GRID),
-                "labels": labels.tolist(), "complete": True}  # fmt: skip
-    (folder / "manifest.json").write_text(json.dumps(manifest))
-    return FeatureStore(folder)
+
+    def maps(first: int, count: int) -> np.ndarray:
+        out = np.maximum(rng.normal(0, 1, (count, *GRID, CHANNELS)), 0).astype(np.float16)  # (n, H, W, D)
+        out[np.arange(count), 0, 0, labels[first : first + count]] += 4  # a learnable signal
+        return out
+
+    return write_cache(folder, labels, maps, grid=GRID, channels=CHANNELS, shard_size=SHARD)
 
 
 def train_time(store: FeatureStore, val: CacheView) -> float:

@@ -38,8 +38,18 @@ _EXPORTS = {
     "Gallery": "protoquant.explain.types",
     "ensure_gallery": "protoquant.explain.gallery",
     "load_gallery": "protoquant.explain.gallery",
+    "ProtoQuantError": "protoquant.errors",
+    "ConfigError": "protoquant.errors",
+    "DataError": "protoquant.errors",
+    "CheckpointError": "protoquant.errors",
+    "CacheError": "protoquant.errors",
 }
 __all__ = [
+    "CacheError",
+    "CheckpointError",
+    "ConfigError",
+    "DataError",
+    "ProtoQuantError",
     "BackboneConfig",
     "CacheConfig",
     "CodebookConfig",

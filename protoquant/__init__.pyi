@@ -12,6 +12,7 @@ from protoquant.config import (
     load_yaml,
 )
 from protoquant.data import load_dataset, load_splits
+from protoquant.errors import CacheError, CheckpointError, ConfigError, DataError, ProtoQuantError
 from protoquant.explain.gallery import ensure_gallery, load_gallery
 from protoquant.explain.types import Explanation, Gallery
 from protoquant.model import DifferentiableModel, Prediction, ProtoQuant
@@ -19,6 +20,11 @@ from protoquant.pipeline import RunResult, run
 
 __version__: str
 __all__ = [
+    "CacheError",
+    "CheckpointError",
+    "ConfigError",
+    "DataError",
+    "ProtoQuantError",
     "BackboneConfig",
     "CacheConfig",
     "CodebookConfig",

@@ -11,13 +11,20 @@ import logging
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
-from protoquant.knobs import Checked, knob
+from protoquant.errors import ConfigError
+from protoquant.knobs import Checked, coerce, knob
 
 logger = logging.getLogger(__name__)
+
+Interpolation = Literal["", "nearest", "bilinear", "bicubic"]  # '' = the model's pretrained one
+PrototypeInit = Literal["kmeans", "orthogonal"]
+ScoresDtype = Literal["float32", "float16"]
+SEED_MAX = 2**32 - 1  # the largest seed numpy, torch and Python's random all accept
+RGB_CHANNELS = 3  # values of backbone.mean / backbone.std when set
 
 WEIGHT_THRESHOLD = (
     1e-3  # prototype k counts for class c if w[c, k] exceeds this (METRICS.md explanation size)
@@ -47,14 +54,17 @@ class DataConfig(Checked):
         maximum=0.9,
     )
     split_seed: int = knob(
-        0, "image-folder: seeds that carved test split (not the run seed: every run seed sees one test set)"
+        0,
+        "image-folder: seeds that carved test split (not the run seed: every run seed sees one test set)",
+        minimum=0,
+        maximum=SEED_MAX,
     )
     max_train_per_class: int = knob(0, "0 = all; otherwise a seeded, stratified subset", minimum=0)
     max_test_per_class: int = knob(0, "0 = all; otherwise a seeded, stratified subset", minimum=0)
     synthetic_classes: int = knob(10, "built-in data: number of classes", minimum=2)
     synthetic_train_per_class: int = knob(60, "built-in data: training images per class", minimum=1)
     synthetic_test_per_class: int = knob(40, "built-in data: test images per class", minimum=1)
-    synthetic_seed: int = knob(0, "built-in data: generator seed")
+    synthetic_seed: int = knob(0, "built-in data: generator seed", minimum=0, maximum=SEED_MAX)
     crop_to_box: bool = knob(False, "cub/cars: crop each image (and its parts) to the object's box")
     split_file: str = knob(
         "", "image-folder: optional '<relative path> <train|val|test>' file, relative to the root"
@@ -72,7 +82,9 @@ class BackboneConfig(Checked):
         "default", "'default' (the model's pretrained weights), 'none' (random) or a file path"
     )
     download: bool = knob(False, "allow downloading missing weights (off: fail at once, offline)")
-    init_seed: int = knob(0, "seeds the random initialisation when weights = 'none'")
+    init_seed: int = knob(
+        0, "seeds the random initialisation when weights = 'none'", minimum=0, maximum=SEED_MAX
+    )
     image_size: int = knob(
         0, "square input side S; 0 = the model's pretrained input size (at least 16 px)", minimum=0
     )
@@ -83,11 +95,7 @@ class BackboneConfig(Checked):
         minimum=0.0,
         maximum=1.0,
     )
-    interpolation: str = knob(
-        "",
-        "resize interpolation; '' = the model's pretrained one",
-        choices=("", "nearest", "bilinear", "bicubic"),
-    )
+    interpolation: Interpolation = knob("", "resize interpolation; '' = the model's pretrained one")
     mean: tuple[float, ...] = knob((), "normalisation mean, 3 values (R, G, B); empty = the model's")
     std: tuple[float, ...] = knob((), "normalisation std, 3 values (R, G, B); empty = the model's", above=0.0)
     stage: int = knob(
@@ -97,13 +105,25 @@ class BackboneConfig(Checked):
         minimum=-1,
     )
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("mean", "std"):
+            values = getattr(self, name)
+            if len(values) not in (0, RGB_CHANNELS):
+                raise ConfigError(
+                    f"config field 'backbone.{name}' needs {RGB_CHANNELS} values (R, G, B) or none, got {values}"
+                )
+
 
 @dataclass(frozen=True)
 class CacheConfig(Checked):
     section = "cache."
 
     root: str = knob(
-        "", "folder of one subfolder per cached (dataset, split, backbone, transform); '' = <out>/cache"
+        "",
+        "folder of one subfolder per cached (dataset, split, backbone, transform); '' = $PROTOQUANT_CACHE, "
+        "else $XDG_CACHE_HOME/protoquant/features, else ~/.cache/protoquant/features (shared by every "
+        "run); a relative path is taken from the working directory and recorded absolute",
     )
     train_views: int = knob(
         2, "views per training image: view 0 is the plain crop, the others augmented", minimum=1
@@ -141,11 +161,7 @@ class CodebookConfig(Checked):
     section = "codebook."
 
     num_prototypes: int = knob(1024, "K: codebook size = number of prototypes", minimum=1)
-    init: str = knob(
-        "kmeans",
-        "k-means on training patches (default) or orthogonal random",
-        choices=("kmeans", "orthogonal"),
-    )
+    init: PrototypeInit = knob("kmeans", "k-means on training patches (default) or orthogonal random")
     kmeans_patches: int = knob(100_000, "training patches sampled for the k-means initialisation", minimum=1)
     kmeans_iters: int = knob(20, "Lloyd iterations of the k-means initialisation", minimum=1)
     epochs: int = knob(15, "stage-1 epochs over the cached training maps", minimum=1)
@@ -227,10 +243,8 @@ class HeadConfig(Checked):
         above=0.0,
         maximum=1.0,
     )
-    scores_dtype: str = knob(
-        "float32",
-        "dtype of the fixed (N, K) training scores; float16 halves their memory",
-        choices=("float32", "float16"),
+    scores_dtype: ScoresDtype = knob(
+        "float32", "dtype of the fixed (N, K) training scores; float16 halves their memory"
     )
 
 
@@ -246,7 +260,7 @@ class RunConfig(Checked):
     probe: ProbeConfig = field(default_factory=ProbeConfig)  # stage 0: linear probe (reference)
     codebook: CodebookConfig = field(default_factory=CodebookConfig)  # stage 1: the prototypes
     head: HeadConfig = field(default_factory=HeadConfig)  # stage 2: the interpretable head
-    seed: int = knob(0, "seeds splits, views, initialisation and shuffling")
+    seed: int = knob(0, "seeds splits, views, initialisation and shuffling", minimum=0, maximum=SEED_MAX)
     device: str = knob("auto", "'auto', 'cpu', 'cuda', 'cuda:1', ...")
     out: str = knob("runs/default", "output folder (checkpoint, metrics.json, figures, report)")
 
@@ -258,47 +272,26 @@ RENAMED_FIELDS = {
 }
 
 
-def _coerce(value: Any, annotation: Any, where: str) -> Any:
-    """Convert a YAML/CLI value to the field's declared type, or raise naming the field."""
-    origin = typing.get_origin(annotation)
-    try:
-        if origin is tuple:
-            (item_type, _ellipsis) = typing.get_args(annotation)
-            if isinstance(value, str):
-                value = [v for v in value.split(",") if v.strip()]
-            return tuple(_coerce(v, item_type, where) for v in value)
-        if annotation is bool:
-            if isinstance(value, str):
-                if value.lower() in ("1", "true", "yes", "on"):
-                    return True
-                if value.lower() in ("0", "false", "no", "off"):
-                    return False
-                raise ValueError(value)
-            return bool(value)
-        if annotation in (int, float, str):
-            if annotation is int and isinstance(value, float) and not value.is_integer():
-                raise ValueError(value)
-            return annotation(value)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"config field '{where}': cannot read {value!r} as {annotation}") from err
-    raise TypeError(f"config field '{where}': unsupported type {annotation}")
-
-
 def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
 def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
-    """Build dataclass `cls` from a nested dict; unknown keys raise an error naming them."""
+    """Build dataclass `cls` from a nested dict (YAML, JSON), values coerced to the field types.
+
+    Raises:
+        ConfigError: a section is not a mapping, a field is unknown, or a value cannot be read or
+            is outside its choices / bounds (the message names the dotted field).
+    """
     if not isinstance(data, dict):
-        raise ValueError(f"config section '{where or cls.__name__}' must be a mapping, got {data!r}")
+        raise ConfigError(f"config section '{where or cls.__name__}' must be a mapping, got {data!r}")
     if cls is RunConfig:
         data = upgrade(data)
     hints = _hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
+    unknown = sorted(str(key) for key in data if key not in names)
     if unknown:
-        raise ValueError(
+        raise ConfigError(
             f"unknown config field(s) {', '.join(where + k for k in unknown)}; "
             f"valid: {', '.join(sorted(names))}"
         )
@@ -308,7 +301,7 @@ def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
         if dataclasses.is_dataclass(hint):
             kwargs[name] = from_dict(hint, value, f"{where}{name}.")
         else:
-            kwargs[name] = _coerce(value, hint, where + name)
+            kwargs[name] = coerce(value, hint, where + name)
     return cls(**kwargs)
 
 
@@ -320,7 +313,7 @@ def upgrade(data: dict[str, Any]) -> dict[str, Any]:
         node = data.get(section)
         if isinstance(node, dict) and old_name in node:
             if new_name in node:
-                raise ValueError(f"config has both '{old}' and its new name '{new}'; keep '{new}'")
+                raise ConfigError(f"config has both '{old}' and its new name '{new}'; keep '{new}'")
             logger.warning("config field '%s' is now '%s'", old, new)
             node[new_name] = node.pop(old_name)
     return data
@@ -340,16 +333,20 @@ def to_dict(config: Any) -> dict[str, Any]:
 
 
 def load_yaml(path: str | Path) -> RunConfig:
-    """Read a RunConfig from a YAML file (missing sections keep their defaults)."""
+    """Read a RunConfig from a YAML file (missing sections keep their defaults).
+
+    Raises:
+        ConfigError: the file cannot be read, is not YAML, or has a bad field (names file and field).
+    """
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as err:
-        raise ValueError(f"cannot read config {path}: {err}") from err
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        raise ConfigError(f"cannot read config {path}: {' '.join(str(err).split())}") from err
     try:
-        return from_dict(RunConfig, data)
-    except (ValueError, TypeError) as err:
-        raise ValueError(f"{path}: {err}") from err
+        return from_dict(RunConfig, {} if data is None else data)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from err
 
 
 def save_yaml(config: RunConfig, path: str | Path) -> None:
@@ -380,16 +377,20 @@ def leaf_fields(cls: type = RunConfig, prefix: str = "") -> dict[str, dataclasse
 
 
 def with_overrides(config: RunConfig, overrides: dict[str, Any]) -> RunConfig:
-    """Apply {'section.field': value} overrides (values coerced to the field type)."""
+    """Apply {'section.field': value} overrides (values coerced to the field type).
+
+    Raises:
+        ConfigError: an unknown field, or a value that cannot be read or is out of bounds.
+    """
     data = to_dict(config)
     for dotted, value in overrides.items():
         *sections, leaf = dotted.split(".")
         node = data
         for section in sections:
             if section not in node or not isinstance(node[section], dict):
-                raise ValueError(f"unknown config section in '{dotted}'")
+                raise ConfigError(f"unknown config section in '{dotted}'")
             node = node[section]
         if leaf not in node:
-            raise ValueError(f"unknown config field '{dotted}'")
+            raise ConfigError(f"unknown config field '{dotted}'")
         node[leaf] = value
     return from_dict(RunConfig, data)

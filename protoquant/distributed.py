@@ -14,6 +14,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from protoquant.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class Context:
@@ -41,7 +43,14 @@ def backend_for(device: torch.device) -> str:
 
 
 def init(device: torch.device) -> Context:
-    """Join the process group if launched by torchrun (idempotent); returns this process's context."""
+    """Join the process group if launched by torchrun (idempotent); returns this process's context.
+
+    Raises:
+        ConfigError: `device` is not available here (e.g. CUDA without a GPU).
+    """
+    problem = device_problem(device)
+    if problem:
+        raise ConfigError(problem)
     if not launched_by_torchrun():
         return Context()
     if not dist.is_initialized():
@@ -113,14 +122,42 @@ def cleanup() -> None:
         dist.destroy_process_group()
 
 
+ACCELERATORS = {  # device type -> (the availability check as users read it, its function)
+    "cuda": ("torch.cuda.is_available()", lambda: torch.cuda.is_available()),
+    "mps": ("torch.backends.mps.is_available()", lambda: torch.backends.mps.is_available()),
+    "xpu": ("torch.xpu.is_available()", lambda: hasattr(torch, "xpu") and torch.xpu.is_available()),
+}
+
+
+def device_problem(name: str | torch.device) -> str | None:
+    """Why device `name` cannot be used on this machine ("cuda" without a GPU), or None."""
+    try:
+        device = torch.device("cpu" if name == "auto" else name)
+    except RuntimeError:
+        return f"device {str(name)!r} is not a torch device (auto, cpu, cuda, cuda:N, mps or xpu)"
+    if device.type not in ACCELERATORS:
+        return None
+    check, available = ACCELERATORS[device.type]
+    if not available():
+        return f"device {str(name)!r} requested but {check} is False (no GPU / driver)"
+    return None
+
+
 def resolve_device(name: str) -> torch.device:
     """The device this process computes on.
 
     "auto" is CUDA when available, else the CPU. A CUDA device without an index is the
     process's own GPU: cuda:LOCAL_RANK under torchrun (one GPU per process), cuda:0 otherwise.
+
+    Raises:
+        ConfigError: the device is not available here (no GPU / driver), or names a GPU this
+            process cannot see.
     """
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
+    problem = device_problem(name)
+    if problem:
+        raise ConfigError(problem)
     device = torch.device(name)
     if device.type != "cuda":
         return device
@@ -128,8 +165,8 @@ def resolve_device(name: str) -> torch.device:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     visible = torch.cuda.device_count()
     if device.index >= visible:
-        raise RuntimeError(
-            f"run.device {name!r} means GPU {device.index} for this process (LOCAL_RANK "
+        raise ConfigError(
+            f"device {name!r} means GPU {device.index} for this process (LOCAL_RANK "
             f"{os.environ.get('LOCAL_RANK', '0')}), but {visible} GPU(s) are visible: start at most "
             f"{visible} processes per node (torchrun --nproc_per_node {visible})"
         )

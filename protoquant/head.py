@@ -6,32 +6,11 @@ scores (B, K), class_weights (C, K), logits (B, C).
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-
-def memoised(
-    owner: object, name: str, sources: tuple[torch.Tensor, ...], compute: Callable[[], torch.Tensor]
-):
-    """compute(), reused while `sources` are the same tensors, unchanged in place, and no
-    gradient flows to them (frozen prototypes and trained class weights at inference)."""
-    if torch.is_grad_enabled() and any(t.requires_grad for t in sources):
-        return compute()
-    try:
-        versions = tuple(t._version for t in sources)
-    except RuntimeError:  # inference tensors keep no version counter
-        return compute()
-    memo = owner.__dict__.setdefault("_memo", {})
-    hit = memo.get(name)
-    if hit is not None and all(a is b for a, b in zip(hit[0], sources)) and hit[1] == versions:
-        return hit[2]
-    value = compute()
-    memo[name] = (sources, versions, value)  # holding the sources keeps their identity unique
-    return value
 
 
 def cosine_similarity_map(features: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
@@ -75,20 +54,28 @@ def presence_scores(similarity: torch.Tensor, temperature: float) -> tuple[torch
 class NonNegativeLinear(nn.Module):
     """Linear map without bias whose effective weights are ReLU(raw) * mask >= 0.
 
-    `mask` (C, K) holds 1 where a weight may be non-zero (the top-k-per-class limit).
+    `mask` (C, K) holds 1 where a weight may be non-zero (the top-k-per-class limit). The
+    initial weights are drawn from `generator` (the global generator when None).
     """
 
-    def __init__(self, in_features: int, out_features: int, *, init_mean: float = 1.0, init_std: float = 0.1):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        init_mean: float = 1.0,
+        init_std: float = 0.1,
+        generator: torch.Generator | None = None,
+    ):
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(out_features, in_features).normal_(init_mean, init_std))
+        weight = torch.empty(out_features, in_features).normal_(init_mean, init_std, generator=generator)
+        self.weight = nn.Parameter(weight)
         self.register_buffer("mask", torch.ones(out_features, in_features))
 
     @property
     def effective_weight(self) -> torch.Tensor:
         """(C, K) weights as used in the forward pass, all >= 0."""
-        return memoised(
-            self, "effective", (self.weight, self.mask), lambda: torch.relu(self.weight) * self.mask
-        )
+        return torch.relu(self.weight) * self.mask
 
     def forward(self, scores: torch.Tensor) -> torch.Tensor:
         return scores @ self.effective_weight.t()  # (B, K) @ (K, C) -> (B, C)
@@ -105,7 +92,10 @@ class HeadOutput:
 
 
 class ProtoQuantHead(nn.Module):
-    """Prototypes (a frozen codebook) and the non-negative class layer over their pooled presence."""
+    """Prototypes (a frozen codebook) and the non-negative class layer over their pooled presence.
+
+    The class weights start from N(init_mean, init_std^2) drawn from `generator` (global when None).
+    """
 
     def __init__(
         self,
@@ -115,6 +105,7 @@ class ProtoQuantHead(nn.Module):
         temperature: float = 0.1,
         init_mean: float = 1.0,
         init_std: float = 0.1,
+        generator: torch.Generator | None = None,
     ):
         super().__init__()
         self.register_buffer(
@@ -125,7 +116,7 @@ class ProtoQuantHead(nn.Module):
         )  # (K,) training patches assigned to each prototype
         self.temperature = float(temperature)
         self.class_layer = NonNegativeLinear(
-            codebook.shape[0], num_classes, init_mean=init_mean, init_std=init_std
+            codebook.shape[0], num_classes, init_mean=init_mean, init_std=init_std, generator=generator
         )
 
     @property
@@ -139,8 +130,8 @@ class ProtoQuantHead(nn.Module):
 
     @property
     def unit_prototypes(self) -> torch.Tensor:
-        """(K, D) prototypes normalised to unit length (computed once while the codebook is unchanged)."""
-        return memoised(self, "unit_prototypes", (self.codebook,), lambda: F.normalize(self.codebook, dim=1))
+        """(K, D) prototypes normalised to unit length (recomputed from the codebook at every call)."""
+        return F.normalize(self.codebook, dim=1)
 
     def scores(self, features: torch.Tensor) -> torch.Tensor:
         """(B, K) pooled prototype presence for features (B, D, H, W)."""

@@ -66,9 +66,9 @@ class HubMixin:
         metrics = run_metrics(self) if metrics is None else metrics  # read before `save` replaces it
         folder = self.save(folder)
         if metrics:
-            (folder / METRICS).write_text(json.dumps(metrics, indent=2))
+            (folder / METRICS).write_text(json.dumps(metrics, indent=2, allow_nan=False), encoding="utf-8")
         card = model_card(self, metrics, license=license, repo_id=repo_id, with_gallery=has_gallery(folder))
-        (folder / CARD).write_text(card)
+        (folder / CARD).write_text(card, encoding="utf-8")
         return folder
 
     @classmethod

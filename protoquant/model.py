@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
@@ -24,15 +23,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
+from protoquant.atomic import clean_leftovers, fsync_tree, link_tree, recover, replace_folder, temporary_path
 from protoquant.backbones.features import patch_features
 from protoquant.backbones.frozen import FrozenBackbone, create_backbone, state_hash
+from protoquant.checkpoint_files import CONFIG_FILE, HEAD_FILE, check_shapes, read_meta, read_tensors
 from protoquant.config import RunConfig, from_dict, to_dict
 from protoquant.data.inputs import Images, to_rgb_images
 from protoquant.data.transforms import view_transform
 from protoquant.distributed import resolve_device
+from protoquant.errors import CheckpointError, ConfigError
 from protoquant.gallery_files import GALLERY_FILES, GALLERY_META, has_gallery, model_hash
 from protoquant.head import HeadOutput, ProtoQuantHead
 from protoquant.history import EditRecord, read_history
@@ -161,39 +163,47 @@ class ProtoQuant(HubMixin, nn.Module):
         return DifferentiableModel(self)
 
     def save(self, path: str | Path) -> Path:
-        """Write the checkpoint folder atomically (a temporary folder renamed into place).
+        """Write the checkpoint folder `path` atomically; returns `path`.
 
-        The gallery stored in `checkpoint` travels along when it belongs to this model.
+        Everything is written into `.NAME.tmp-PID` beside it, flushed to disk, then swapped in
+        (`protoquant.atomic.replace_folder`): a kill at any moment leaves the previous checkpoint
+        or the new one, complete. Leftovers of killed saves are cleaned up first. The gallery
+        stored in `checkpoint` travels along when it belongs to this model.
         """
         path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
+        recover(path)
+        clean_leftovers(path.parent, path.name)
+        tmp = temporary_path(path)
+        shutil.rmtree(tmp, ignore_errors=True)  # this PID's: a dead process's before the PID was reused
         tmp.mkdir(parents=True)
-        save_file(
-            {k: v.contiguous().cpu() for k, v in self.head.state_dict().items()},
-            str(tmp / "model.safetensors"),
-        )
-        if self.backbone.info.weights == "random":
-            state = {k: v.contiguous().cpu() for k, v in self.backbone.model.state_dict().items()}
-            save_file(state, str(tmp / "backbone.safetensors"))
-        meta = {
-            "format": PRUNED_FORMAT if isinstance(self.head, PrunedHead) else CHECKPOINT_FORMAT,
-            "config": to_dict(self.config),
-            "backbone": asdict(self.backbone.info),
-            "classes": list(self.classes),
-            "temperature": self.head.temperature,
-            "num_prototypes": self.head.num_prototypes,
-            "edits": [record.to_dict() for record in self.edits],
-        }
-        (tmp / "config.json").write_text(json.dumps(meta, indent=2))
-        self._copy_gallery(tmp)
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
+        try:
+            save_file(
+                {k: v.contiguous().cpu() for k, v in self.head.state_dict().items()},
+                str(tmp / "model.safetensors"),
+            )
+            if self.backbone.info.weights == "random":
+                state = {k: v.contiguous().cpu() for k, v in self.backbone.model.state_dict().items()}
+                save_file(state, str(tmp / "backbone.safetensors"))
+            meta = {
+                "format": PRUNED_FORMAT if isinstance(self.head, PrunedHead) else CHECKPOINT_FORMAT,
+                "config": to_dict(self.config),
+                "backbone": asdict(self.backbone.info),
+                "classes": list(self.classes),
+                "temperature": self.head.temperature,
+                "num_prototypes": self.head.num_prototypes,
+                "edits": [record.to_dict() for record in self.edits],
+            }
+            (tmp / "config.json").write_text(json.dumps(meta, indent=2))
+            self._copy_gallery(tmp)
+            fsync_tree(tmp)
+            replace_folder(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         return path
 
     def _copy_gallery(self, target: Path) -> None:
-        """Copy the gallery files of `checkpoint` into `target` if they were built for this model."""
+        """Link (or copy) `checkpoint`'s gallery files into `target` if they were built for this model."""
         source = self.checkpoint
         if source is None or not has_gallery(source):
             return
@@ -202,7 +212,7 @@ class ProtoQuant(HubMixin, nn.Module):
             return
         for name in GALLERY_FILES:  # the meta file last: it names the others' hashes
             if (source / name).is_file():
-                shutil.copy2(source / name, target / name)
+                link_tree(source / name, target / name)  # shared safely: galleries are replaced, never edited
 
     @classmethod
     def load(
@@ -211,19 +221,27 @@ class ProtoQuant(HubMixin, nn.Module):
         """Load a checkpoint folder strictly, in eval mode, on `device` ("auto": CUDA if available).
 
         The backbone is rebuilt from its recorded name (its weights checked by hash) unless given.
+
+        Raises:
+            CheckpointError: a file is missing, truncated or not of its format, config.json lacks or
+                mistypes a field, a tensor has the wrong shape (codebook width vs the backbone,
+                class layer vs the classes) or holds NaN / inf; the message names file and field.
         """
         path = Path(path)
         meta = _read_meta(path)
-        config = from_dict(RunConfig, meta["config"])
+        try:
+            config = from_dict(RunConfig, meta["config"])
+        except ConfigError as err:
+            raise CheckpointError(f"{path / CONFIG_FILE}: field 'config': {err}") from err
         if backbone is None:
             backbone = _rebuild_backbone(path, config)
         recorded = meta["backbone"]["weights_hash"]
         if backbone.info.weights_hash != recorded:
-            raise ValueError(
+            raise CheckpointError(
                 f"{path}: backbone weights hash {backbone.info.weights_hash[:12]} does not match "
                 f"the checkpoint's {recorded[:12]}; the checkpoint was trained on other weights"
             )
-        head = _load_head(path / "model.safetensors", meta)
+        head = _load_head(path / HEAD_FILE, meta, backbone.info.channels)
         edits = read_history(meta.get("edits", []), str(path / "config.json"))
         device = resolve_device(device) if isinstance(device, str) else torch.device(device)
         model = cls(backbone, head, meta["classes"], config, checkpoint=path, edits=edits)
@@ -255,19 +273,25 @@ def _rebuild_backbone(path: Path, config: RunConfig) -> FrozenBackbone:
     backbone = create_backbone(config.backbone)
     stored = path / "backbone.safetensors"
     if stored.is_file():
-        try:
-            backbone.model.load_state_dict(load_file(str(stored)), strict=True)
-        except RuntimeError as err:
-            raise ValueError(f"{stored}: does not match {config.backbone.name}: {err}") from err
+        tensors = read_tensors(stored)
+        check_shapes(stored, tensors, backbone.model.state_dict(), config.backbone.name)
+        backbone.model.load_state_dict(tensors, strict=True)
         backbone.info = replace(backbone.info, weights_hash=state_hash(backbone.model))
     return backbone
 
 
-def _load_head(file: Path, meta: dict) -> ProtoQuantHead:
-    """The frozen head stored in `file`; a `removed_codebook` tensor makes it a `PrunedHead`."""
-    tensors = load_file(str(file))
-    if "codebook" not in tensors:
-        raise ValueError(f"{file}: no 'codebook' tensor; not a protoquant head")
+def _load_head(file: Path, meta: dict, channels: int) -> ProtoQuantHead:
+    """The frozen head stored in `file` for a backbone of `channels` (D); a `removed_codebook`
+    tensor makes it a `PrunedHead`. Raises CheckpointError naming the tensor that does not fit."""
+    tensors = read_tensors(file)
+    for name in ("codebook", "removed_codebook"):
+        tensor = tensors.get(name)
+        if (tensor is None and name == "codebook") or (tensor is not None and tensor.ndim != 2):
+            raise CheckpointError(f"{file}: no (K, D) tensor '{name}'; not a protoquant head")
+        if tensor is not None and tensor.shape[1] != channels:
+            raise CheckpointError(
+                f"{file}: tensor '{name}' has width {tensor.shape[1]}, the backbone gives D = {channels}"
+            )
     num_classes, temperature = len(meta["classes"]), meta["temperature"]
     if "removed_codebook" in tensors:
         head = PrunedHead(
@@ -275,23 +299,12 @@ def _load_head(file: Path, meta: dict) -> ProtoQuantHead:
         )
     else:
         head = ProtoQuantHead(tensors["codebook"], num_classes, temperature=temperature)
-    try:
-        head.load_state_dict(tensors, strict=True)
-    except RuntimeError as err:
-        raise ValueError(f"{file}: does not match the head: {err}") from err
+    what = f"{num_classes} classes in {CONFIG_FILE}, K = {head.num_prototypes}"
+    check_shapes(file, tensors, head.state_dict(), what)
+    head.load_state_dict(tensors, strict=True)
     return head.requires_grad_(False)
 
 
 def _read_meta(path: Path) -> dict:
-    config_path = path / "config.json"
-    if not config_path.is_file() or not (path / "model.safetensors").is_file():
-        raise FileNotFoundError(
-            f"{path} is not a protoquant checkpoint (needs config.json and model.safetensors)"
-        )
-    meta = json.loads(config_path.read_text())
-    if meta.get("format") not in READABLE_FORMATS:
-        readable = " and ".join(str(f) for f in READABLE_FORMATS)
-        raise ValueError(
-            f"{config_path}: checkpoint format {meta.get('format')}, this version reads {readable}"
-        )
-    return meta
+    """The checked `config.json` of checkpoint folder `path` (see `checkpoint_files.read_meta`)."""
+    return read_meta(path, READABLE_FORMATS)

@@ -1,15 +1,20 @@
 """One training run end to end: data -> cache -> stage 0 -> stage 1 -> stage 2 -> evaluate -> save.
 
 `run` resolves the config's "decide for me" values once, before anything reads them, and saves
-the resolved config: `data.dataset: auto` becomes the layout found in `data.root`, an empty
-`cache.root` becomes `<out>/cache`, and the backbone's input fields (image_size 0, crop_ratio 0,
-interpolation '', empty mean / std) become the model's pretrained values. Everything downstream
-(the cache key, the checkpoint, the gallery, evaluate and audit) reads concrete values only.
+the resolved config: `data.dataset: auto` becomes the layout found in `data.root`, a relative
+`out` or `cache.root` becomes absolute (against the working directory), and the backbone's input
+fields (image_size 0, crop_ratio 0, interpolation '', empty mean / std) become the model's
+pretrained values. Everything downstream (the cache key, the checkpoint, the gallery, evaluate
+and audit) reads concrete values only. An empty `cache.root` stays empty: it names the shared
+default cache of the machine that reads it (`protoquant.paths`).
+
+The run folder appears in one step: it is built beside `out` as `.OUT.tmp-PID` and swapped in
+(`protoquant.run_folder`), with `outputs.json` written last as its table of contents.
+A kill at any moment leaves the previous run folder or the new one, complete.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass, replace
@@ -21,26 +26,28 @@ from protoquant import distributed
 from protoquant.backbones.frozen import FrozenBackbone, create_backbone
 from protoquant.backbones.input import resolved_config
 from protoquant.cache.build import FeatureStore, build_cache
-from protoquant.cache.shards import atomic_write_bytes
 from protoquant.cache.view import CacheView
 from protoquant.codebook import VectorQuantizer
-from protoquant.config import WEIGHT_THRESHOLD, RunConfig, save_yaml
+from protoquant.config import WEIGHT_THRESHOLD, RunConfig
 from protoquant.data import Splits, load_splits, resolve_dataset
 from protoquant.data.base import ImageDataset
 from protoquant.data.transforms import view_transform
 from protoquant.distributed import resolve_device
 from protoquant.explain.grounding import nearest_patches, snap_to_patches
+from protoquant.gallery_files import model_hash
 from protoquant.head import ProtoQuantHead
+from protoquant.metrics.result import jsonable
 from protoquant.metrics.size import local_sizes, top_shares
 from protoquant.model import ProtoQuant
+from protoquant.paths import absolute
+from protoquant.preflight import preflight
+from protoquant.run_folder import tidy_run_folder, write_outputs
 from protoquant.train.codebook import evaluate_quantized, prototype_usage, train_codebook
 from protoquant.train.head import compute_scores, evaluate_head, global_size, train_head
 from protoquant.train.probe import evaluate_probe, train_probe
 from protoquant.train.prune import part_coverage, prune_by_usage
 
 logger = logging.getLogger(__name__)
-
-CACHE_DIR = "cache"  # the feature cache's folder inside the run's output folder, unless cache.root is set
 
 
 @dataclass(frozen=True)
@@ -61,9 +68,14 @@ class RunResult:
 
 
 def resolve_run_config(config: RunConfig) -> RunConfig:
-    """The dataset name and cache folder made concrete (see the module docstring)."""
-    root = config.cache.root or str(Path(config.out) / CACHE_DIR)
-    return replace(config, data=resolve_dataset(config.data), cache=replace(config.cache, root=root))
+    """The dataset name made concrete, `out` and a non-empty `cache.root` absolute (module docstring)."""
+    root = str(absolute(config.cache.root)) if config.cache.root else ""
+    return replace(
+        config,
+        out=str(absolute(config.out)),
+        data=resolve_dataset(config.data),
+        cache=replace(config.cache, root=root),
+    )
 
 
 def with_backbone_input(config: RunConfig, backbone: FrozenBackbone) -> RunConfig:
@@ -242,19 +254,24 @@ def collect_metrics(
 
 
 def run(config: RunConfig, *, backbone: FrozenBackbone | None = None) -> RunResult:
-    """Train ProtoQuant as `config` says; writes `<out>/model`, `metrics.json`, `config.yaml`, `history.jsonl`.
+    """Train ProtoQuant as `config` says; writes `<out>/model`, `metrics.json`, `config.yaml`,
+    `history.jsonl` and `outputs.json`, all at once (see the module docstring).
 
     Under torchrun every rank runs this; caching and training are sharded, and only
-    rank 0 writes the outputs.
+    rank 0 writes the outputs. Undefined values (NaN, e.g. the accuracy on an empty split) are
+    recorded as None in metrics.json and history.jsonl.
     """
-    out = Path(config.out)
     device = resolve_device(config.device)
     ctx = distributed.init(device)
     start = time.perf_counter()
     config = resolve_run_config(config)
+    out = Path(config.out)
+    if ctx.is_main:
+        tidy_run_folder(out)
     splits = load_splits(config.data, config.seed)
     backbone = backbone or create_backbone(config.backbone)
     config = with_backbone_input(config, backbone)
+    preflight(config, backbone.info, train=splits.train)  # what needs the backbone and data, before caching
     caches = build_caches(splits, backbone, config, device)
     cache_seconds = time.perf_counter() - start
     train_start = time.perf_counter()
@@ -266,24 +283,14 @@ def run(config: RunConfig, *, backbone: FrozenBackbone | None = None) -> RunResu
     if ctx.is_main:
         metrics["grounding"] = grounding_summary(trained.head, caches, batch, device)
         metrics["explanations"] = explanation_summary(trained.head, caches.test, batch, device)
+        metrics["model_hash"] = model_hash(model)
         metrics["timing"] = {
             "cache_seconds": cache_seconds,
             "train_seconds": train_seconds,
             "total_seconds": time.perf_counter() - start,
             "processes": ctx.world_size,
         }
+        metrics = jsonable(metrics)
         write_outputs(out, config, model, metrics, trained.history)
     distributed.barrier()
     return RunResult(model, metrics, splits, caches, out)
-
-
-def write_outputs(
-    out: Path, config: RunConfig, model: ProtoQuant, metrics: dict, history: list[dict]
-) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    save_yaml(config, out / "config.yaml")
-    model.save(out / "model")
-    atomic_write_bytes(out / "metrics.json", json.dumps(metrics, indent=2).encode())
-    lines = "".join(json.dumps({"stage": 1, **row}) + "\n" for row in history)
-    atomic_write_bytes(out / "history.jsonl", lines.encode())
-    logger.info("run finished: %s", out)

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from protoquant.config import BackboneConfig, CacheConfig, CodebookConfig, HeadConfig, RunConfig
+from protoquant.config import BackboneConfig, CodebookConfig, HeadConfig, RunConfig
 
 DEMO_STAGE = 3  # MobileNetV2 feature stage of the demo (14 x 14 grid)
 DEMO_PROTOTYPES = 128  # K of the demo at that grid (32 lost 37 points there; BENCHMARKS.md)
@@ -20,7 +18,6 @@ def demo_config(out: str = "runs/demo") -> RunConfig:
     return RunConfig(
         out=out,
         backbone=BackboneConfig(stage=DEMO_STAGE),
-        cache=CacheConfig(root=str(Path(out) / "cache")),
         codebook=CodebookConfig(num_prototypes=DEMO_PROTOTYPES, epochs=10, kmeans_patches=50_000),
         head=HeadConfig(temperature_grid=(0.02, 0.05), lr_grid=(5e-2, 2e-1), epochs=100),
     )

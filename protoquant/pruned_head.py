@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from protoquant.head import HeadOutput, ProtoQuantHead, memoised, presence_scores, similarity_to_unit_codes
+from protoquant.head import HeadOutput, ProtoQuantHead, presence_scores, similarity_to_unit_codes
 
 
 class PrunedHead(ProtoQuantHead):
@@ -48,12 +48,7 @@ class PrunedHead(ProtoQuantHead):
     @property
     def all_unit_prototypes(self) -> torch.Tensor:
         """(K + R, D) unit prototypes: the explained ones first, then the normaliser-only ones."""
-        return memoised(
-            self,
-            "all_unit_prototypes",
-            (self.codebook, self.removed_codebook),
-            lambda: F.normalize(torch.cat([self.codebook, self.removed_codebook]), dim=1),
-        )
+        return F.normalize(torch.cat([self.codebook, self.removed_codebook]), dim=1)
 
     def _presence(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(similarity, activation, scores) of the K explained prototypes; the softmax runs over K + R."""

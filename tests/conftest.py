@@ -36,6 +36,14 @@ IMAGE_SIZE = 64  # test_convnext: 2x2 grid, test_vit (patch 16): 4x4 grid
 NUM_CODES = 16  # K of the tiny run
 
 
+@pytest.fixture(scope="session", autouse=True)
+def feature_cache(tmp_path_factory):
+    """Runs with cache.root '' cache their features here, never in the user's ~/.cache."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PROTOQUANT_CACHE", str(tmp_path_factory.mktemp("feature_cache")))
+        yield
+
+
 def pytest_configure(config) -> None:
     # The models here are tiny: one intra-op thread is faster than two, and far faster when the
     # two cores are shared with other work (OpenMP threads then spin waiting for each other).

@@ -68,6 +68,9 @@ def test_version(capsys):
     ("flags", "expected"),
     [
         (["--codebook.init", "kmean"], ["--codebook.init", "'kmeans'"]),
+        (["--head.scores_dtype", "int8"], ["--head.scores_dtype", "'float16'"]),
+        (["--head.lr", "nan"], ["head.lr", "finite"]),
+        (["--seed", "-1"], ["'seed'", ">= 0"]),
         (["--codebook.num_prototypes", "many"], ["--codebook.num_prototypes", "int"]),
         (["--codebook.cutmix_prob", "3"], ["codebook.cutmix_prob", "<= 1"]),
         (["--head.temperature_grid", "0.1,-1"], ["head.temperature_grid", "> 0"]),
@@ -126,7 +129,7 @@ def test_help_shows_the_config_files_values(tmp_path, capsys):
 def test_demo_defaults_follow_out(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path / "d"), "--print_config"]) == 0
     config = yaml.safe_load(capsys.readouterr().out)
-    assert config["out"] == str(tmp_path / "d") and config["cache"]["root"] == str(tmp_path / "d" / "cache")
+    assert config["out"] == str(tmp_path / "d") and config["cache"]["root"] == ""  # the shared default cache
     assert config["codebook"]["num_prototypes"] != RunConfig().codebook.num_prototypes  # demo settings
 
 
@@ -271,3 +274,18 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
     for command in (["predict", str(tmp_path / "x.png")], ["gallery"], ["audit"], ["evaluate"]):
         assert main([*command, "--model", str(tmp_path / "nothing")]) == 2
         assert "nothing" in capsys.readouterr().err
+
+
+def test_literal_fields_parse_from_flags(capsys):
+    flags = [
+        "--backbone.interpolation",
+        "",
+        "--head.scores_dtype",
+        "float16",
+        "--codebook.init",
+        "orthogonal",
+    ]
+    assert main(["train", *flags, "--print_config"]) == 0
+    config = yaml.safe_load(capsys.readouterr().out)
+    assert config["backbone"]["interpolation"] == "" and config["head"]["scores_dtype"] == "float16"
+    assert config["codebook"]["init"] == "orthogonal"

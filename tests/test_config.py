@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import typing
 
 import pytest
@@ -20,6 +22,8 @@ from protoquant.config import (
     to_dict,
     with_overrides,
 )
+from protoquant.errors import ConfigError
+from protoquant.knobs import choices_of
 
 
 def _custom() -> RunConfig:
@@ -178,17 +182,104 @@ def test_help_states_the_bounds_that_are_checked() -> None:
     assert fields["codebook.num_prototypes"].metadata["help"].endswith("(>= 1)")
     assert fields["codebook.cutmix_prob"].metadata["help"].endswith("(in [0, 1])")
     assert fields["head.temperature_grid"].metadata["help"].endswith("(comma list, each > 0)")
-    assert fields["seed"].metadata["help"] == "seeds splits, views, initialisation and shuffling"
+    assert fields["seed"].metadata["help"].endswith("shuffling (in [0, 4294967295])")
+    assert fields["out"].metadata["help"] == "output folder (checkpoint, metrics.json, figures, report)"
+
+
+BOUNDED = sorted(n for n, s in leaf_fields().items() if {"minimum", "maximum", "above"} & set(s.metadata))
+CHOICE_FIELDS = sorted(n for n, hint in flat_fields().items() if choices_of(hint))
+UNBOUNDED_NUMBERS = {  # int / float fields that accept any finite value, and why
+    "head.weight_init_mean": "the mean of the weights before the ReLU: any real number",
+    "backbone.mean": "normalisation means: any real number per channel",
+}
+
+
+def _numeric(name: str) -> tuple[type, bool]:
+    """(item type, is a tuple field) of a numeric field."""
+    hint = flat_fields()[name]
+    if typing.get_origin(hint) is tuple:
+        return typing.get_args(hint)[0], True
+    return hint, False
+
+
+def _set(name: str, value: object) -> RunConfig:
+    item_type, is_tuple = _numeric(name)
+    return with_overrides(RunConfig(), {name: (value,) * 3 if is_tuple else value})  # mean / std: 3 values
+
+
+def _outside_and_edges(name: str) -> tuple[list, list]:
+    """Values just outside the declared bounds, and the bounds (or just inside an open one)."""
+    meta, (item_type, _) = leaf_fields()[name].metadata, _numeric(name)
+    step = (lambda v, d: v + d) if item_type is int else (lambda v, d: math.nextafter(v, d * math.inf))
+    outside, edges = [], []
+    if "minimum" in meta:
+        outside, edges = [step(meta["minimum"], -1)], [meta["minimum"]]
+    if "above" in meta:
+        outside, edges = [meta["above"]], [step(meta["above"], 1)]
+    if "maximum" in meta:
+        outside, edges = [*outside, step(meta["maximum"], 1)], [*edges, meta["maximum"]]
+    return [item_type(v) for v in outside], [item_type(v) for v in edges]
+
+
+@pytest.mark.parametrize("name", BOUNDED)
+def test_every_declared_bound_is_enforced_and_the_bound_itself_accepted(name) -> None:
+    outside, edges = _outside_and_edges(name)
+    assert outside and edges
+    for value in outside:
+        with pytest.raises(ConfigError, match=rf"'{re.escape(name)}'"):
+            _set(name, value)
+    for value in edges:
+        assert _get(_set(name, value), name) in (value, (value,) * 3), name
+
+
+def _get(config: RunConfig, name: str) -> object:
+    section, _, leaf = name.rpartition(".")
+    return getattr(getattr(config, section) if section else config, leaf)
+
+
+@pytest.mark.parametrize("name", CHOICE_FIELDS)
+def test_every_choice_is_accepted_and_others_refused(name) -> None:
+    choices = choices_of(flat_fields()[name])
+    for choice in choices:
+        assert _get(with_overrides(RunConfig(), {name: choice}), name) == choice
+    for wrong in ("nope", choices[-1].upper() + "x", 3):
+        with pytest.raises(ConfigError, match=rf"'{re.escape(name)}'"):
+            with_overrides(RunConfig(), {name: wrong})
+
+
+def test_choice_fields_are_typed_as_literals() -> None:
+    assert {"backbone.interpolation", "codebook.init", "head.scores_dtype"} <= set(CHOICE_FIELDS)
+    assert choices_of(flat_fields()["codebook.init"]) == ("kmeans", "orthogonal")
+
+
+def test_every_number_field_declares_a_bound_or_is_allowed_unbounded() -> None:
+    numbers = {n for n in flat_fields() if _numeric(n)[0] in (int, float)}
+    unbounded = numbers - set(BOUNDED)
+    assert unbounded == set(UNBOUNDED_NUMBERS), sorted(unbounded ^ set(UNBOUNDED_NUMBERS))
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+def test_non_finite_numbers_are_refused_even_without_bounds(value) -> None:
+    for name in ("head.weight_init_mean", "head.lr", "codebook.warmup_epochs"):
+        with pytest.raises(ConfigError, match=re.escape(name)):
+            with_overrides(RunConfig(), {name: value})
 
 
 @pytest.mark.parametrize(
-    "name", sorted(n for n, s in leaf_fields().items() if {"minimum", "maximum", "above"} & set(s.metadata))
+    ("name", "value"),
+    [("seed", True), ("seed", None), ("codebook.init", None), ("head.lr_grid", {"a": 1}), ("out", [1])],
 )
-def test_every_declared_bound_is_enforced(name) -> None:
-    meta, is_tuple = leaf_fields()[name].metadata, typing.get_origin(flat_fields()[name]) is tuple
-    outside = [meta["minimum"] - 1] if "minimum" in meta else []
-    outside += [meta["above"]] if "above" in meta else []
-    outside += [meta["maximum"] + 1] if "maximum" in meta else []
-    for value in outside:
-        with pytest.raises(ValueError, match=name.replace(".", r"\.")):
-            with_overrides(RunConfig(), {name: f"{value},{value}" if is_tuple else str(value)})
+def test_wrong_types_are_refused_not_converted(name, value) -> None:
+    with pytest.raises(ConfigError, match=re.escape(name)):
+        with_overrides(RunConfig(), {name: value})
+
+
+def test_mean_and_std_take_three_values_or_none() -> None:
+    assert BackboneConfig(mean=(0.5, 0.5, 0.5)).mean == (0.5, 0.5, 0.5)
+    with pytest.raises(ConfigError, match=r"backbone\.std"):
+        BackboneConfig(std=(0.2, 0.2))
+
+
+def test_non_string_keys_are_named() -> None:
+    with pytest.raises(ConfigError, match="unknown config field.*1"):
+        from_dict(RunConfig, {1: 2, "seed": 0})

@@ -162,6 +162,26 @@ def test_reused_codes_and_weights_follow_every_change(head, features) -> None:
         torch.testing.assert_close(head(features).logits, _fresh_logits(head, features))
 
 
+def test_data_assignment_and_data_copy_change_the_output(head, features) -> None:
+    head.requires_grad_(False)
+    layer = head.class_layer
+    with torch.no_grad():
+        first = head(features).logits.clone()
+        layer.weight.data = torch.rand(C, K, generator=_generator(3)) + 2.0
+        second = head(features).logits.clone()
+        assert not torch.allclose(first, second)
+        torch.testing.assert_close(second, _fresh_logits(head, features))
+        layer.weight.data.copy_(torch.rand(C, K, generator=_generator(4)) + 5.0)
+        third = head(features).logits.clone()
+        assert not torch.allclose(second, third)
+        torch.testing.assert_close(third, _fresh_logits(head, features))
+        head.codebook.data = torch.randn(K, D, generator=_generator(5))
+        torch.testing.assert_close(head(features).logits, _fresh_logits(head, features))
+        head.codebook.data.copy_(torch.randn(K, D, generator=_generator(6)))
+        torch.testing.assert_close(head(features).logits, _fresh_logits(head, features))
+    assert not torch.allclose(third, head(features).logits)
+
+
 def test_class_weights_still_train(head, features) -> None:
     head(features)  # reuse filled while weights require grad: must not be kept
     loss = head(features).logits.sum()

@@ -18,8 +18,10 @@ from protoquant.config import WEIGHT_THRESHOLD, DataConfig, load_yaml
 from protoquant.data.synthetic import SyntheticParts
 from protoquant.data.transforms import ViewTransform
 from protoquant.distributed import resolve_device
+from protoquant.errors import ConfigError
 from protoquant.explain.gallery import training_subset
 from protoquant.model import ProtoQuant
+from protoquant.paths import cache_root
 from protoquant.pipeline import run
 from protoquant.train.codebook import prototype_usage
 
@@ -172,7 +174,8 @@ def test_each_torchrun_process_gets_its_own_gpu(monkeypatch, local_rank, name, e
 def test_more_processes_than_gpus_is_a_clear_error(monkeypatch) -> None:
     monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    with pytest.raises(RuntimeError, match="nproc_per_node 1"):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(ConfigError, match="nproc_per_node 1"):
         resolve_device("cuda")
 
 
@@ -199,14 +202,14 @@ def own_run(tiny_run, tmp_path_factory):
     return config, run(config, backbone=tiny_run.result.model.backbone)
 
 
-def test_own_images_run_records_the_resolved_dataset_and_caches_under_out(own_run) -> None:
+def test_own_images_run_records_the_resolved_dataset_and_uses_the_shared_cache(own_run) -> None:
     config, result = own_run
     out = Path(config.out)
     saved = load_yaml(out / "config.yaml")
-    assert saved.data.dataset == "image-folder" and saved.cache.root == str(out / "cache")
+    assert saved.data.dataset == "image-folder" and saved.cache.root == ""  # the shared default cache
     assert result.metrics["data"]["dataset"] == "image-folder" and result.metrics["data"]["test"] == 3
     for view in (result.caches.train, result.caches.val, result.caches.test):
-        assert view.store.folder.parent == out / "cache"
+        assert view.store.folder.parent == cache_root(saved.cache) != out / "cache"
         assert view.store.manifest["key"]["dataset"] == "image-folder"
     assert result.model.classes == ("class_a", "class_b", "class_c")
     assert ProtoQuant.load(out / "model").config == saved
@@ -214,7 +217,7 @@ def test_own_images_run_records_the_resolved_dataset_and_caches_under_out(own_ru
 
 def test_a_checkpoint_finds_its_run_cache_again(own_run, tiny_run) -> None:
     for checkpoint, train in (
-        (Path(own_run[0].out) / "model", own_run[1].caches.train),  # cache.root '' resolved to <out>/cache
+        (Path(own_run[0].out) / "model", own_run[1].caches.train),  # cache.root '': the default cache
         (Path(tiny_run.config.out) / "model", tiny_run.result.caches.train),  # an explicit cache.root
     ):
         model = ProtoQuant.load(checkpoint)

@@ -255,7 +255,7 @@ def create_backbone(config: BackboneConfig) -> FrozenBackbone:
             f"backbone name '{config.name}' must be '<library>/<model>' with library in {list(BUILDERS)}"
         )
     with torch.random.fork_rng(devices=[]):  # seeded random init without touching the global RNG
-        torch.manual_seed(config.init_seed)
+        torch.default_generator.manual_seed(config.init_seed)
         model, source, extract, pretrained = BUILDERS[library](model_name, config)
     backbone = FrozenBackbone(model, extract)
     chosen = resolve_input(config, pretrained)

@@ -2,12 +2,14 @@
 
 A cache folder holds, for one (dataset split, backbone + weights, transform, views):
 `manifest.json`, shards `features-NNNNN.npy` ((n, H, W, D) float16, memory-mapped on
-read) and `pooled-NNNNN.npy` ((n, D) float32 spatial means for the linear probe).
-Entries are image-major: entry e = image e // views, view e % views. Every file is
-written to a temporary name and renamed, so a shard exists only once complete: an
-interrupted run resumes with the missing shards, and a reader never sees half a shard.
-Under torchrun each rank writes its own shards and rank 0 marks the cache complete.
-`FeatureStore` (protoquant.cache.store) reads a finished cache.
+read) and `pooled-NNNNN.npy` ((n, D) float32 spatial means for the linear probe), and per
+shard a record `shard-NNNNN.json` (sha256, size, shape of both files) written after them: a
+shard is finished once its record matches its files, so an interrupted run resumes with the
+unfinished shards. Entries are image-major: entry e = image e // views, view e % views.
+Processes building one folder at once (two runs, torchrun ranks) claim shards with file locks
+(`protoquant.cache.lock`), so none is computed twice; rank 0 then copies every record into
+the manifest and marks it complete. A complete cache is verified when built again: bad shards
+are recomputed alone. `FeatureStore` (protoquant.cache.store) reads and verifies a finished cache.
 """
 
 from __future__ import annotations
@@ -15,27 +17,33 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from protoquant import distributed, progress
-from protoquant.backbones.features import STORAGE_DTYPE, patch_features
+from protoquant import distributed
+from protoquant.atomic import clean_leftovers
+from protoquant.backbones.features import patch_features
 from protoquant.backbones.frozen import FrozenBackbone
-from protoquant.cache.shards import ShardWriter, atomic_write_bytes, shard_paths
+from protoquant.cache.extract import compute_shards
+from protoquant.cache.files import MANIFEST_NAME
+from protoquant.cache.lock import ShardLocks
+from protoquant.cache.manifest import Plan, labels_problem, mark_complete, read_manifest, shard_state
+from protoquant.cache.repair import repair
 from protoquant.cache.store import FeatureStore
+from protoquant.cache.verify import STAMP_NAME, CacheIntegrityError
 from protoquant.config import CacheConfig
 from protoquant.data.base import ImageDataset, stable_hash
 from protoquant.data.transforms import ViewTransform
+from protoquant.paths import cache_root
 
 logger = logging.getLogger(__name__)
 
-CACHE_FORMAT = 1  # bump when the on-disk layout changes
+CACHE_FORMAT = 2  # bump when the on-disk layout changes (2: shard records, checksums, locks)
 MAX_AUTO_WORKERS = 16  # DataLoader workers chosen automatically, at most
 AUTO_MIN_BATCHES = 4  # automatic workers only from this many batches per process
+DERIVED_FIELDS = ("key", "digest", "num_entries", "channels", "grid", "classes")  # fixed by the key
 
 
 class ImageViews(Dataset):
@@ -50,15 +58,6 @@ class ImageViews(Dataset):
     def __getitem__(self, entry: int) -> torch.Tensor:
         index, view = divmod(entry, self.views)
         return self.transform.pixels(self.dataset.load_image(index), index, view)
-
-
-def _shard_batches(todo: list[int], size: int, total: int, batch_size: int) -> list[list[int]]:
-    """Batches of entry ids that never straddle a shard, shard after shard."""
-    batches = []
-    for shard in todo:
-        end = min((shard + 1) * size, total)
-        batches += [list(range(i, min(i + batch_size, end))) for i in range(shard * size, end, batch_size)]
-    return batches
 
 
 def cache_key(
@@ -81,101 +80,82 @@ def cache_key(
     }
 
 
-@dataclass
-class _Plan:
-    folder: Path
-    manifest: dict
-    num_shards: int
+def _stored_grid(backbone: FrozenBackbone, transform: ViewTransform, config: CacheConfig) -> list[int]:
+    """(H, W) of the stored maps: the backbone's grid at the transform's image size, pooled."""
+    info = backbone.info
+    if transform.image_size == info.image_size:
+        return [-(-side // config.grid_pool) for side in info.grid]
+    device = next(backbone.parameters()).device
+    probe = torch.zeros(1, 3, transform.image_size, transform.image_size, device=device)
+    with torch.inference_mode():
+        return list(patch_features(backbone, probe, config).shape[-2:])  # (1, D, H, W) -> [H, W]
 
 
-def _plan(
-    dataset: ImageDataset, backbone: FrozenBackbone, transform: ViewTransform, views: int, config: CacheConfig
-) -> _Plan:
-    key = cache_key(dataset, backbone, transform, views, config)
-    digest = stable_hash(key)
-    folder = Path(config.root) / f"{dataset.name}-{dataset.split}-{digest[:16]}"
+def _fresh_manifest(
+    key: dict, dataset: ImageDataset, backbone: FrozenBackbone, grid: list[int], config
+) -> dict:
+    """The manifest of a new, empty cache, exactly as read back from JSON (lists, not tuples)."""
+    manifest = {
+        "key": key,
+        "digest": stable_hash(key),
+        "num_entries": len(dataset) * key["views"],
+        "shard_size": config.shard_size,
+        "channels": backbone.info.channels,
+        "grid": grid,
+        "labels": dataset.labels.astype(int).tolist(),
+        "classes": list(dataset.classes),
+        "complete": False,
+    }
+    return json.loads(json.dumps(manifest))
+
+
+def _clear(folder: Path) -> None:
+    """Remove every shard, record, stamp and audit log of `folder`."""
+    for pattern in ("features-*.npy", "pooled-*.npy", "shard-*.json", STAMP_NAME, "written-rank*.jsonl"):
+        for path in folder.glob(pattern):
+            path.unlink(missing_ok=True)
+
+
+def _open_plan(expected: dict, dataset: ImageDataset, config: CacheConfig) -> Plan:
+    """The folder named by the key, with its manifest; an unreadable manifest is replaced (its
+    finished shards are kept), one that disagrees with the key or the labels (an edited manifest)
+    is replaced and every shard recomputed, each after a warning."""
+    folder = cache_root(config) / f"{dataset.name}-{dataset.split}-{expected['digest'][:16]}"
     folder.mkdir(parents=True, exist_ok=True)
-    num_entries = len(dataset) * views
-    manifest_path = folder / "manifest.json"
-    if manifest_path.is_file():
-        manifest = json.loads(manifest_path.read_text())
-        if manifest.get("digest") != digest:
-            raise RuntimeError(
-                f"{manifest_path}: manifest does not match its folder's key; delete the folder"
-            )
-    else:
-        info = backbone.info
-        manifest = {
-            "key": key,
-            "digest": digest,
-            "num_entries": num_entries,
-            "shard_size": config.shard_size,
-            "channels": info.channels,
-            "grid": [-(-side // config.grid_pool) for side in info.grid],
-            "labels": dataset.labels.astype(int).tolist(),
-            "classes": list(dataset.classes),
-            "complete": False,
-        }
-    return _Plan(folder, manifest, -(-num_entries // manifest["shard_size"]))
+    try:
+        manifest = read_manifest(folder)
+    except FileNotFoundError:
+        return Plan(folder, expected)
+    except ValueError as err:
+        logger.warning("%s; writing a new manifest (finished shards are kept)", err)
+        return Plan(folder, expected)
+    differ = [f"field '{f}' differs from the key's" for f in DERIVED_FIELDS if manifest[f] != expected[f]]
+    differ += [p] if (p := labels_problem(manifest, dataset.labels)) else []
+    if differ:
+        logger.warning("%s: %s; recomputing every shard of %s", folder / MANIFEST_NAME, differ[0], folder)
+        _clear(folder)
+        return Plan(folder, expected)
+    return Plan(folder, manifest)
 
 
-def _write_manifest(plan: _Plan) -> None:
-    atomic_write_bytes(plan.folder / "manifest.json", json.dumps(plan.manifest).encode())
-
-
-def _launch(
-    backbone: FrozenBackbone,
-    pixels: torch.Tensor,
-    transform: ViewTransform,
-    device: torch.device,
-    config: CacheConfig,
-) -> tuple[torch.Tensor, torch.Tensor, torch.cuda.Event | None]:
-    """Start one batch: normalise on the device, run the backbone, start the copy back.
-
-    Returns (B, H, W, D) float16 features, their (B, D) float32 spatial mean, and on CUDA the
-    event after which both host tensors are filled (the copy runs while the next batch loads).
-    """
-    images = transform.normalise(pixels.to(device, non_blocking=True))
-    features = patch_features(backbone, images, config, dtype=STORAGE_DTYPE)  # (B, D, H, W)
-    stored = features.permute(0, 2, 3, 1).contiguous()  # (B, H, W, D) float16
-    pooled = stored.float().mean(dim=(1, 2))  # (B, D): the mean of what is stored
-    if device.type != "cuda":
-        return stored, pooled, None
-    host = stored.to("cpu", non_blocking=True), pooled.to("cpu", non_blocking=True)
-    event = torch.cuda.Event()
-    event.record()
-    return *host, event
-
-
-def _finished(plan: _Plan) -> set[int]:
-    """Shards whose two files exist (each is renamed into place only once fully written)."""
-    return {s for s in range(plan.num_shards) if all(p.is_file() for p in shard_paths(plan.folder, s))}
-
-
-class _Assembler:
-    """Collects finished batches into shards, in order, and hands each full shard to the writer."""
-
-    def __init__(self, plan: _Plan, todo: list[int], writer: ShardWriter, ctx: distributed.Context, progress):
-        self.plan, self.writer, self.ctx, self.progress = plan, writer, ctx, progress
-        self.remaining = list(todo)  # shards still to fill, in the order their batches arrive
-        self.size, total = plan.manifest["shard_size"], plan.manifest["num_entries"]
-        self.counts = {s: min(self.size, total - s * self.size) for s in todo}
-        self.chunks: list[tuple[np.ndarray, np.ndarray]] = []
-
-    def add(self, features: torch.Tensor, pooled: torch.Tensor, event: torch.cuda.Event | None) -> None:
-        if event is not None:
-            event.synchronize()
-        self.chunks.append((features.numpy(), pooled.numpy()))
-        self.progress.update(len(features))  # per batch, once its features are on the host
-        shard = self.remaining[0]
-        count = self.counts[shard]
-        if sum(len(f) for f, _ in self.chunks) == count:
-            record = {"shard": shard, "first": shard * self.size, "count": count}
-            record |= {"rank": self.ctx.rank, "world": self.ctx.world_size}  # who wrote it (audit trail)
-            features = np.concatenate([f for f, _ in self.chunks])
-            pooled = np.concatenate([p for _, p in self.chunks])
-            self.writer.submit(self.plan.folder, shard, features, pooled, record)
-            self.chunks, self.remaining = [], self.remaining[1:]
+def _prepare(expected: dict, dataset: ImageDataset, config: CacheConfig) -> tuple[Plan, FeatureStore | None]:
+    """Open the folder for building (rank 0): remove leftovers of dead processes, and verify a
+    complete cache, whose bad shards are removed to be recomputed. Returns the plan and, when
+    the cache is complete and sound, its store."""
+    plan = _open_plan(expected, dataset, config)
+    removed = clean_leftovers(plan.folder)
+    if removed:
+        logger.info("removed %d temporary files of dead processes from %s", len(removed), plan.folder)
+    if plan.manifest["complete"]:
+        try:
+            store = FeatureStore(plan.folder, labels=dataset.labels)
+        except CacheIntegrityError as err:
+            repair(plan, err.problems, ShardLocks(plan.folder))
+        else:
+            repair(plan, [], ShardLocks(plan.folder))  # restores lost shard records
+            return plan, store
+    plan.write_manifest()
+    return plan, None
 
 
 def loader_workers(config: CacheConfig, entries: int) -> int:
@@ -191,46 +171,22 @@ def loader_workers(config: CacheConfig, entries: int) -> int:
     return max(1, min(MAX_AUTO_WORKERS, cpus // local_ranks))
 
 
-def _compute_shards(
-    plan: _Plan,
-    todo: list[int],
-    views: ImageViews,
-    backbone: FrozenBackbone,
-    device: torch.device,
-    config: CacheConfig,
-    ctx: distributed.Context,
-) -> None:
-    """Run the backbone over the entries of shards `todo` and write each shard when complete.
-
-    Three things overlap: DataLoader workers decode the next batches, the device computes
-    this batch (its results are collected one batch later), and a thread writes full shards.
-    """
-    backbone = backbone.to(device).to(memory_format=torch.channels_last)
-    size, total = plan.manifest["shard_size"], plan.manifest["num_entries"]
-    batches = _shard_batches(todo, size, total, config.batch_size)
-    entries = sum(len(b) for b in batches)
-    workers = loader_workers(config, entries)
-    desc = f"caching {views.dataset.name}/{views.dataset.split}"
-    bar = progress.bar(total=entries, desc=desc, unit="img")  # one view = one image through the backbone
-    # One DataLoader for every shard this process computes, so workers stay alive and busy.
-    loader = DataLoader(views, batch_sampler=batches, num_workers=workers, pin_memory=device.type == "cuda")
-    writer = ShardWriter()
-    assembler = _Assembler(plan, todo, writer, ctx, bar)
-    pending = None
+def _compute(plan: Plan, todo: list[int], views: ImageViews, backbone, device, config: CacheConfig) -> None:
+    """Compute the unfinished shards of `todo`; wait for those another process held, and
+    compute any it left unfinished (it died)."""
+    locks = ShardLocks(plan.folder)
     try:
-        with torch.inference_mode():
-            for pixels in loader:
-                launched = _launch(backbone, pixels, views.transform, device, config)
-                if pending is not None:
-                    assembler.add(*pending)
-                pending = launched
-    finally:  # also after a failure: the last launched batch may complete a shard
-        try:
-            if pending is not None:
-                assembler.add(*pending)
-        finally:
-            writer.close()
-            bar.close()
+        while todo:
+            entries = sum(plan.rows(s)[1] for s in todo if shard_state(plan, s) is not None)
+            if entries == 0:
+                return
+            workers = loader_workers(config, entries)
+            skipped = compute_shards(plan, todo, views, backbone, device, config, locks, workers)
+            for shard in skipped:
+                locks.wait(shard)
+            todo = skipped
+    finally:
+        locks.release_all()
 
 
 def build_cache(
@@ -248,23 +204,24 @@ def build_cache(
     Under torchrun each rank computes the shards s with s % world_size == rank, then
     all ranks meet and rank 0 marks the cache complete. `shards` overrides this
     process's share. Returns the store once every shard exists, else None.
+    Raises ValueError when the backbone gives non-finite features (nothing cached for that shard).
     """
-    device = torch.device(device)
-    ctx = distributed.context()
-    plan = _plan(dataset, backbone, transform, views, config)
+    device, ctx = torch.device(device), distributed.context()
+    key = cache_key(dataset, backbone, transform, views, config)
+    expected = _fresh_manifest(key, dataset, backbone, _stored_grid(backbone, transform, config), config)
+    plan, store = _prepare(expected, dataset, config) if ctx.is_main else (None, None)
+    distributed.barrier()  # rank 0 has checked, repaired and written the manifest
+    if plan is None:
+        plan = _open_plan(expected, dataset, config)
     if plan.manifest["complete"]:
         logger.info("feature cache hit: %s", plan.folder)
-        return FeatureStore(plan.folder)
-    _write_manifest(plan)  # identical on every rank; written atomically
+        return store or FeatureStore(plan.folder, labels=dataset.labels)
     mine = shards if shards is not None else range(ctx.rank, plan.num_shards, ctx.world_size)
-    finished = _finished(plan)
-    todo = [s for s in mine if s not in finished]
-    _compute_shards(plan, todo, ImageViews(dataset, transform, views), backbone, device, config, ctx)
+    _compute(plan, list(mine), ImageViews(dataset, transform, views), backbone, device, config)
     distributed.barrier()
-    if len(_finished(plan)) < plan.num_shards:
+    if any(shard_state(plan, s) is not None for s in range(plan.num_shards)):
         return None
     if ctx.is_main:
-        plan.manifest["complete"] = True
-        _write_manifest(plan)
+        mark_complete(plan)
     distributed.barrier()
-    return FeatureStore(plan.folder)
+    return FeatureStore(plan.folder, labels=dataset.labels)

@@ -1,69 +1,141 @@
-"""Writing cache shards: atomic file writes and a background writer thread.
+"""Writing cache shards: atomic file writes, shard records and a background writer thread.
 
-Every file is written to a temporary name in its folder and renamed into place, so a reader
-(or a resumed run) sees either the whole file or none of it. `ShardWriter` saves shards on
-one background thread while the backbone computes the next ones; it holds at most
-`max_pending` shards in memory and re-raises a failed write in the caller.
+Every file is written atomically (`protoquant.cache.files`). A shard
+is its two `.npy` files plus its record `shard-NNNNN.json` (sha256, bytes, shape, dtype of
+each file), written last: a shard counts as finished only once its record exists and matches
+its files. `ShardWriter` saves shards on one background thread while the backbone computes the
+next ones; it holds at most `max_pending` shards in memory and re-raises a failed write in the
+caller.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
+from protoquant.cache.files import atomic_save_npy, atomic_write_bytes, record_path, shard_paths
+from protoquant.cache.verify import file_digest, signature
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+logger = logging.getLogger(__name__)
 
-
-def atomic_save_npy(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.npy")
-    np.save(tmp, array)
-    os.replace(tmp, path)
-
-
-def shard_paths(folder: Path, shard: int) -> tuple[Path, Path]:
-    """(features, pooled) file paths of shard `shard`."""
-    return folder / f"features-{shard:05d}.npy", folder / f"pooled-{shard:05d}.npy"
+__all__ = [
+    "ShardWriter",
+    "atomic_save_npy",
+    "atomic_write_bytes",
+    "read_record",
+    "shard_paths",
+    "write_shard",
+]
 
 
-def write_shard(folder: Path, shard: int, features: np.ndarray, pooled: np.ndarray, record: dict) -> None:
-    """Save one shard's two files, then append `record` to this rank's audit log.
+def read_record(folder: Path, shard: int) -> dict | None:
+    """The record of `shard`, or None when it is missing or not a JSON object."""
+    try:
+        record = json.loads(record_path(folder, shard).read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
 
-    features: (n, H, W, D) float16; pooled: (n, D) float32; record: who wrote which entries.
+
+def check_finite(features: np.ndarray, pooled: np.ndarray, audit: dict) -> None:
+    """Raise ValueError naming the shard, its entries and the split if any value is NaN or inf.
+
+    features: (n, H, W, D); pooled: (n, D); audit: the shard's audit record (shard, first, split).
     """
-    features_path, pooled_path = shard_paths(folder, shard)
-    atomic_save_npy(features_path, features)
-    atomic_save_npy(pooled_path, pooled)
-    with open(folder / f"written-rank{record['rank']}.jsonl", "a") as handle:
-        handle.write(json.dumps(record) + "\n")
+    finite = np.isfinite(features.reshape(len(features), -1)).all(axis=1) & np.isfinite(pooled).all(axis=1)
+    if finite.all():
+        return
+    bad = audit["first"] + np.flatnonzero(~finite)
+    first, last = audit["first"], audit["first"] + len(features) - 1
+    raise ValueError(
+        f"{audit['split']}: shard {audit['shard']} (entries {first}..{last}) has non-finite features "
+        f"(NaN or inf) in {len(bad)} entries, first {bad[0]}, last {bad[-1]} (float16 overflow of the "
+        f"backbone output?); the shard was not written"
+    )
+
+
+def _file_entry(path: Path, array: np.ndarray) -> dict:
+    """What a record says about one written file (stat taken after the rename)."""
+    size, mtime_ns, inode = signature(os.stat(path))
+    return {
+        "bytes": size,
+        "sha256": file_digest(path),
+        "shape": list(array.shape),
+        "dtype": str(array.dtype),
+        "mtime_ns": mtime_ns,
+        "inode": inode,
+    }
+
+
+def write_shard(folder: Path, shard: int, features: np.ndarray, pooled: np.ndarray, audit: dict) -> dict:
+    """Save one shard's two files and its record, then append `audit` to this rank's log.
+
+    features: (n, H, W, D) float16; pooled: (n, D) float32; audit: who wrote which entries
+    (shard, first, count, split, rank, world, pid). Returns the record.
+    Raises ValueError (nothing written) when a value is not finite.
+    """
+    check_finite(features, pooled, audit)
+    files = {}
+    for path, array in zip(shard_paths(folder, shard), (features, pooled)):
+        atomic_save_npy(path, array)
+        files[path.name] = _file_entry(path, array)
+    record = {"shard": shard, "first": audit["first"], "rows": len(features), "files": files}
+    atomic_write_bytes(record_path(folder, shard), json.dumps(record).encode())
+    with open(folder / f"written-rank{audit['rank']}.jsonl", "a") as handle:
+        handle.write(json.dumps(audit) + "\n")
+    return record
 
 
 class ShardWriter:
-    """Runs `write_shard` calls on one background thread, in order, with bounded memory."""
+    """Runs `write_shard` calls on one background thread, in order, with bounded memory.
+
+    The first failed write is raised once (by `submit` or `close`); later failures, which an
+    earlier one usually caused, are logged.
+    """
 
     def __init__(self, max_pending: int = 2) -> None:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer")
         self._pending: list[Future] = []
         self._max_pending = max_pending
+        self.failed = False
 
-    def submit(self, *args) -> None:
-        """Queue write_shard(*args); waits (and re-raises) while `max_pending` writes are queued."""
+    def _wait(self, future: Future) -> None:
+        error = future.exception()
+        if error is None:
+            return
+        if self.failed:
+            logger.error("another shard write failed too: %s", error)
+            return
+        self.failed = True
+        raise error
+
+    def submit(self, *args, done: Callable[[], None] = lambda: None) -> None:
+        """Queue write_shard(*args), then `done()` whether it worked or not; waits (and
+        re-raises) while `max_pending` writes are queued."""
         while len(self._pending) >= self._max_pending:
-            self._pending.pop(0).result()
-        self._pending.append(self._pool.submit(write_shard, *args))
+            self._wait(self._pending.pop(0))
+        self._pending.append(self._pool.submit(_write_then, args, done))
 
     def close(self) -> None:
-        """Wait for every queued write; re-raise the first failure."""
+        """Wait for every queued write; re-raise the first failure not raised yet."""
         try:
-            for future in self._pending:
-                future.result()
+            while self._pending:
+                self._wait(self._pending.pop(0))
         finally:
+            for future in self._pending:
+                future.exception()  # wait: every write has ended when close returns
             self._pending = []
             self._pool.shutdown(wait=True)
+
+
+def _write_then(args: tuple, done: Callable[[], None]) -> dict:
+    try:
+        return write_shard(*args)
+    finally:
+        done()

@@ -11,6 +11,7 @@ import re
 from pathlib import Path
 
 from protoquant.config import DataConfig, RunConfig
+from protoquant.errors import ConfigError
 
 BACKBONE_LIBRARIES = ("timm", "torchvision")  # the libraries protoquant.backbones builds from
 DEVICE = re.compile(r"^(auto|cpu|mps|(cuda|xpu)(:\d+)?)$")  # device spellings a run accepts
@@ -89,9 +90,9 @@ def _dataset_option_problems(data: DataConfig) -> list[str | None]:
 
 
 def require(problems: list[str | None]) -> None:
-    """Raise one ValueError listing every problem; nothing when there is none."""
+    """Raise one ConfigError listing every problem on one line; nothing when there is none."""
     problems = [p for p in problems if p]
     if len(problems) == 1:
-        raise ValueError(problems[0])
+        raise ConfigError(problems[0])
     if problems:
-        raise ValueError(f"{len(problems)} problems:\n  " + "\n  ".join(problems))
+        raise ConfigError(f"{len(problems)} problems: " + "; ".join(problems))

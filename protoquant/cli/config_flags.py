@@ -12,6 +12,7 @@ import typing
 
 from protoquant.cli.parsing import add_flag
 from protoquant.config import RunConfig, flat_fields, leaf_fields, load_yaml, to_dict
+from protoquant.knobs import choices_of
 from protoquant.presets import demo_config
 
 CONFIG_DEST = "run"  # the parsed RunConfig is `args.run`
@@ -25,7 +26,7 @@ def base_config(command: str | None, argv: list[str]) -> RunConfig:
     """What the flags of `command` apply to: `--config FILE.yaml` if given, else its own defaults.
 
     Raises:
-        ValueError: the YAML file cannot be read or has a bad field (the message names both).
+        ConfigError: the YAML file cannot be read or has a bad field (the message names both).
     """
     early = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     early.add_argument("--config")
@@ -62,9 +63,8 @@ def config_lines(config: RunConfig) -> list[str]:
     values, hints = _flat_values(to_dict(config)), flat_fields()
     lines = []
     for name, spec in leaf_fields().items():
-        hint = hints[name]
-        kind = getattr(hint, "__name__", str(hint)) if typing.get_origin(hint) is not tuple else "list"
-        choices = spec.metadata.get("choices")
+        hint, choices = hints[name], choices_of(hints[name])
+        kind = "list" if typing.get_origin(hint) is tuple else "str" if choices else hint.__name__
         accepts = f" {{{','.join(map(str, choices))}}}" if choices else ""
         lines.append(
             f"  --{name:<34} {kind:<5} {values[name]!r:<26}{accepts}  {spec.metadata.get('help', '')}"

@@ -14,9 +14,26 @@ from protoquant.cli.parsing import add_flag, add_json_flag, command
 PRUNE_MODES = ("exact", "drop")  # protoquant.explain.edit.PRUNE_MODES (not imported: the CLI starts fast)
 
 
+META_FIELDS = ("format", "classes", "num_prototypes")  # what `edit` and `info` read from config.json
+
+
 def _meta(path: str) -> dict:
-    """The checkpoint's config.json (classes, number of prototypes), read without loading the model."""
-    return json.loads((Path(path) / "config.json").read_text())
+    """The checkpoint's config.json (classes, number of prototypes), read without loading the model.
+
+    Raises:
+        CheckpointError: the file is not JSON or lacks one of META_FIELDS (the message names it).
+    """
+    from protoquant.errors import CheckpointError
+
+    file = Path(path) / "config.json"
+    try:
+        meta = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{file}: not a readable JSON file ({err})") from err
+    missing = [name for name in META_FIELDS if not isinstance(meta, dict) or name not in meta]
+    if missing:
+        raise CheckpointError(f"{file}: no field {', '.join(map(repr, missing))}")
+    return meta
 
 
 def parse_disable(spec: str, num_prototypes: int, classes: list[str]) -> tuple[int, int | None]:

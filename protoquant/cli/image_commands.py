@@ -17,14 +17,11 @@ def open_images(paths: list[str]) -> list:
     """Every image file as RGB, opened before the model loads.
 
     Raises:
-        ValueError: a file that is missing or not a readable image (the message names it).
+        DataError: a file that is missing or not a readable image (the message names it and why).
     """
     from protoquant.data.images import open_rgb
 
-    try:
-        return [open_rgb(path) for path in paths]
-    except (OSError, ValueError) as err:
-        raise ValueError(f"cannot read image: {err}") from err
+    return [open_rgb(path) for path in paths]
 
 
 def predict(args: argparse.Namespace) -> int:
@@ -51,8 +48,10 @@ def predict(args: argparse.Namespace) -> int:
                 ],
             }
         )
+    from protoquant.render.text import percent  # lazy: drawing is not loaded for --help
+
     text = "\n".join(
-        f"{row['image']}: " + ", ".join(f"{t['class']} {100 * t['probability']:.1f} %" for t in row["top"])
+        f"{row['image']}: " + ", ".join(f"{t['class']} {percent(t['probability'])}" for t in row["top"])
         for row in rows
     )
     emit(args, text, {"model": args.model, "predictions": rows})

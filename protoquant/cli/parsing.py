@@ -56,7 +56,7 @@ class Parser(simple_parsing.ArgumentParser):
 
 
 def add_verbosity(parser: argparse.ArgumentParser) -> None:
-    """-v/-q on `parser`; every parser has them, so they work before and after the subcommand."""
+    """-v/-q/--debug on `parser`; every parser has them, so they work before and after the subcommand."""
     group = parser.add_argument_group("output")
     for flags, value, text in (
         (("-v", "--verbose"), 1, "also log every epoch and step"),
@@ -65,6 +65,12 @@ def add_verbosity(parser: argparse.ArgumentParser) -> None:
         group.add_argument(
             *flags, dest="verbosity", action="store_const", const=value, default=argparse.SUPPRESS, help=text
         )
+    group.add_argument(
+        "--debug",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="on failure, also print the traceback (errors are one line without it)",
+    )
 
 
 def command(sub: argparse._SubParsersAction, name: str, text: str, **kwargs: Any) -> argparse.ArgumentParser:

@@ -25,6 +25,9 @@ def _resolved(args: argparse.Namespace) -> RunConfig | None:
         sys.stdout.write(yaml.safe_dump(to_dict(config), sort_keys=False))
         return None
     require(run_problems(config, training=True))
+    from protoquant.preflight import preflight
+
+    preflight(config)  # cross-field, device and process-count checks; pipeline.run adds the data ones
     return config
 
 

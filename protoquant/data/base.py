@@ -12,6 +12,7 @@ from __future__ import annotations
 import abc
 import hashlib
 import json
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -43,6 +44,24 @@ def stable_hash(payload: Any) -> str:
     """sha256 hex digest of a JSON-serialisable payload (key order independent)."""
     text = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def display_name(name: str) -> str:
+    r"""A file or folder name as text: valid UTF-8 unchanged, undecodable bytes as visible escapes.
+
+    `os.fsdecode` keeps undecodable bytes as lone surrogates, which no text encoder accepts
+    ("caf\udce9" for the bytes b"caf\xe9"); shown here as "caf\xe9", the way Python prints bytes.
+    """
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
+def display_names(names: Sequence[str], where: str) -> tuple[str, ...]:
+    """`display_name` of every name; raises ValueError where two names read the same."""
+    shown = tuple(display_name(n) for n in names)
+    if len(set(shown)) != len(shown):
+        twins = sorted({s for s in shown if shown.count(s) > 1})
+        raise ValueError(f"{where}: class folders named {twins[0]!r} read alike once bytes are escaped")
+    return shown
 
 
 class ImageDataset(abc.ABC):

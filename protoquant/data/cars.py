@@ -73,7 +73,7 @@ def _entry(path: Path, number: int, record: np.void, num_classes: int) -> tuple[
         fname = str(record["fname"]).strip()
         label = int(record["class"])
         box = tuple(int(record[f]) for f in FIELDS[:4])
-    except (TypeError, ValueError) as err:
+    except (TypeError, ValueError, OverflowError) as err:
         raise ValueError(f"{where}: cannot read fields ({err})") from err
     if not fname:
         raise ValueError(f"{where}: empty fname")

@@ -1,8 +1,10 @@
 """Your own images: `root/<class>/<image>`, optionally split into `train/`, `val/` and `test/`.
 
 Classes are the sorted names of the class folders (torchvision `ImageFolder` order) of the
-training source; images are the files with an image extension (`images.IMAGE_EXTENSIONS`, any
-case), sorted, nested folders included. The layout decides the splits (`split_sources`):
+training source, as text (`base.display_name`: bytes that are not UTF-8 read as escapes such
+as "caf\\xe9"; image paths keep the real names); images are the files with an image extension
+(`images.IMAGE_EXTENSIONS`, any case), sorted, nested folders included. The layout decides the
+splits (`split_sources`):
 
 - `root/<class>/*`: one pool; a seeded (`split_seed`), stratified `test_fraction` of every
   class is carved out as the test split, the rest is train.
@@ -30,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from protoquant.data.base import display_name, display_names
 from protoquant.data.images import FileImageDataset, is_image_file
 from protoquant.data.splits import stratified_split
 
@@ -59,7 +62,8 @@ def class_folders(folder: Path) -> list[str]:
 
 
 def _note(paths: list[str], what: str) -> list[str]:
-    return [f"{len(paths)} {what} left out (e.g. {', '.join(paths[:EXAMPLES])})"] if paths else []
+    examples = ", ".join(display_name(p) for p in paths[:EXAMPLES])
+    return [f"{len(paths)} {what} left out (e.g. {examples})"] if paths else []
 
 
 def split_sources(present: set[str], where: str) -> dict[str, str]:
@@ -92,9 +96,16 @@ def _split_words(path: Path) -> set[str]:
     """The split words a split file uses (its lines are checked by `read_split_file`)."""
     if not path.is_file():
         raise FileNotFoundError(f"split file {path} not found")
-    with path.open(encoding="utf-8") as handle:
-        lines = (raw.strip() for raw in handle)
-        return {text.rsplit(None, 1)[-1] for text in lines if text and not text.startswith(COMMENT)}
+    lines = (raw.strip() for raw in _split_lines(path))
+    return {text.rsplit(None, 1)[-1] for text in lines if text and not text.startswith(COMMENT)}
+
+
+def _split_lines(path: Path) -> list[str]:
+    """The lines of a split file, which must be UTF-8 text."""
+    try:
+        return path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        raise ValueError(f"split file {path} is not UTF-8 text (byte {err.start}): {err.reason}") from err
 
 
 def read_split_file(path: Path, root: Path, classes: list[str]) -> dict[str, str]:
@@ -102,24 +113,21 @@ def read_split_file(path: Path, root: Path, classes: list[str]) -> dict[str, str
     if not path.is_file():
         raise FileNotFoundError(f"split file {path} not found")
     listed: dict[str, tuple[str, int]] = {}
-    with path.open(encoding="utf-8") as handle:
-        for line, raw in enumerate(handle, 1):
-            text = raw.strip()
-            if not text or text.startswith(COMMENT):
-                continue
-            fields = text.rsplit(None, 1)
-            if len(fields) != 2 or fields[1] not in SPLITS:
-                raise ValueError(
-                    f"{path}:{line}: expected '<relative path> <train|val|test>', found {text!r}"
-                )
-            rel = Path(fields[0]).as_posix()
-            if rel in listed:
-                raise ValueError(f"{path}:{line}: {rel} is already listed on line {listed[rel][1]}")
-            if rel.split("/")[0] not in classes or "/" not in rel:
-                raise ValueError(f"{path}:{line}: {rel} is not inside a class folder of {root}")
-            if not (root / rel).is_file():
-                raise ValueError(f"{path}:{line}: listed image {root / rel} does not exist")
-            listed[rel] = (fields[1], line)
+    for line, raw in enumerate(_split_lines(path), 1):
+        text = raw.strip()
+        if not text or text.startswith(COMMENT):
+            continue
+        fields = text.rsplit(None, 1)
+        if len(fields) != 2 or fields[1] not in SPLITS:
+            raise ValueError(f"{path}:{line}: expected '<relative path> <train|val|test>', found {text!r}")
+        rel = Path(fields[0]).as_posix()
+        if rel in listed:
+            raise ValueError(f"{path}:{line}: {rel} is already listed on line {listed[rel][1]}")
+        if rel.split("/")[0] not in classes or "/" not in rel:
+            raise ValueError(f"{path}:{line}: {rel} is not inside a class folder of {root}")
+        if not (root / rel).is_file():
+            raise ValueError(f"{path}:{line}: listed image {root / rel} does not exist")
+        listed[rel] = (fields[1], line)
     return {rel: split for rel, (split, _) in listed.items()}
 
 
@@ -184,8 +192,8 @@ class ImageFolder(FileImageDataset):
                 f"image-folder: {folder} holds no class folders; expected {folder}/<class>/<image> "
                 "(or train/, with val/ and/or test/ beside it, each holding class folders)"
             )
-        self.classes = tuple(classes)
-        return {c: i for i, c in enumerate(classes)}
+        self.classes = display_names(classes, str(folder))  # the folder names, shown as text
+        return {c: i for i, c in enumerate(classes)}  # the real names: they build the paths
 
     def _carved(self, files: list[str], labels: list[int]) -> tuple[list[str], list[int]]:
         """The train or test share of a training pool whose test split is carved out of it."""

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from protoquant.data.base import display_name
 from protoquant.data.images import FileImageDataset, is_image_file, load_mat, mat_variable, read_rows
 
 KAGGLE_IMAGES = Path("ILSVRC") / "Data" / "CLS-LOC"  # Kaggle download: images below this
@@ -52,7 +53,8 @@ def find_meta(root: Path, name: str) -> Path | None:
 
 
 def _note(count: int, what: str, examples: list[str]) -> list[str]:
-    return [f"{count} {what} left out (e.g. {', '.join(examples[:EXAMPLES])})"] if count else []
+    shown = ", ".join(display_name(e) for e in examples[:EXAMPLES])
+    return [f"{count} {what} left out (e.g. {shown})"] if count else []
 
 
 def list_images(folder: Path, prefix: str = "") -> tuple[list[str], list[str]]:
@@ -175,7 +177,7 @@ class ImageNet(FileImageDataset):
     def _names(self) -> tuple[str, ...]:
         mapping, meta = find_meta(self.meta_root, SYNSET_MAPPING), find_meta(self.meta_root, DEVKIT_META)
         names = read_synset_mapping(mapping) if mapping else read_devkit_meta(meta)[1] if meta else {}
-        return tuple(names.get(w, w) for w in self.wnids)
+        return tuple(names.get(w, display_name(w)) for w in self.wnids)  # a folder name as text
 
     def _folders(self, top: str, index: dict[str, int]) -> tuple[list[str], list[int], list[str]]:
         """Images of `top/<wnid>/`, labelled by wnid."""

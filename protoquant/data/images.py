@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import struct
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -23,6 +24,7 @@ import scipy.io
 from PIL import Image, ImageOps
 
 from protoquant.data.base import ImageDataset, stable_hash
+from protoquant.errors import DataError
 
 LOGGER = logging.getLogger(__name__)
 # torchvision's image extensions
@@ -30,6 +32,22 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".t
 SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")  # "I" (int32) is read as 0..65535 data
 SIXTEEN_TO_EIGHT_BIT = 257.0  # 65535 / 255: maps 0..65535 onto 0..255 exactly
 ALPHA_MODES = ("LA", "La", "PA", "P")  # expanded through RGBA, whose alpha is then dropped
+DECODE_ERRORS = (  # what Pillow's (and scipy.io's) decoders raise on a corrupt or truncated file
+    OSError,
+    SyntaxError,
+    ValueError,
+    EOFError,
+    IndexError,
+    KeyError,
+    TypeError,
+    ZeroDivisionError,
+    struct.error,
+    Image.DecompressionBombError,
+)
+
+
+class MissingImageError(DataError, FileNotFoundError):
+    """An image file that does not exist (caught as either a DataError or a FileNotFoundError)."""
 
 
 def is_image_file(name: str) -> bool:
@@ -45,7 +63,7 @@ def to_rgb(image: Image.Image, path: str | Path = "<image>") -> Image.Image:
         scaled = np.round(np.clip(values, 0, 65535) / SIXTEEN_TO_EIGHT_BIT).astype(np.uint8)
         return Image.fromarray(scaled, mode="L").convert("RGB")
     if mode == "F":
-        raise ValueError(f"{path}: floating-point images (mode F) have no defined 8-bit range")
+        raise DataError(f"{path}: floating-point images (mode F) have no defined 8-bit range")
     if mode in ALPHA_MODES:
         image = image.convert("RGBA")
     return image.convert("RGB")  # RGBA -> RGB drops alpha; also L, 1, CMYK, YCbCr, RGBX
@@ -59,20 +77,26 @@ def open_rgb(path: str | Path, *, orient: bool = True) -> Image.Image:
         orient: apply the EXIF orientation tag (off only where annotations refer to stored pixels).
 
     Raises:
-        FileNotFoundError: the file does not exist.
-        ValueError: the file is truncated, corrupt, not an image or of an unsupported mode;
-            the message names the file.
+        MissingImageError: the file does not exist (a DataError and a FileNotFoundError).
+        DataError: the file is unreadable, empty, truncated, corrupt, not an image or of an
+            unsupported mode; the message names the file and why.
     """
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"cannot read image {path}: it is a folder, not a file")
     if not path.is_file():
-        raise FileNotFoundError(f"image file {path} not found")
+        raise MissingImageError(f"image file {path} not found")
     try:
+        if path.stat().st_size == 0:
+            raise DataError(f"cannot read image {path}: the file is empty (0 bytes)")
         with Image.open(path) as image:
             image.load()  # decodes every byte: truncated files fail here
             upright = ImageOps.exif_transpose(image) if orient else image  # a copy unless already upright
             return to_rgb(upright, path)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        raise ValueError(f"cannot read image {path}: {err}") from err
+    except DataError:
+        raise
+    except DECODE_ERRORS as err:
+        raise DataError(f"cannot read image {path}: {type(err).__name__}: {err}") from err
 
 
 def read_rows(path: Path, columns: int, *, rest: bool = False) -> list[tuple[int, list[str]]]:
@@ -118,13 +142,17 @@ def parse_number(text: str, kind: type, where: str, what: str) -> int | float:
 
 
 def load_mat(path: Path) -> dict:
-    """A MATLAB (v5) file as scipy loads it with squeeze_me=True, or an error naming the file."""
+    """A MATLAB (v5) file as scipy loads it with squeeze_me=True.
+
+    Raises:
+        FileNotFoundError: the file is missing. DataError: it is not a readable MATLAB file.
+    """
     if not path.is_file():
         raise FileNotFoundError(f"annotation file {path} not found")
     try:
         return scipy.io.loadmat(str(path), squeeze_me=True)
-    except (scipy.io.matlab.MatReadError, ValueError, TypeError, OSError, NotImplementedError) as err:
-        raise ValueError(f"cannot read MATLAB file {path}: {err}") from err
+    except (scipy.io.matlab.MatReadError, NotImplementedError, *DECODE_ERRORS) as err:
+        raise DataError(f"cannot read MATLAB file {path}: {type(err).__name__}: {err}") from err
 
 
 def mat_variable(mat: dict, name: str, path: Path) -> np.ndarray:

@@ -30,11 +30,8 @@ PRUNE_MODES = ("exact", "drop")  # remove_unused: keep the normaliser share, or 
 
 
 def copy_head(head: ProtoQuantHead) -> ProtoQuantHead:
-    """A deep copy without the memoised derived tensors of the original."""
-    out = copy.deepcopy(head)
-    for module in out.modules():
-        module.__dict__.pop("_memo", None)
-    return out
+    """A deep copy: the new head shares no tensor with `head`."""
+    return copy.deepcopy(head)
 
 
 def _check_prototype(head: ProtoQuantHead, prototype: int) -> None:

@@ -2,9 +2,12 @@
 
 Features of the unmodified images come from the feature cache (built with the model's own
 view-0 transform, so they are exactly what the model sees). Images the protocols change (noise,
-attacks, re-rendered interventions) go through the frozen backbone and are rounded to the cache's
-float16 storage, so clean and changed inputs share one precision. `FeatureMemo` keeps those
-features so that two heads on one backbone (ProtoQuant and the baseline) pay for them once.
+attacks, re-rendered interventions) go through `ProtoQuant.features`, the same
+`patch_features` the cache was built with (bf16 autocast, grid pooling, float16 rounding), so
+clean and changed inputs share one grid and one precision. `FeatureMemo` keeps those features so
+that two heads on one backbone (ProtoQuant and the baseline) pay for them once; its keys hold the
+digest of everything the features depend on (`cache_key`), so a memo shared between models with
+different weights, transform or feature options never serves one model's features to another.
 """
 
 from __future__ import annotations
@@ -17,9 +20,9 @@ import torch
 from PIL import Image
 
 from protoquant import progress
-from protoquant.cache.build import FeatureStore, build_cache
+from protoquant.cache.build import FeatureStore, build_cache, cache_key
 from protoquant.cache.view import CacheView
-from protoquant.data.base import ImageDataset
+from protoquant.data.base import ImageDataset, stable_hash
 from protoquant.data.transforms import ViewTransform
 from protoquant.head import HeadOutput
 from protoquant.metrics.common import keypoints_to_input
@@ -41,7 +44,7 @@ def split_store(model: ProtoQuant, dataset: ImageDataset, device: torch.device) 
 
 
 class FeatureMemo:
-    """Backbone features of changed images, keyed by (backbone weights, dataset, image, change)."""
+    """Features of changed images, keyed by (features digest, change..., image)."""
 
     def __init__(self) -> None:
         self._items: dict[tuple, torch.Tensor] = {}
@@ -78,7 +81,7 @@ class EvalContext:
     train: CacheView | None = None  # cached training features (grounding)
     memo: FeatureMemo = field(default_factory=FeatureMemo)
     _parts: dict[int, ImageParts] = field(default_factory=dict)
-    _scope: tuple | None = None
+    _scope: str | None = None
 
     @property
     def image_size(self) -> int:
@@ -131,27 +134,30 @@ class EvalContext:
         transform = cache_transform(self.model)
         return torch.stack([transform(image.convert("RGB"), int(i), 0) for image, i in zip(images, indices)])
 
-    def backbone_features(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, D, H, W) features of normalised images, rounded to the cache's float16 storage."""
-        bf16 = self.model.config.cache.autocast_bf16
-        with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
-            images = images.to(self.device).contiguous(memory_format=torch.channels_last)  # as the cache
-            features = self.model.backbone(images)
-        return features.float().to(torch.float16).float()
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) normalised images -> (B, D, H', W') float32 features, as the cache stores them."""
+        with torch.no_grad():
+            return self.model.features(images.to(self.device))
+
+    def features_digest(self) -> str:
+        """Digest of everything the model's features of this split depend on (the cache's key)."""
+        if self._scope is None:
+            model = self.model
+            key = cache_key(self.dataset, model.backbone, cache_transform(model), 1, model.config.cache)
+            self._scope = stable_hash(key)
+        return self._scope
 
     def memo_features(
         self, keys: list[tuple], make_images: Callable[[list[tuple]], torch.Tensor]
     ) -> torch.Tensor:
         """(B, D, H, W) features for `keys`, computing only the missing ones via `make_images(missing)`."""
-        if self._scope is None:
-            self._scope = (self.model.backbone.info.weights_hash, self.dataset.fingerprint())
-        scope = self._scope
-        missing = [k for k in keys if self.memo.get((*scope, *k)) is None]
+        scope = self.features_digest()
+        missing = [k for k in keys if self.memo.get((scope, *k)) is None]
         for start in range(0, len(missing), self.settings.batch_size):
             chunk = missing[start : start + self.settings.batch_size]
-            for key, features in zip(chunk, self.backbone_features(make_images(chunk))):
-                self.memo.put((*scope, *key), features)
-        return torch.stack([self.memo.get((*scope, *k)).float() for k in keys])
+            for key, features in zip(chunk, self.features(make_images(chunk))):
+                self.memo.put((scope, *key), features)
+        return torch.stack([self.memo.get((scope, *k)).float() for k in keys])
 
     def head_output(self, features: torch.Tensor) -> HeadOutput:
         with torch.no_grad():

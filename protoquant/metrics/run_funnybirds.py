@@ -9,8 +9,8 @@ stripped: "eye01"/"eye02" -> slot "eye"), as the reference does, so the mask ord
 slots are the dataset's `part_slots` when it has them, else the part names in order. Where the
 dataset has an all-parts re-render (`has_full_render`), "nothing removed" (PC with every part
 important, DC with none) is scored on it, as the reference; otherwise on the original image.
-Clean images are read from the feature cache; re-renders go through the backbone once per
-distinct removal set and are memoised.
+Clean images are read from the feature cache; re-renders go through `ProtoQuant.features` (the
+cache's own feature function) once per distinct removal set and are memoised.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """Runner of the spatial-misalignment benchmark: a masked PGD through the frozen backbone.
 
-`FrozenBackbone.forward` runs without gradients, so the attack calls the backbone's own
-extraction function on the wrapped model under `torch.enable_grad()`; the backbone's weights keep
-requires_grad=False and only the input receives gradients.
+Every feature map comes from `ProtoQuant.features` (the cache's `patch_features`: autocast, grid
+pooling and float16 rounding as configured). The attack asks it for `input_gradients` under
+`torch.enable_grad()`: only the input receives gradients, the backbone's weights keep
+requires_grad=False, and the differentiable path leaves out only the float16 rounding.
 """
 
 from __future__ import annotations
@@ -20,12 +21,12 @@ from protoquant.metrics.settings import scaled
 
 
 def _activation_fn(ctx: EvalContext):
-    backbone, head = ctx.model.backbone, ctx.model.head
+    model = ctx.model
 
     def activation(images: torch.Tensor) -> torch.Tensor:
         with torch.enable_grad():
-            features = backbone._extract(backbone.model, images)  # (B, D, H, W), differentiable in images
-            return head(features).activation.clamp(min=0)  # (B, K, H, W)
+            features = model.features(images, input_gradients=True)  # (B, D, H, W), differentiable
+            return model.head(features).activation.clamp(min=0)  # (B, K, H, W)
 
     return activation
 
@@ -44,9 +45,9 @@ def _attack_batch(ctx, indices: np.ndarray, slots, generator: torch.Generator) -
     settings, device = ctx.settings, ctx.device
     labels = ctx.labels[indices]
     images = ctx.preprocess([ctx.dataset.load_image(int(i)) for i in indices], indices)
-    images = images.to(device).contiguous(memory_format=torch.channels_last)  # (B, 3, S, S)
+    images = images.to(device)  # (B, 3, S, S)
     with torch.no_grad():
-        before = ctx.model.head(ctx.model.backbone(images))
+        before = ctx.model.head(ctx.features(images))
     of_class = lambda c: slots.prototypes[slots.of_class(c)].tolist()  # noqa: E731
     attacks = mis.attack_plan(settings.attack_target, before.scores.cpu(), labels.tolist(), of_class)
     if not attacks:
@@ -66,7 +67,7 @@ def _attack_batch(ctx, indices: np.ndarray, slots, generator: torch.Generator) -
         maximise=settings.attack_target in mis.MAXIMISED_TARGETS,
     )
     with torch.no_grad():
-        after = ctx.model.head(ctx.model.backbone(adversarial))
+        after = ctx.model.head(ctx.features(adversarial))
     targets = torch.tensor([a.target for a in attacks], dtype=torch.long)
     return _records(ctx, indices, labels, slots, (rows, targets), before, after)
 

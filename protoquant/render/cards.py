@@ -7,6 +7,7 @@ the gallery's one colour scale, which the colour bar shows.
 
 from __future__ import annotations
 
+import math
 from html import escape
 
 from protoquant.config import WEIGHT_THRESHOLD
@@ -19,6 +20,7 @@ from protoquant.explain.types import (
     Report,
 )
 from protoquant.render.figures import share_text
+from protoquant.render.text import number, percent, shown_name
 from protoquant.render.tile_cache import TileWriter
 from protoquant.render.tiles import (
     colour_stops,
@@ -36,12 +38,18 @@ PATCH_TILE = 128  # px, a window crop ("this" and "that" alike: one zoom)
 SOURCE_TILE = 96  # px, a prototype's source image (its stored thumbnail size)
 
 
+def text(name: str) -> str:
+    """A name (class, file, image) as HTML text: printable, then escaped."""
+    return escape(shown_name(name))
+
+
 def img(src: str, alt: str, size: int, css: str = "tile") -> str:
-    return f'<img class="{css}" src="{src}" alt="{escape(alt)}" width="{size}" height="{size}">'
+    return f'<img class="{css}" src="{src}" alt="{text(alt)}" width="{size}" height="{size}">'
 
 
 def bar(fraction: float) -> str:
-    width = max(0.0, min(100.0, 100.0 * fraction))
+    """A bar filled to `fraction` of its width (empty for a non-finite fraction)."""
+    width = max(0.0, min(100.0, 100.0 * fraction)) if math.isfinite(fraction) else 0.0
     return f'<div class="bar"><span style="width: {width:.1f}%"></span></div>'
 
 
@@ -58,9 +66,9 @@ def colour_bar(report: Report) -> str:
 
 def patch_caption(ref: PatchRef, classes: tuple[str, ...]) -> str:
     """cosine · class · file (or training image number) of a training patch."""
-    name = escape(ref.file.rsplit("/", 1)[-1]) if ref.file else f"train #{ref.image}"
-    title = escape(ref.file) if ref.file else f"training image {ref.image}"
-    label = escape(classes[ref.label])
+    name = text(ref.file.rsplit("/", 1)[-1]) if ref.file else f"train #{ref.image}"
+    title = text(ref.file) if ref.file else f"training image {ref.image}"
+    label = text(classes[ref.label])
     return (
         f'<b>cos {ref.similarity:.2f}</b><span class="clip" title="{label}">{label}</span>'
         f'<span class="clip" title="{title}">{name}</span>'
@@ -87,7 +95,7 @@ def source_figure(k: int, report: Report, tiles: TileWriter) -> str:
     return (
         f'<figure class="source">{img(src, f"source image of prototype {k}: training image {ref.image}", SOURCE_TILE)}'
         f'<figcaption>its source<span class="clip">train #{ref.image}</span>'
-        f'<span class="clip" title="{escape(gallery.classes[ref.label])}">{escape(gallery.classes[ref.label])}</span>'
+        f'<span class="clip" title="{text(gallery.classes[ref.label])}">{text(gallery.classes[ref.label])}</span>'
         "</figcaption></figure>"
     )
 
@@ -130,7 +138,7 @@ def _evidence_row(
         f'<div class="that">{that}</div>'
         f'<div class="numbers"><div class="contrib">+{item.contribution:.2f}</div>'
         f'<div class="formula">{item.score:.2f} score × {item.weight:.2f} weight</div>'
-        f'{bar(item.contribution / largest)}<div class="formula">{100 * share:.1f} % of the class-specific logit</div></div></li>'
+        f'{bar(item.contribution / largest)}<div class="formula">{percent(share)} of the class-specific logit</div></div></li>'
     )
 
 
@@ -142,15 +150,15 @@ def why(i: int, rank: int, cls: ClassExplanation, explanation: Explanation, repo
     others = cls.num_contributing - sum(item.contribution > 0 for item in cls.prototypes)
     rest = (
         f'<p class="rest num">+ {cls.rest:.2f} from the other {others} contributing prototypes '
-        f'= logit {cls.logit:.2f}</p><p class="rest num share">{escape(share_text(cls))}.</p>'
+        f'= logit {number(cls.logit)}</p><p class="rest num share">{escape(share_text(cls))}.</p>'
     )
     body = f'<ol class="evidence">{rows}</ol>{rest}'
-    name = escape(cls.class_name)
+    name = text(cls.class_name)
     if rank == 0:
         return f'<section class="why"><h3>Why “{name}”? This looks like that:</h3>{body}</section>'
     return (
-        f'<details class="why"><summary>Class #{rank + 1} “{name}” ({100 * cls.probability:.1f} %): '
-        f"why it scored logit {cls.logit:.2f}</summary>{body}</details>"
+        f'<details class="why"><summary>Class #{rank + 1} “{name}” ({percent(cls.probability)}): '
+        f"why it scored logit {number(cls.logit)}</summary>{body}</details>"
     )
 
 
@@ -162,19 +170,19 @@ def explanation_card(
     size = explanation.image.shape[0]
     input_src = tiles.report_tile(f"input-{i}.jpg", image_tile(explanation.image, INPUT_TILE))
     probs = "".join(
-        f'<li{" class=top" if c is pred else ""}><span class="name">{escape(c.class_name)}</span>'
-        f'{bar(c.probability)}<span class="right num">{100 * c.probability:.1f} %</span></li>'
+        f'<li{" class=top" if c is pred else ""}><span class="name">{text(c.class_name)}</span>'
+        f'{bar(c.probability)}<span class="right num">{percent(c.probability)}</span></li>'
         for c in explanation.classes
     )
     body = "".join(why(i, r, c, explanation, report, tiles) for r, c in enumerate(explanation.classes))
     return (
         f'<article class="card explanation" id="image-{i}"><div class="exp-head">'
         f'<figure class="input">{img(input_src, f"input image {name}", INPUT_TILE)}'
-        f"<figcaption>{escape(name)} · as the model sees it ({size} × {size} px)</figcaption></figure>"
+        f"<figcaption>{text(name)} · as the model sees it ({size} × {size} px)</figcaption></figure>"
         f'<div><div class="kicker">Image {i + 1} of {len(report.explanations)}</div>'
-        f'<h2>{escape(pred.class_name)} <span class="pill">{100 * pred.probability:.1f} %</span></h2>'
+        f'<h2>{text(pred.class_name)} <span class="pill">{percent(pred.probability)}</span></h2>'
         f'<ul class="probs">{probs}</ul>'
-        f'<p class="muted small num share">Logit {pred.logit:.2f} = Σ score × weight over all prototypes; '
+        f'<p class="muted small num share">Logit {number(pred.logit)} = Σ score × weight over all prototypes; '
         f"{escape(share_text(pred))}. The boxes mark each prototype's peak cell; “this” and “that” are the "
         f'same window around it, at the same zoom. <a href="{figure}">PNG figure</a></p>'
         f"{colour_bar(report)}</div></div>{body}</article>"

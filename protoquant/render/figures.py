@@ -5,6 +5,7 @@ Each reads explanation / gallery data and patch crops only; none runs a model.
 
 from __future__ import annotations
 
+import io
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -23,6 +24,8 @@ from protoquant.explain.types import (
     TrainingPatch,
     window_crop,
 )
+from protoquant.render.files import write_whole
+from protoquant.render.text import number, percent, shown_name
 from protoquant.render.tiles import COLORMAP, PNG_COMPRESSION, Scale, heatmap_overlay, map_scale, source_tile
 
 PANEL_INCHES = 2.2  # side of one image panel
@@ -65,7 +68,16 @@ def _figure(rows: int, cols: int, right: float = 0.0) -> tuple[Figure, np.ndarra
 
 def _title(ax, text: str) -> None:
     """A title above the panel (placed as text: much faster than `set_title`'s layout pass)."""
-    ax.text(0.5, 1.03, text, transform=ax.transAxes, ha="center", va="bottom", fontsize=TITLE_SIZE)
+    ax.text(
+        0.5,
+        1.03,
+        text,
+        transform=ax.transAxes,
+        ha="center",
+        va="bottom",
+        fontsize=TITLE_SIZE,
+        parse_math=False,
+    )  # names are shown as written: "$" starts no formula
 
 
 def _box(ax, box: tuple[int, int, int, int]) -> None:
@@ -89,23 +101,22 @@ def _patch(ax, patch: TrainingPatch | None, title: str) -> None:
 
 
 def _save(fig: Figure, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=DPI, pil_kwargs={"compress_level": PNG_COMPRESSION})
-    return path
+    """Draw `fig` as PNG in memory, then write the file whole."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=DPI, pil_kwargs={"compress_level": PNG_COMPRESSION})
+    return write_whole(path, buffer.getvalue())
 
 
 def share_text(shown: ClassExplanation) -> str:
     """What the shown prototypes carry: shares of the class-specific logit and of the margin."""
     count = len(shown.prototypes)
-    text = f"the {count} shown carry {100 * shown.shown_share:.1f} % of the class-specific logit"
+    text = f"the {count} shown carry {percent(shown.shown_share)} of the class-specific logit"
     text += (
-        f" {shown.specific_logit:.2f} (logit {shown.logit:.2f} − class-agnostic part {shown.agnostic:.2f})"
+        f" {number(shown.specific_logit)} (logit {number(shown.logit)} − class-agnostic part "
+        f"{number(shown.agnostic)})"
     )
     if shown.runner_up >= 0:
-        text += (
-            f" and {100 * shown.shown_margin_share:.1f} % of the margin {shown.margin:.2f} over the runner-up"
-        )
+        text += f" and {percent(shown.shown_margin_share)} of the margin {number(shown.margin)} over the runner-up"
     return text
 
 
@@ -122,8 +133,8 @@ def _cut(text: str) -> str:
 
 
 def _patch_title(ref: PatchRef, classes: tuple[str, ...]) -> str:
-    name = ref.file.rsplit("/", 1)[-1] if ref.file else f"train #{ref.image}"
-    return f"{_cut(f'that: cosine {ref.similarity:.2f} · {name}')}\n{_cut(classes[ref.label])}"
+    name = shown_name(ref.file.rsplit("/", 1)[-1]) if ref.file else f"train #{ref.image}"
+    return f"{_cut(f'that: cosine {ref.similarity:.2f} · {name}')}\n{_cut(shown_name(classes[ref.label]))}"
 
 
 def _colour_bar(fig: Figure, axes: np.ndarray, scale: Scale, clipped: bool) -> None:
@@ -148,7 +159,10 @@ def explanation_figure(
     rows = 4 if gallery is not None else 2
     fig, axes = _figure(rows, len(shown.prototypes) + 1, BAR_INCHES)
     axes[0, 0].imshow(explanation.image)
-    _title(axes[0, 0], f"{shown.class_name}\np = {shown.probability:.2f}, logit {shown.logit:.2f}")
+    _title(
+        axes[0, 0],
+        f"{_cut(shown_name(shown.class_name))}\np = {number(shown.probability)}, logit {number(shown.logit)}",
+    )
     for col, item in enumerate(shown.prototypes, start=1):
         axes[0, col].imshow(heatmap_overlay(explanation.image, item.similarity, scale))
         _box(axes[0, col], item.box)
@@ -163,12 +177,15 @@ def explanation_figure(
             _patch(axes[2, col], gallery.patch(ref), _patch_title(ref, gallery.classes))
             source = gallery.source_picture(item.prototype)
             axes[3, col].imshow(source_tile(source, scale, explanation.image.shape[0]))
-            _title(axes[3, col], f"its source: train #{ref.image}\n{_cut(gallery.classes[ref.label])}")
+            _title(
+                axes[3, col],
+                f"its source: train #{ref.image}\n{_cut(shown_name(gallery.classes[ref.label]))}",
+            )
     labels = ("heatmap: cosine\nto the prototype", "this (test patch)", "that (nearest\ntraining patch)")
     for row, label in enumerate(labels[1:rows] + (("prototype's\nsource image",) if rows == 4 else ()), 1):
         axes[row, 0].text(0.5, 0.5, label, ha="center", va="center", fontsize=TITLE_SIZE)
     _colour_bar(fig, axes, scale, clipped=gallery is not None)  # the gallery's scale clips low cosines
-    fig.suptitle(share_text(shown), fontsize=TITLE_SIZE + 1)
+    fig.suptitle(share_text(shown), fontsize=TITLE_SIZE + 1, parse_math=False)
     return fig
 
 
@@ -187,14 +204,17 @@ def render_class_sheet(gallery: Gallery, class_index: int, patches: Patches, pat
     weights = gallery.class_weights[class_index]  # (K,)
     order = [k for k in weights.argsort(descending=True)[:SHEET_PROTOTYPES].tolist() if weights[k] > 0]
     if not order:
-        raise ValueError(f"class {class_index} ({gallery.classes[class_index]}) weights no prototype")
+        raise ValueError(
+            f"class {class_index} ({shown_name(gallery.classes[class_index])}) weights no prototype"
+        )
     fig, axes = _figure(SHEET_PATCHES, len(order))
     for col, k in enumerate(order):
         for rank in range(SHEET_PATCHES):
             patch = patches.get((k, rank))
             head = f"prototype {k}, w = {float(weights[k]):.2f}\n" if rank == 0 else ""
             _patch(axes[rank, col], patch, f"{head}cosine {patch.ref.similarity:.2f}" if patch else "")
-    fig.suptitle(f"class {gallery.classes[class_index]}: its top prototypes", fontsize=TITLE_SIZE + 1)
+    name = shown_name(gallery.classes[class_index])
+    fig.suptitle(f"class {name}: its top prototypes", fontsize=TITLE_SIZE + 1, parse_math=False)
     return _save(fig, path)
 
 
@@ -211,7 +231,8 @@ def render_overview(gallery: Gallery, path: str | Path) -> Path:
     weights, shown = weights[:, order], [shown[i] for i in order]
     classes = len(gallery.classes)
     label_size = max(4, TITLE_SIZE - classes // 20)  # pt, smaller for many classes
-    left = 0.4 + CHAR_INCHES * label_size / TITLE_SIZE * max(len(name) for name in gallery.classes)
+    names = [shown_name(name) for name in gallery.classes]
+    left = 0.4 + CHAR_INCHES * label_size / TITLE_SIZE * max(len(name) for name in names)
     width, height = min(14.0, left + 3 + 0.08 * len(shown)), 2.5 + 0.22 * classes  # inches
     fig = Figure(figsize=(width, height))
     FigureCanvasAgg(fig)
@@ -220,7 +241,7 @@ def render_overview(gallery: Gallery, path: str | Path) -> Path:
     usage_ax.bar(range(len(shown)), gallery.usage[shown].numpy(), color="#3157d5", width=0.9)
     usage_ax.set_ylabel("usage\n(patches)", fontsize=TITLE_SIZE)
     image = weight_ax.imshow(weights.numpy(), aspect="auto", cmap="Blues", interpolation="nearest")
-    weight_ax.set_yticks(range(classes), gallery.classes, fontsize=label_size)
+    weight_ax.set_yticks(range(classes), names, fontsize=label_size, parse_math=False)
     weight_ax.set_xlabel(f"{len(shown)} weighted prototypes of {gallery.num_prototypes}", fontsize=TITLE_SIZE)
     if len(shown) <= OVERVIEW_TICKS:
         weight_ax.set_xticks(range(len(shown)), [str(k) for k in shown], fontsize=label_size, rotation=90)

@@ -15,8 +15,9 @@ from pathlib import Path
 from protoquant import progress
 from protoquant.config import WEIGHT_THRESHOLD
 from protoquant.explain.types import Report
-from protoquant.render.cards import PATCH_TILE, colour_bar, explanation_card, img, prototype_card
+from protoquant.render.cards import PATCH_TILE, colour_bar, explanation_card, img, prototype_card, text
 from protoquant.render.figures import render_explanation, render_overview
+from protoquant.render.files import write_whole
 from protoquant.render.style import page
 from protoquant.render.summary import explanation_sizes, metrics_table, stat_cards
 from protoquant.render.tile_cache import TileWriter
@@ -33,7 +34,7 @@ def _chips(k: int, report: Report) -> str:
     gallery = report.gallery
     classes = gallery.weighting_classes(k)
     chips = "".join(
-        f'<a class="chip" href="classes.html#c{c}"><b>{escape(gallery.classes[c])}</b> {w:.2f}</a>'
+        f'<a class="chip" href="classes.html#c{c}"><b>{text(gallery.classes[c])}</b> {w:.2f}</a>'
         for c, w in classes[:PROTOTYPE_CHIPS]
     )
     more = len(classes) - PROTOTYPE_CHIPS
@@ -50,7 +51,7 @@ def _class_section(c: int, report: Report, tiles: TileWriter) -> str:
         for k in order[:CLASS_PROTOTYPES]
     )
     return (
-        f'<section class="card" id="c{c}"><div class="proto-head"><h3>{escape(gallery.classes[c])}</h3>'
+        f'<section class="card" id="c{c}"><div class="proto-head"><h3>{text(gallery.classes[c])}</h3>'
         f'<span class="muted small num">{len(order)} prototypes weighted · top {min(len(order), CLASS_PROTOTYPES)} '
         f'by weight</span></div><div class="minis">{minis}</div></section>'
     )
@@ -71,7 +72,7 @@ def _index(report: Report, out: Path, tiles: TileWriter) -> str:
         figure = render_explanation(explanation, out / "img" / f"figure-{i}.png", report.gallery)
         cards.append(explanation_card(i, name, explanation, report, tiles, f"img/{figure.name}"))
     intro = (
-        f"<h1>{escape(report.title)}</h1><p class=lead>For each image: the predicted class, the prototypes "
+        f"<h1>{text(report.title)}</h1><p class=lead>For each image: the predicted class, the prototypes "
         "that drove it (sorted by contribution = score × weight, which sum to the class logit), where each "
         "fired (“this”), the training patches it stands for (“that”, cut by the same rule at the same zoom) "
         "and its own source image.</p>"
@@ -105,7 +106,7 @@ def _classes(report: Report, tiles: TileWriter) -> str:
 
 
 def _model(report: Report, out: Path) -> str:
-    facts = "".join(f"<tr><th>{escape(k)}</th><td>{escape(v)}</td></tr>" for k, v in report.facts)
+    facts = "".join(f"<tr><th>{text(k)}</th><td>{text(v)}</td></tr>" for k, v in report.facts)
     sizes = "".join(
         f"<tr><th>{escape(k)}</th><td>{escape(v)}</td></tr>" for k, v in explanation_sizes(report)
     )
@@ -139,7 +140,10 @@ def write_report(report: Report, out: str | Path) -> Path:
         "classes.html": _classes(report, tiles),
         "model.html": _model(report, out),
     }
-    for name, text in pages.items():
-        (out / name).write_text(text, encoding="utf-8")
+    encoded = {
+        name: body.encode("utf-8") for name, body in pages.items()
+    }  # all encoded before any is written
+    for name, data in encoded.items():
+        write_whole(out / name, data)
     logger.info("%s: %d gallery tiles drawn, %d reused from %s", out, tiles.drawn, tiles.reused, tiles.cache)
     return out / "index.html"

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from html import escape
 
+from protoquant.render.text import shown_name
+
 CSS = """
 :root {
   --bg: #f5f6f8; --card: #ffffff; --ink: #18202e; --muted: #5d6677; --line: #e2e5eb;
@@ -131,7 +133,7 @@ def page(title: str, current: str, body: str, footer: str) -> str:
     return (
         '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
         '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
-        f"<title>{escape(title)}</title>\n<style>{CSS}</style>\n</head>\n<body>\n"
+        f"<title>{escape(shown_name(title))}</title>\n<style>{CSS}</style>\n</head>\n<body>\n"
         f'<header class="top"><div class="inner"><a class="brand" href="index.html">proto<span>quant</span></a>'
         f"<nav>{links}</nav></div></header>\n<main>\n{body}\n</main>\n"
         f"<footer>{footer}</footer>\n</body>\n</html>\n"

@@ -9,6 +9,7 @@ from html import escape
 
 from protoquant.config import WEIGHT_THRESHOLD
 from protoquant.explain.types import Report
+from protoquant.render.text import finite, number, percent
 
 STAGES = (  # metrics.json sections with val/test accuracy, in pipeline order
     ("linear_probe", "linear probe (reference, not interpretable)"),
@@ -28,7 +29,7 @@ def mean_shares(report: Report) -> tuple[float | None, float | None]:
     out = []
     for name in ("shown_share", "shown_margin_share"):
         values = [getattr(e.predicted, name) for _, e in report.explanations]
-        values = [v for v in values if v == v]  # nan where the logit or margin is not positive
+        values = [v for v in values if finite(v)]  # nan where the logit or margin is not positive
         out.append(sum(values) / len(values) if values else None)
     return out[0], out[1]
 
@@ -43,7 +44,7 @@ def stat_cards(report: Report) -> str:
     cards = []
     accuracy = report.metrics.get("protoquant", {}).get("test_accuracy")
     if accuracy is not None:
-        cards.append(_card(f"{100 * accuracy:.1f} %", "test accuracy"))
+        cards.append(_card(percent(accuracy), "test accuracy"))
     cards.append(
         _card(f"{len(gallery.weighted_prototypes())} / {gallery.num_prototypes}", "prototypes in use")
     )
@@ -52,13 +53,9 @@ def stat_cards(report: Report) -> str:
     share, margin = mean_shares(report)
     shown = max((len(e.predicted.prototypes) for _, e in report.explanations), default=0)
     if share is not None:
-        cards.append(
-            _card(f"{100 * share:.1f} %", f"of the class-specific logit from the top {shown} (mean)")
-        )
+        cards.append(_card(percent(share), f"of the class-specific logit from the top {shown} (mean)"))
     if margin is not None:
-        cards.append(
-            _card(f"{100 * margin:.1f} %", f"of the margin over the runner-up from the top {shown} (mean)")
-        )
+        cards.append(_card(percent(margin), f"of the margin over the runner-up from the top {shown} (mean)"))
     return f'<div class="stats">{"".join(cards)}</div>'
 
 
@@ -83,12 +80,12 @@ def explanation_sizes(report: Report) -> list[tuple[str, str]]:
         rows.append(
             (
                 "local: share of the class-specific logit from the shown prototypes",
-                f"{100 * share:.1f} % ({count})",
+                f"{percent(share)} ({count})",
             )
         )
     if margin is not None:
         rows.append(
-            ("local: share of the margin over the runner-up from them", f"{100 * margin:.1f} % ({count})")
+            ("local: share of the margin over the runner-up from them", f"{percent(margin)} ({count})")
         )
     return rows
 
@@ -105,7 +102,7 @@ def metrics_table(metrics: dict) -> str:
 
     def cell(value) -> str:
         return (
-            f'<td class="n">{100 * value:.1f} %</td>'
+            f'<td class="n">{percent(value)}</td>'
             if isinstance(value, (int, float))
             else '<td class="n">–</td>'
         )
@@ -114,7 +111,7 @@ def metrics_table(metrics: dict) -> str:
     grounding = metrics.get("grounding", {}).get("mean_nearest_cosine_used")
     note = (
         f'<p class="muted small">Prototypes sit on real training patches: mean cosine to the nearest one '
-        f"{grounding:.3f}.</p>"
+        f"{number(grounding, 3)}.</p>"
         if isinstance(grounding, (int, float))
         else ""
     )

@@ -40,11 +40,14 @@ class PipNetStyleHead(nn.Module):
         temperature: float = PIPNET_TEMPERATURE,
         init_mean: float = 1.0,
         init_std: float = 0.1,
+        generator: torch.Generator | None = None,
     ):
         super().__init__()
         self.channels = int(channels)
         self.temperature = float(temperature)
-        self.class_layer = NonNegativeLinear(channels, num_classes, init_mean=init_mean, init_std=init_std)
+        self.class_layer = NonNegativeLinear(
+            channels, num_classes, init_mean=init_mean, init_std=init_std, generator=generator
+        )
 
     @property
     def num_prototypes(self) -> int:
@@ -128,13 +131,13 @@ def _fit(head, scores, labels, lr: float, epochs: int, config: HeadConfig, seed:
 def _new_head(
     channels: int, num_classes: int, config: HeadConfig, temperature: float, seed: int
 ) -> PipNetStyleHead:
-    torch.manual_seed(seed)
     return PipNetStyleHead(
         channels,
         num_classes,
         temperature=temperature,
         init_mean=config.weight_init_mean,
         init_std=config.weight_init_std,
+        generator=torch.Generator().manual_seed(seed),
     )
 
 

@@ -80,7 +80,9 @@ def _reset_dead(
     if len(dead):
         fresh = sample_patches(train, len(dead), rng).to(quantizer.codebook.device)
         with torch.no_grad():
-            quantizer.codebook[dead] = fresh[: len(dead)]
+            quantizer.codebook[dead[: len(fresh)]] = (
+                fresh  # fewer patches than dead prototypes: refill what can be
+            )
     return int(len(dead))
 
 

@@ -250,9 +250,12 @@ def limit_sparse(
         with torch.no_grad():
             layer.mask.mul_(allowed.to(layer.mask)[None])  # (C, K) * (1, K)
     limit_top_k(layer, k, priority)
-    torch.manual_seed(fit["seed"])
+    generator = torch.Generator().manual_seed(fit["seed"])
+    restart = torch.empty(layer.weight.shape).normal_(
+        config.weight_init_mean, config.weight_init_std, generator=generator
+    )  # drawn on the CPU: the same weights on every device
     with torch.no_grad():
-        layer.weight.normal_(config.weight_init_mean, config.weight_init_std)
+        layer.weight.copy_(restart)
     tune = {**fit, "lr": config.top_k_lr, "epochs": config.top_k_epochs}
     fit_class_layer(layer, train, val, **tune)
 
@@ -265,13 +268,13 @@ def _new_head(
     temperature: float,
     seed: int,
 ) -> ProtoQuantHead:
-    torch.manual_seed(seed)
     head = ProtoQuantHead(
         codebook,
         num_classes,
         temperature=temperature,
         init_mean=config.weight_init_mean,
         init_std=config.weight_init_std,
+        generator=torch.Generator().manual_seed(seed),
     )
     head.usage.copy_(usage)
     return head

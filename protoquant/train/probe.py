@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 
 import numpy as np
 import torch
@@ -20,6 +21,18 @@ from protoquant.config import ProbeConfig
 from protoquant.train.common import reduced_accuracy, wrap_ddp
 
 logger = logging.getLogger(__name__)
+
+
+def new_probe(channels: int, num_classes: int, seed: int) -> nn.Linear:
+    """nn.Linear(D, C) with PyTorch's default init, U(-1/sqrt(D), 1/sqrt(D)) for weight and bias,
+    drawn from a generator seeded with `seed` (the global generator is left alone)."""
+    generator = torch.Generator().manual_seed(seed)
+    probe = nn.Linear(channels, num_classes, device="meta").to_empty(device="cpu")
+    bound = 1.0 / math.sqrt(channels)
+    with torch.no_grad():
+        probe.weight.uniform_(-bound, bound, generator=generator)
+        probe.bias.uniform_(-bound, bound, generator=generator)
+    return probe
 
 
 def train_probe(
@@ -36,8 +49,7 @@ def train_probe(
     ctx = ctx or distributed.context()
     x_train = train.store.pooled()[train.entries].to(device)  # (N, D)
     y_train = train.labels.to(device)
-    torch.manual_seed(seed)
-    probe = nn.Linear(x_train.shape[1], num_classes).to(device)
+    probe = new_probe(x_train.shape[1], num_classes, seed).to(device)
     model = wrap_ddp(probe, device, ctx)
     optimizer = torch.optim.AdamW(probe.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     best_acc, best_state = -1.0, None

@@ -137,9 +137,12 @@ def test_changed_transform_gives_a_new_cache(counting, noise_images, cache_confi
     dataset = noise_images(4)
     first = build_cache(dataset, counting, _transform(counting), views=2, config=cache_config)
     counting.images = 0
-    second = build_cache(dataset, counting, _transform(counting, **change), views=2, config=cache_config)
+    changed = _transform(counting, **change)
+    second = build_cache(dataset, counting, changed, views=2, config=cache_config)
     assert second.folder != first.folder and len(_folders(cache_config)) == 2
-    assert counting.images == 8
+    probe = 1 if "image_size" in change else 0  # one zero image gives the grid at another size
+    assert counting.images == 8 + probe
+    assert second.grid == tuple(counting(changed(dataset.load_image(0), 0, 0)[None]).shape[-2:])
 
 
 def test_changed_dataset_views_or_backbone_give_new_caches(

@@ -56,6 +56,15 @@ def test_removing_unused_prototypes_leaves_every_logit_unchanged(head, features)
     torch.testing.assert_close(pruned.class_weights, limited.class_weights[:, kept])
 
 
+def test_pruned_head_follows_in_place_changes_of_its_removed_prototypes(head, features) -> None:
+    pruned, _ = edit.remove_unused(edit.limit_top_k(head, 2), "exact")
+    with torch.no_grad():
+        before = pruned(features).logits.clone()
+        pruned.removed_codebook.data.copy_(pruned.removed_codebook.flip(0) * 3.0 + 1.0)
+        after = pruned(features).logits
+    assert not torch.allclose(before, after)
+
+
 def test_dropping_unused_prototypes_from_the_softmax_changes_the_logits(head, features) -> None:
     """Why "exact" exists: the removed prototypes' share of the normaliser matters."""
     limited = edit.limit_top_k(head, 2)

@@ -11,6 +11,7 @@ from PIL import Image
 
 from protoquant.render import render_class_sheet, render_explanation, render_overview
 from protoquant.render.figures import explanation_figure, share_text
+from protoquant.render.text import percent
 from protoquant.render.tiles import BOX_COLOUR, evidence_tile, heatmap_overlay, patch_tile
 
 
@@ -50,11 +51,12 @@ def test_figure_states_the_shares_of_the_dataclass(tiny_report, no_model):
             title = explanation_figure(explanation, class_rank=rank).get_suptitle()
             assert title == share_text(shown)
             assert (
-                f"{100 * shown.shown_share:.1f} % of the class-specific logit {shown.specific_logit:.2f}"
+                f"{percent(shown.shown_share)} of the class-specific logit {shown.specific_logit:.2f}"
                 in title
             )
             if shown.runner_up >= 0:
-                assert f"{100 * shown.shown_margin_share:.1f} % of the margin {shown.margin:.2f}" in title
+                assert f"{percent(shown.shown_margin_share)} of the margin {shown.margin:.2f}" in title
+            assert "nan" not in title
 
 
 def test_class_sheets_and_overview(tiny_report, tmp_path, no_model):

@@ -65,7 +65,7 @@ def test_fallback_tries_larger_k_and_chooses_on_validation(tiny_run, caches) -> 
         top_k_per_class=1,
         top_k_fallback=(2, 16),
         top_k_tolerance=0.0,
-        top_k_loss_tolerance=float("inf"),  # accuracy alone decides here
+        top_k_loss_tolerance=1e9,  # accuracy alone decides here
         temperature_grid=(0.05, 0.5),
     )
     head, selection = _train(tiny_run.stage1_codes, usage, caches, **config)
@@ -179,9 +179,7 @@ def test_top_k_keeps_only_allowed_prototypes(tiny_run, caches) -> None:
 
 def test_fallback_zero_keeps_the_dense_head_when_k_loses_accuracy(tiny_run, caches) -> None:
     usage = torch.ones(len(tiny_run.stage1_codes))
-    config = dict(
-        top_k_per_class=1, top_k_fallback=(0,), top_k_tolerance=0.0, top_k_loss_tolerance=float("inf")
-    )
+    config = dict(top_k_per_class=1, top_k_fallback=(0,), top_k_tolerance=0.0, top_k_loss_tolerance=1e9)
     head, selection = _train(tiny_run.stage1_codes, usage, caches, **config)
     trials = selection["trials"]
     dense_best = max(t["val_accuracy"] for t in trials if t["top_k"] == 0)

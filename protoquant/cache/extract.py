@@ -1,0 +1,160 @@
+"""Running the backbone over the shards of a cache that this process claims, and writing them.
+
+Three things overlap: DataLoader workers decode the next batches, the device computes this
+batch (its results are collected one batch later), and a thread writes full shards. The
+batch sampler claims each shard (`ShardLocks`) just before producing its batches and the writer
+releases the claim once the shard is written, so at most the shards in flight (DataLoader
+prefetch, the one being assembled, the writer's queue) hold a lock file open.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from collections import deque
+from collections.abc import Iterator
+from functools import partial
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from protoquant import distributed, progress
+from protoquant.backbones.features import STORAGE_DTYPE, patch_features
+from protoquant.backbones.frozen import FrozenBackbone
+from protoquant.cache.lock import ShardLocks
+from protoquant.cache.manifest import NOT_STARTED, Plan, shard_state
+from protoquant.cache.shards import ShardWriter
+from protoquant.config import CacheConfig
+from protoquant.data.transforms import ViewTransform
+
+logger = logging.getLogger(__name__)
+
+
+class ClaimedBatches:
+    """Batches of entry ids (never straddling a shard) of the shards this process claims.
+
+    Finished shards are skipped; a shard locked by another process goes to `skipped`. Each
+    claimed shard is appended to `claimed` before its first batch is produced.
+    """
+
+    def __init__(self, plan: Plan, shards: list[int], locks: ShardLocks, batch_size: int) -> None:
+        self.plan, self.shards, self.locks, self.batch_size = plan, shards, locks, batch_size
+        self.skipped: list[int] = []
+        self.claimed: deque[int] = deque()
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for shard in self.shards:
+            if shard_state(self.plan, shard) is None:
+                continue
+            if not self.locks.claim(shard):
+                self.skipped.append(shard)
+                continue
+            state = shard_state(self.plan, shard)  # another process may have finished it meanwhile
+            if state is None:
+                self.locks.release(shard)
+                continue
+            if state != NOT_STARTED:
+                logger.warning("%s: shard %d: %s; recomputing it", self.plan.folder, shard, state)
+            self.claimed.append(shard)
+            first, rows = self.plan.rows(shard)
+            for start in range(first, first + rows, self.batch_size):
+                yield list(range(start, min(start + self.batch_size, first + rows)))
+
+
+def _launch(
+    backbone: FrozenBackbone,
+    pixels: torch.Tensor,
+    transform: ViewTransform,
+    device: torch.device,
+    config: CacheConfig,
+) -> tuple[torch.Tensor, torch.Tensor, torch.cuda.Event | None]:
+    """Start one batch: normalise on the device, run the backbone, start the copy back.
+
+    Returns (B, H, W, D) float16 features, their (B, D) float32 spatial mean, and on CUDA the
+    event after which both host tensors are filled (the copy runs while the next batch loads).
+    """
+    images = transform.normalise(pixels.to(device, non_blocking=True))
+    features = patch_features(backbone, images, config, dtype=STORAGE_DTYPE)  # (B, D, H, W)
+    stored = features.permute(0, 2, 3, 1).contiguous()  # (B, H, W, D) float16
+    pooled = stored.float().mean(dim=(1, 2))  # (B, D): the mean of what is stored
+    if device.type != "cuda":
+        return stored, pooled, None
+    host = stored.to("cpu", non_blocking=True), pooled.to("cpu", non_blocking=True)
+    event = torch.cuda.Event()
+    event.record()
+    return *host, event
+
+
+class _Assembler:
+    """Collects finished batches into shards, in order, and hands each full shard to the writer."""
+
+    def __init__(self, plan: Plan, sampler: ClaimedBatches, writer: ShardWriter, split: str, bar) -> None:
+        self.plan, self.sampler, self.writer, self.bar = plan, sampler, writer, bar
+        ctx = distributed.context()
+        self.who = {"split": split, "rank": ctx.rank, "world": ctx.world_size}
+        self.who |= {"pid": os.getpid(), "host": socket.gethostname()}
+        self.chunks: list[tuple[np.ndarray, np.ndarray]] = []
+
+    def add(self, features: torch.Tensor, pooled: torch.Tensor, event: torch.cuda.Event | None) -> None:
+        if event is not None:
+            event.synchronize()
+        self.chunks.append((features.numpy(), pooled.numpy()))
+        self.bar.update(len(features))  # per batch, once its features are on the host
+        shard = self.sampler.claimed[0]
+        first, count = self.plan.rows(shard)
+        if sum(len(f) for f, _ in self.chunks) == count:
+            audit = {"shard": shard, "first": first, "count": count} | self.who  # who wrote it
+            features = np.concatenate([f for f, _ in self.chunks])  # (count, H, W, D)
+            pooled = np.concatenate([p for _, p in self.chunks])  # (count, D)
+            self.sampler.claimed.popleft()
+            release = partial(self.sampler.locks.release, shard)
+            self.writer.submit(self.plan.folder, shard, features, pooled, audit, done=release)
+            self.chunks = []
+
+
+def compute_shards(
+    plan: Plan,
+    shards: list[int],
+    views: Dataset,
+    backbone: FrozenBackbone,
+    device: torch.device,
+    config: CacheConfig,
+    locks: ShardLocks,
+    workers: int,
+) -> list[int]:
+    """Run the backbone over the unfinished shards of `shards` this process can claim and write
+    each when complete. `views` maps an entry to (3, S, S) uint8 pixels and has `dataset` and
+    `transform`. Returns the shards skipped because another process held them."""
+    backbone = backbone.to(device).to(memory_format=torch.channels_last)
+    sampler = ClaimedBatches(plan, shards, locks, config.batch_size)
+    entries = sum(plan.rows(s)[1] for s in shards if shard_state(plan, s) is not None)
+    desc = f"caching {views.dataset.name}/{views.dataset.split}"
+    bar = progress.bar(total=entries, desc=desc, unit="img")  # one view = one image through the backbone
+    # One DataLoader for every shard this process computes, so workers stay alive and busy.
+    loader = DataLoader(  # its own generator: worker seeds are not drawn from the caller's global RNG
+        views,
+        batch_sampler=sampler,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        generator=torch.Generator(),
+    )
+    writer = ShardWriter()
+    assembler = _Assembler(plan, sampler, writer, f"{views.dataset.name}/{views.dataset.split}", bar)
+    pending = None
+    try:
+        with torch.inference_mode():
+            for pixels in loader:
+                launched = _launch(backbone, pixels, views.transform, device, config)
+                if pending is not None:
+                    assembler.add(*pending)
+                pending = launched
+    finally:  # also after a failure to read or compute: the last launched batch may complete a shard
+        try:
+            if pending is not None and not writer.failed:
+                assembler.add(*pending)
+        finally:
+            writer.close()
+            bar.close()
+    return sampler.skipped
