@@ -47,6 +47,12 @@ def config_problems(config: RunConfig) -> list[str]:
 def data_problems(config: RunConfig, info: BackboneInfo, train: ImageDataset) -> list[str]:
     """What the training split and the backbone's grid make impossible in `config`."""
     problems = []
+    if train.num_classes < 2:
+        where = f" in {config.data.root}" if config.data.root else ""
+        problems.append(
+            f"dataset '{train.name}'{where} has {train.num_classes} class ({', '.join(train.classes)}); "
+            "a classifier needs at least 2"
+        )
     pool = config.cache.grid_pool
     cells = -(-info.grid[0] // pool) * -(-info.grid[1] // pool)  # ceil mode, as patch_features pools
     patches = len(train) * config.cache.train_views * cells

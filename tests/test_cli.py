@@ -59,6 +59,13 @@ def test_help_runs_fast_paths_in_a_fresh_interpreter():
     assert done.stdout.strip().splitlines()[-1] == "False"
 
 
+def test_python_m_protoquant_is_the_command_line():
+    done = subprocess.run(
+        [sys.executable, "-m", "protoquant", "--version"], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0 and done.stdout.strip() == f"protoquant {__version__}", done.stderr
+
+
 def test_version(capsys):
     assert main(["--version"]) == 0
     assert capsys.readouterr().out.strip() == f"protoquant {__version__}"

@@ -60,3 +60,16 @@ def test_every_problem_is_reported_in_one_line(monkeypatch) -> None:
     with pytest.raises(ConfigError) as error:
         preflight(RunConfig(codebook=CodebookConfig(num_prototypes=64, kmeans_patches=10), device="cpu"))
     assert str(error.value).startswith("4 problems: ") and "\n" not in str(error.value)
+
+
+def test_one_class_is_not_a_classifier(convnext, tmp_path) -> None:
+    from PIL import Image
+
+    from protoquant.data.image_folder import ImageFolder
+
+    (tmp_path / "cat").mkdir()
+    for i in range(3):
+        Image.new("RGB", (8, 8), (i, 0, 0)).save(tmp_path / "cat" / f"{i}.png")
+    config = RunConfig(codebook=CodebookConfig(num_prototypes=4, kmeans_patches=4), device="cpu")
+    with pytest.raises(ConfigError, match=r"has 1 class \(cat\); a classifier needs at least 2"):
+        preflight(config, convnext.info, train=ImageFolder(tmp_path, "train", test_fraction=0.0))

@@ -33,8 +33,9 @@ from pathlib import Path
 import numpy as np
 
 from protoquant.data.base import display_name, display_names
-from protoquant.data.images import FileImageDataset, is_image_file
+from protoquant.data.images import IMAGE_EXTENSIONS, FileImageDataset, is_image_file
 from protoquant.data.splits import stratified_split
+from protoquant.errors import DataError
 
 logger = logging.getLogger(__name__)
 
@@ -173,6 +174,11 @@ class ImageFolder(FileImageDataset):
             self.root = self.root / read_from
         else:
             files, labels, notes = self._from_pool(self.root, self._set_classes(self.root), "non-image files")
+        if not files and (split == "train" or self._carve is not None):  # a carved split lies in train
+            raise DataError(
+                f"image-folder {self.root}: no training images in its class folders (looked for "
+                f"{' '.join(IMAGE_EXTENSIONS)}, any case)"
+            )
         files, labels = self._carved(files, labels)
         self.files, self.labels = tuple(files), np.asarray(labels, dtype=np.int64)
         empty = [c for i, c in enumerate(self.classes) if not (self.labels == i).any()]
