@@ -20,6 +20,7 @@ from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 
 import protoquant
 from protoquant import __version__
+from protoquant.atomic import write_bytes_atomic, write_json_atomic
 from protoquant.gallery_files import has_gallery
 from protoquant.model_card import model_card
 
@@ -66,9 +67,9 @@ class HubMixin:
         metrics = run_metrics(self) if metrics is None else metrics  # read before `save` replaces it
         folder = self.save(folder)
         if metrics:
-            (folder / METRICS).write_text(json.dumps(metrics, indent=2, allow_nan=False), encoding="utf-8")
+            write_json_atomic(folder / METRICS, metrics)
         card = model_card(self, metrics, license=license, repo_id=repo_id, with_gallery=has_gallery(folder))
-        (folder / CARD).write_text(card, encoding="utf-8")
+        write_bytes_atomic(folder / CARD, card.encode("utf-8"))
         return folder
 
     @classmethod
