@@ -7,6 +7,7 @@ once, then only stat-ed against the stamp) and raises an error naming the bad fi
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -81,6 +82,57 @@ class FeatureStore:
             order = np.argsort(rows)
             out[np.flatnonzero(mask)[order]] = self._shards[shard][rows[order]]
         return torch.from_numpy(out).float().permute(0, 3, 1, 2)  # (B, D, H, W)
+
+    def cells(self, entries: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> torch.Tensor:
+        """Single cells as float32 (n, D): row i is cell (rows[i], cols[i]) of entry entries[i].
+
+        Only those n D-vectors are read (one positioned read each, grouped by shard, in file
+        order), not whole maps nor the mapped pages around them: memory is O(n * D) whatever
+        the size of the cache.
+
+        Raises:
+            ValueError: the three index arrays differ in length.
+            IndexError: an entry, row or column is out of range.
+        """
+        entries, rows, cols = (np.asarray(a, dtype=np.int64).reshape(-1) for a in (entries, rows, cols))
+        self._check_cells(entries, rows, cols)
+        height, width = self.grid
+        shard_of, row_of = np.divmod(entries, self.shard_size)
+        cell_of = (row_of * height + rows) * width + cols  # (n,) cell index within its shard
+        out = np.empty((len(entries), self.channels), dtype=np.float16)  # (n, D)
+        for shard in np.unique(shard_of):
+            positions = np.flatnonzero(shard_of == shard)
+            positions = positions[np.argsort(cell_of[positions], kind="stable")]
+            self._read_cells(int(shard), cell_of[positions], positions, out)
+        return torch.from_numpy(out).float()
+
+    def _check_cells(self, entries: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> None:
+        if not len(entries) == len(rows) == len(cols):
+            raise ValueError(
+                f"{self.folder}: cells needs equally long entries, rows and cols, got "
+                f"{len(entries)}, {len(rows)} and {len(cols)}"
+            )
+        for name, values, bound in (
+            ("entry", entries, len(self)),
+            ("row", rows, self.grid[0]),
+            ("col", cols, self.grid[1]),
+        ):
+            bad = values[(values < 0) | (values >= bound)]
+            if len(bad):
+                raise IndexError(f"{self.folder}: {name} {bad[0]} is out of range 0..{bound - 1}")
+
+    def _read_cells(self, shard: int, cells: np.ndarray, positions: np.ndarray, out: np.ndarray) -> None:
+        """Read cell cells[i] of `shard` (cells of its (n, H, W, D) array) into out[positions[i]]."""
+        mapped = self._shards[shard]
+        nbytes = self.channels * out.itemsize
+        with open(mapped.filename, "rb", buffering=0) as file:
+            for position, cell in zip(positions.tolist(), cells.tolist()):
+                offset = mapped.offset + cell * nbytes
+                if os.preadv(file.fileno(), [out[position]], offset) != nbytes:
+                    raise OSError(
+                        f"{mapped.filename}: ended before byte {offset + nbytes} (cell {cell}); "
+                        f"the shard changed after the cache was opened"
+                    )
 
     def pooled(self) -> torch.Tensor:
         """Spatial mean of every entry, (N, D) float32 (read once, then kept in memory)."""

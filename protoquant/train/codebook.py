@@ -25,24 +25,35 @@ logger = logging.getLogger(__name__)
 
 
 def sample_patches(subset: CacheView, count: int, generator: np.random.Generator) -> torch.Tensor:
-    """(count, D) random patch features from the subset (all if fewer exist)."""
-    cells = subset.store.grid[0] * subset.store.grid[1]
-    total = len(subset.entries) * cells
+    """(min(count, N*H*W), D) patch features drawn uniformly without replacement from the subset.
+
+    The patches come in entry order (then row, then column), and only they are read from the
+    cache (`FeatureStore.cells`). The draw takes O(count) memory: `Generator.choice` without
+    replacement uses Floyd's algorithm, or shuffles all N*H*W ints only when N*H*W < 50 * count.
+    """
+    height, width = subset.store.grid
+    total = len(subset.entries) * height * width
     picks = np.sort(generator.choice(total, size=min(count, total), replace=False))
-    entry_pos, cell = np.divmod(picks, cells)
-    unique, inverse = np.unique(entry_pos, return_inverse=True)
-    features = to_patches(subset.store.get(subset.entries[unique]))  # (U*H*W, D)
-    return features[inverse * cells + cell]
+    entry_pos, cell = np.divmod(picks, height * width)
+    row, col = np.divmod(cell, width)
+    return subset.store.cells(subset.entries[entry_pos], row, col)
 
 
-def init_codebook(train: CacheView, config: CodebookConfig, *, seed: int) -> torch.Tensor:
-    """(K, D) initial codebook: k-means on sampled training patches (default) or orthogonal."""
+def init_codebook(
+    train: CacheView, config: CodebookConfig, *, seed: int, device: torch.device | None = None
+) -> torch.Tensor:
+    """(K, D) initial codebook on `device` (default CPU), where k-means also runs.
+
+    k-means on sampled training patches (default) or orthogonal rows. Raises ValueError for an
+    unknown codebook.init, or fewer sampled patches than K.
+    """
+    device = torch.device("cpu") if device is None else device
     generator = torch.Generator().manual_seed(seed)
     if config.init == "orthogonal":
-        return orthogonal_init(config.num_prototypes, train.store.channels, generator)
+        return orthogonal_init(config.num_prototypes, train.store.channels, generator).to(device)
     if config.init != "kmeans":
         raise ValueError(f"codebook.init must be 'kmeans' or 'orthogonal', got '{config.init}'")
-    patches = sample_patches(train, config.kmeans_patches, np.random.default_rng(seed))
+    patches = sample_patches(train, config.kmeans_patches, np.random.default_rng(seed)).to(device)
     return kmeans_init(patches, config.num_prototypes, config.kmeans_iters, generator)
 
 
@@ -152,7 +163,7 @@ def train_codebook(
     codebook and a per-epoch history.
     """
     ctx = ctx or distributed.context()
-    quantizer = VectorQuantizer(init_codebook(train, config, seed=seed)).to(device)
+    quantizer = VectorQuantizer(init_codebook(train, config, seed=seed, device=device)).to(device)
     loss_fn = wrap_ddp(Stage1Loss(quantizer, probe, config.commitment_weight), device, ctx)
     optimizer = torch.optim.Adam(quantizer.parameters(), lr=config.lr)
     steps_per_epoch = len(distributed.rank_batches(train.entries, config.batch_size, seed, 0, ctx))
