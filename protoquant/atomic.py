@@ -18,12 +18,12 @@ import re
 import shutil
 import socket
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 AT_FDCWD = -100  # <fcntl.h>: paths relative to the working directory
 RENAME_EXCHANGE = 2  # <linux/fs.h>: swap two existing paths in one step
 UNSUPPORTED = (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP)  # no exchange on this kernel or filesystem
-HASH_BLOCK = 1 << 20  # bytes read at a time when hashing a file
 LEFTOVER = re.compile(  # a temporary entry; one without a host is taken to be this machine's
     r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)(?:-(?P<host>[A-Za-z0-9_-]+))?(?:\.npy)?$"
 )
@@ -56,20 +56,37 @@ def fsync_tree(folder: Path) -> None:
         fsync_path(Path(root))
 
 
-def write_bytes_atomic(path: str | Path, data: bytes) -> None:
-    """Write `data` to `path`: a temporary file in the same folder, flushed, then renamed over it."""
+def write_file_atomic(
+    path: str | Path, write: Callable[[Path], None], *, suffix: str = "", durable: bool = True
+) -> None:
+    """`write(tmp)` on a temporary sibling of `path`, then rename it over `path`; a failure removes it.
+
+    `durable` flushes the file before the rename and the folder after it (off for files whose
+    damage a checksum reveals anyway, such as cache shards).
+    """
     path = Path(path)
-    tmp = temporary_path(path)
+    tmp = temporary_path(path, suffix=suffix)
     try:
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
+        write(tmp)
+        if durable:
+            fsync_path(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    fsync_path(path.parent)
+    if durable:
+        fsync_path(path.parent)
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> None:
+    """Write `data` to `path` atomically and durably (see `write_file_atomic`)."""
+    write_file_atomic(path, lambda tmp: tmp.write_bytes(data))
+
+
+def sha256_file(path: Path) -> str:
+    """sha256 hex digest of the file at `path`."""
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def write_json_atomic(path: str | Path, obj) -> None:
@@ -235,9 +252,5 @@ def file_hashes(folder: Path) -> dict[str, str]:
     """{path relative to `folder` ('/'-separated): sha256} of every file under `folder`, sorted."""
     hashes = {}
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        digest = hashlib.sha256()
-        with open(path, "rb") as handle:
-            for block in iter(lambda: handle.read(HASH_BLOCK), b""):
-                digest.update(block)
-        hashes[path.relative_to(folder).as_posix()] = digest.hexdigest()
+        hashes[path.relative_to(folder).as_posix()] = sha256_file(path)
     return hashes

@@ -7,7 +7,6 @@ Models named `timm/hf-hub:<org>/<name>` resolve in `protoquant.backbones.timm_hu
 
 from __future__ import annotations
 
-import hashlib
 import importlib.resources
 import importlib.util
 import os
@@ -18,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from protoquant.atomic import sha256_file
 from protoquant.config import BackboneConfig
 
 # Weight files that PyPI packages ship: file name -> (package, path inside it, sha256).
@@ -53,17 +53,9 @@ def is_path(spec: str) -> bool:
     return "/" in spec or "\\" in spec or spec.endswith(WEIGHT_FILE_SUFFIXES)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def verify(path: Path, expected_full: str | None) -> None:
     """Check a file's sha256 against `expected_full`, or the prefix its torch-hub style name carries."""
-    actual = _sha256(path)
+    actual = sha256_file(path)
     match = HASH_PREFIX.search(path.name)
     expected = expected_full or (match.group(1) if match else "")
     if expected and not actual.startswith(expected):

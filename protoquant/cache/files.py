@@ -8,33 +8,19 @@ removes its temporary file, and those of killed processes are removed by
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
-from protoquant.atomic import temporary_path
+from protoquant.atomic import write_file_atomic
 
 MANIFEST_NAME = "manifest.json"
 FEATURES_DTYPE, POOLED_DTYPE = "float16", "float32"  # the dtypes of the two files of a shard
 
 
-def _replace_into(tmp: Path, path: Path, write: Callable[[Path], None]) -> None:
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    _replace_into(temporary_path(path), path, lambda tmp: tmp.write_bytes(data))
-
-
 def atomic_save_npy(path: Path, array: np.ndarray) -> None:
-    _replace_into(temporary_path(path, suffix=".npy"), path, lambda tmp: np.save(tmp, array))
+    """Save `array` as `path` atomically; not flushed to disk (the shard's record checks it)."""
+    write_file_atomic(path, lambda tmp: np.save(tmp, array), suffix=".npy", durable=False)
 
 
 def shard_paths(folder: Path, shard: int) -> tuple[Path, Path]:

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from protoquant.cache.files import MANIFEST_NAME, atomic_write_bytes, shard_paths
+from protoquant.atomic import write_bytes_atomic
+from protoquant.cache.files import MANIFEST_NAME, shard_paths
 from protoquant.cache.shards import read_record
 from protoquant.cache.verify import ShardProblem, record_problem, write_stamp
 
@@ -108,7 +109,7 @@ class Plan:
         return record_problem(record, shard, first, rows, self.manifest["grid"], self.manifest["channels"])
 
     def write_manifest(self) -> None:
-        atomic_write_bytes(self.folder / MANIFEST_NAME, json.dumps(self.manifest).encode())
+        write_bytes_atomic(self.folder / MANIFEST_NAME, json.dumps(self.manifest).encode())
 
 
 def manifest_record_problems(plan: Plan) -> list[ShardProblem]:

@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 import logging
 
-from protoquant.cache.files import atomic_write_bytes, record_path, shard_paths
+from protoquant.atomic import write_bytes_atomic
+from protoquant.cache.files import record_path, shard_paths
 from protoquant.cache.lock import ShardLocks
 from protoquant.cache.manifest import Plan
 from protoquant.cache.shards import read_record
@@ -38,7 +39,7 @@ def _restore_records(plan: Plan, skip: set[int]) -> None:
         if shard not in skip and read_record(plan.folder, shard) != record:
             path = record_path(plan.folder, shard)
             logger.warning("%s: missing or different from the manifest's copy; restored from it", path)
-            atomic_write_bytes(path, json.dumps(record).encode())
+            write_bytes_atomic(path, json.dumps(record).encode())
 
 
 def repair(plan: Plan, problems: list[ShardProblem], locks: ShardLocks) -> None:

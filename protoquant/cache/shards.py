@@ -19,7 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from protoquant.cache.files import atomic_save_npy, atomic_write_bytes, record_path, shard_paths
+from protoquant.atomic import write_bytes_atomic
+from protoquant.cache.files import atomic_save_npy, record_path, shard_paths
 from protoquant.cache.verify import file_digest, signature
 
 logger = logging.getLogger(__name__)
@@ -27,7 +28,6 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "ShardWriter",
     "atomic_save_npy",
-    "atomic_write_bytes",
     "read_record",
     "shard_paths",
     "write_shard",
@@ -86,7 +86,7 @@ def write_shard(folder: Path, shard: int, features: np.ndarray, pooled: np.ndarr
         atomic_save_npy(path, array)
         files[path.name] = _file_entry(path, array)
     record = {"shard": shard, "first": audit["first"], "rows": len(features), "files": files}
-    atomic_write_bytes(record_path(folder, shard), json.dumps(record).encode())
+    write_bytes_atomic(record_path(folder, shard), json.dumps(record).encode())
     with open(folder / f"written-rank{audit['rank']}.jsonl", "a") as handle:
         handle.write(json.dumps(audit) + "\n")
     return record

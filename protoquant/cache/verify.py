@@ -11,7 +11,6 @@ also where the stamp cannot be written (a read-only cache).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -21,7 +20,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from protoquant.cache.files import FEATURES_DTYPE, POOLED_DTYPE, atomic_write_bytes, shard_paths
+from protoquant.atomic import sha256_file, write_bytes_atomic
+from protoquant.cache.files import FEATURES_DTYPE, POOLED_DTYPE, shard_paths
 from protoquant.errors import CacheError
 
 logger = logging.getLogger(__name__)
@@ -55,11 +55,6 @@ class CacheIntegrityError(CacheError):
 def signature(stat: os.stat_result) -> tuple[int, int, int]:
     """(size, mtime_ns, inode): what says a file is still the one that was hashed."""
     return stat.st_size, stat.st_mtime_ns, stat.st_ino
-
-
-def sha256_file(path: Path) -> str:
-    with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 class _DigestMemo:
@@ -170,7 +165,7 @@ def _load_stamp(folder: Path) -> tuple[dict, int]:
 def write_stamp(folder: Path, files: dict) -> None:
     """Save the stamp (file name -> [size, mtime_ns, inode, sha256]); a read-only folder is skipped."""
     try:
-        atomic_write_bytes(folder / STAMP_NAME, json.dumps({"files": files}).encode())
+        write_bytes_atomic(folder / STAMP_NAME, json.dumps({"files": files}).encode())
     except OSError as err:
         logger.debug("%s: not written (%s)", folder / STAMP_NAME, err)
 
