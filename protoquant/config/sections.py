@@ -1,28 +1,18 @@
-"""Every knob of a run, as frozen dataclasses with the paper's values as defaults.
-
-`RunConfig` nests one dataclass per stage. It round-trips through plain dicts and
-YAML, and the CLI derives its `--section.field` flags from these definitions.
-"""
+"""The config sections: one frozen dataclass per step of the data flow, the paper's values as defaults."""
 
 from __future__ import annotations
 
-import dataclasses
-import logging
-import typing
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Literal
-
-import yaml
+from typing import Literal
 
 from protoquant.errors import ConfigError
-from protoquant.knobs import Checked, coerce, knob
-
-logger = logging.getLogger(__name__)
+from protoquant.knobs import Checked, knob
 
 Interpolation = Literal["", "nearest", "bilinear", "bicubic"]  # '' = the model's pretrained one
 PrototypeInit = Literal["kmeans", "orthogonal"]
 ScoresDtype = Literal["float32", "float16"]
+DecodeSite = Literal["auto", "workers", "device"]
+ResidentMode = Literal["auto", "device", "stream"]
 SEED_MAX = 2**32 - 1  # the largest seed numpy, torch and Python's random all accept
 RGB_CHANNELS = 3  # values of backbone.mean / backbone.std when set
 
@@ -140,6 +130,26 @@ class CacheConfig(Checked):
     min_crop_scale: float = knob(
         0.5, "augmented views: RandomResizedCrop lower area bound", above=0.0, maximum=1.0
     )
+    decode: DecodeSite = knob(
+        "auto",
+        "where JPEG files are decoded and resized: 'workers' (PIL in the DataLoader workers), 'device' "
+        "(the workers read the bytes; torchvision decodes, resizes and crops them on the run's device in "
+        "batches: nvJPEG on CUDA), 'auto' ('device' on CUDA, else 'workers'); other formats always "
+        "decode in the workers",
+    )
+    resident: ResidentMode = knob(
+        "auto",
+        "how stages 1 and 2 read the training maps: 'device' (loaded into the run device's memory once), "
+        "'stream' (each batch read from the memory-mapped shards), 'auto' ('device' on CUDA when they "
+        "fit in free GPU memory with resident_margin to spare, else 'stream', with batches prefetched "
+        "from pinned memory on a side stream on CUDA)",
+    )
+    resident_margin: float = knob(
+        0.2,
+        "share of free GPU memory kept free when resident = 'auto' loads the maps",
+        minimum=0.0,
+        maximum=0.9,
+    )
 
 
 @dataclass(frozen=True)
@@ -246,6 +256,13 @@ class HeadConfig(Checked):
     scores_dtype: ScoresDtype = knob(
         "float32", "dtype of the fixed (N, K) training scores; float16 halves their memory"
     )
+    scores_memory_mb: int = knob(
+        4096,
+        "stage 2 keeps the fixed (N, K) training scores in memory up to this many MiB per process; "
+        "larger ones are written to a scratch file beside the feature cache and read back batch by "
+        "batch, so memory stays bounded whatever N",
+        minimum=1,
+    )
 
 
 @dataclass(frozen=True)
@@ -263,134 +280,3 @@ class RunConfig(Checked):
     seed: int = knob(0, "seeds splits, views, initialisation and shuffling", minimum=0, maximum=SEED_MAX)
     device: str = knob("auto", "'auto', 'cpu', 'cuda', 'cuda:1', ...")
     out: str = knob("runs/default", "output folder (checkpoint, metrics.json, figures, report)")
-
-
-# Fields renamed since checkpoints were first written: old dotted name -> new dotted name.
-RENAMED_FIELDS = {
-    "codebook.num_codes": "codebook.num_prototypes",
-    "codebook.reset_dead_codes": "codebook.reset_dead_prototypes",
-}
-
-
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
-    """Build dataclass `cls` from a nested dict (YAML, JSON), values coerced to the field types.
-
-    Raises:
-        ConfigError: a section is not a mapping, a field is unknown, or a value cannot be read or
-            is outside its choices / bounds (the message names the dotted field).
-    """
-    if not isinstance(data, dict):
-        raise ConfigError(f"config section '{where or cls.__name__}' must be a mapping, got {data!r}")
-    if cls is RunConfig:
-        data = upgrade(data)
-    hints = _hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(str(key) for key in data if key not in names)
-    if unknown:
-        raise ConfigError(
-            f"unknown config field(s) {', '.join(where + k for k in unknown)}; "
-            f"valid: {', '.join(sorted(names))}"
-        )
-    kwargs = {}
-    for name, value in data.items():
-        hint = hints[name]
-        if dataclasses.is_dataclass(hint):
-            kwargs[name] = from_dict(hint, value, f"{where}{name}.")
-        else:
-            kwargs[name] = coerce(value, hint, where + name)
-    return cls(**kwargs)
-
-
-def upgrade(data: dict[str, Any]) -> dict[str, Any]:
-    """A nested config dict with fields renamed since it was written (`RENAMED_FIELDS`) moved to their new names."""
-    data = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
-    for old, new in RENAMED_FIELDS.items():
-        (section, old_name), (_, new_name) = old.split("."), new.split(".")
-        node = data.get(section)
-        if isinstance(node, dict) and old_name in node:
-            if new_name in node:
-                raise ConfigError(f"config has both '{old}' and its new name '{new}'; keep '{new}'")
-            logger.warning("config field '%s' is now '%s'", old, new)
-            node[new_name] = node.pop(old_name)
-    return data
-
-
-def to_dict(config: Any) -> dict[str, Any]:
-    """Nested plain-dict form (tuples become lists) suitable for JSON and YAML."""
-    out = {}
-    for f in dataclasses.fields(config):
-        value = getattr(config, f.name)
-        if dataclasses.is_dataclass(value):
-            value = to_dict(value)
-        elif isinstance(value, tuple):
-            value = list(value)
-        out[f.name] = value
-    return out
-
-
-def load_yaml(path: str | Path) -> RunConfig:
-    """Read a RunConfig from a YAML file (missing sections keep their defaults).
-
-    Raises:
-        ConfigError: the file cannot be read, is not YAML, or has a bad field (names file and field).
-    """
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
-        raise ConfigError(f"cannot read config {path}: {' '.join(str(err).split())}") from err
-    try:
-        return from_dict(RunConfig, {} if data is None else data)
-    except ConfigError as err:
-        raise ConfigError(f"{path}: {err}") from err
-
-
-def save_yaml(config: RunConfig, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
-
-
-def flat_fields(cls: type = RunConfig, prefix: str = "") -> dict[str, Any]:
-    """Map 'section.field' -> type annotation for every leaf field (used to build CLI flags)."""
-    out: dict[str, Any] = {}
-    for name, hint in _hints(cls).items():
-        if dataclasses.is_dataclass(hint):
-            out.update(flat_fields(hint, f"{prefix}{name}."))
-        else:
-            out[prefix + name] = hint
-    return out
-
-
-def leaf_fields(cls: type = RunConfig, prefix: str = "") -> dict[str, dataclasses.Field]:
-    """Map 'section.field' -> the dataclass field of every leaf (its metadata: help, choices, bounds)."""
-    hints = _hints(cls)
-    out: dict[str, dataclasses.Field] = {}
-    for spec in dataclasses.fields(cls):
-        if dataclasses.is_dataclass(hints[spec.name]):
-            out.update(leaf_fields(hints[spec.name], f"{prefix}{spec.name}."))
-        else:
-            out[prefix + spec.name] = spec
-    return out
-
-
-def with_overrides(config: RunConfig, overrides: dict[str, Any]) -> RunConfig:
-    """Apply {'section.field': value} overrides (values coerced to the field type).
-
-    Raises:
-        ConfigError: an unknown field, or a value that cannot be read or is out of bounds.
-    """
-    data = to_dict(config)
-    for dotted, value in overrides.items():
-        *sections, leaf = dotted.split(".")
-        node = data
-        for section in sections:
-            if section not in node or not isinstance(node[section], dict):
-                raise ConfigError(f"unknown config section in '{dotted}'")
-            node = node[section]
-        if leaf not in node:
-            raise ConfigError(f"unknown config field '{dotted}'")
-        node[leaf] = value
-    return from_dict(RunConfig, data)
