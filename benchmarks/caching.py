@@ -6,9 +6,12 @@ background thread. Bare is the backbone alone on a ready batch of the same size,
 the device. The two alternate for `--rounds` rounds (a fresh cache each time) and the
 ratio of medians is reported, which is robust to the load of a shared machine. With
 `--bf16` it also caches under bf16 autocast and compares the features with fp32 (mean
-patch cosine, and linear-probe accuracy trained on each).
+patch cosine, and linear-probe accuracy trained on each). With `--decode both` it caches the
+same images with the JPEG files decoded by PIL in the workers and decoded in batches on the
+device (`cache.decode`), side by side, and compares the two caches the same way.
 
     python benchmarks/caching.py [--images 256] [--rounds 3] [--workers 0,-1] [--device cuda] [--bf16]
+        [--decode workers|device|both]
 """
 
 from __future__ import annotations
@@ -77,16 +80,24 @@ def probe_accuracy(store) -> float:
     return evaluate_probe(probe, CacheView(store, held), cpu)
 
 
-def report(results: dict, settings: list[int], precisions: tuple[bool, ...], images: int, batch: int) -> None:
-    print("| precision | workers | bare forward img/s | caching img/s | ratio (target >= 0.9) |")
-    print("|---|---|---|---|---|")
+def report(
+    results: dict, settings: list[tuple[int, str]], precisions: tuple[bool, ...], images: int, batch: int
+):
+    print("| precision | workers | decode | bare forward img/s | caching img/s | ratio (target >= 0.9) |")
+    print("|---|---|---|---|---|---|")
     auto = loader_workers(CacheConfig(batch_size=batch), images)
     for bf16 in precisions:
         bare = statistics.median(results[("bare", bf16)])
-        for workers in settings:
-            rate = statistics.median(results[(workers, bf16)])
+        for workers, decode in settings:
+            rate = statistics.median(results[(workers, decode, bf16)])
             shown = f"auto ({auto})" if workers < 0 else str(workers)
-            print(f"| {'bf16' if bf16 else 'fp32'} | {shown} | {bare:.1f} | {rate:.1f} | {rate / bare:.2f} |")
+            precision = "bf16" if bf16 else "fp32"
+            print(f"| {precision} | {shown} | {decode} | {bare:.1f} | {rate:.1f} | {rate / bare:.2f} |")
+        for workers in dict.fromkeys(w for w, _ in settings):
+            if (workers, "device", bf16) in results and (workers, "workers", bf16) in results:
+                device = statistics.median(results[(workers, "device", bf16)])
+                host = statistics.median(results[(workers, "workers", bf16)])
+                print(f"decode device / workers caching rate, workers {workers}: {device / host:.2f}")
 
 
 def compare_bf16(fp32, bf16) -> None:
@@ -99,6 +110,16 @@ def compare_bf16(fp32, bf16) -> None:
     )
 
 
+def compare_decode(workers, device) -> None:
+    """Patch cosine between the caches decoded in the workers and on the device, and a probe on each."""
+    cosine = F.cosine_similarity(workers.get(workers.entries()), device.get(device.entries()), dim=1)
+    accuracy = probe_accuracy(workers), probe_accuracy(device)
+    print(
+        f"device vs workers decode features: patch cosine min {cosine.min():.4f}, mean {cosine.mean():.5f}; "
+        f"probe held-out accuracy workers {accuracy[0]:.3f}, device {accuracy[1]:.3f}"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--images", type=int, default=256)
@@ -108,6 +129,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--bf16", action="store_true", help="also cache under bf16 autocast and compare")
+    parser.add_argument("--decode", default="workers", choices=["workers", "device", "both"])
     parser.add_argument("--backbone", default="torchvision/mobilenet_v2", help="others use random weights")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -115,7 +137,8 @@ def main() -> None:
     backbone = create_backbone(BackboneConfig(name=args.backbone, weights=weights))
     backbone = backbone.to(device).to(memory_format=torch.channels_last)
     transform = ViewTransform(224, 1.0, backbone.info.mean, backbone.info.std)
-    settings = [int(w) for w in args.workers.split(",")]
+    decodes = ["workers", "device"] if args.decode == "both" else [args.decode]
+    settings = [(int(w), decode) for w in args.workers.split(",") for decode in decodes]
     precisions = (False, True) if args.bf16 else (False,)
     with tempfile.TemporaryDirectory() as tmp:
         dataset = write_jpegs(Path(tmp), args.images, tuple(int(v) for v in args.size.split("x")))
@@ -128,14 +151,18 @@ def main() -> None:
             for bf16 in precisions:
                 rate = bare_rate(backbone, len(dataset), args.batch, device, bf16)
                 results.setdefault(("bare", bf16), []).append(rate)
-                for workers in settings:
-                    root = f"{tmp}/cache-{round_}-{workers}"
-                    config = CacheConfig(root, num_workers=workers, batch_size=args.batch, autocast_bf16=bf16)
-                    rate, stores[bf16] = cache_rate(dataset, backbone, transform, device, config)
-                    results.setdefault((workers, bf16), []).append(rate)
+                for workers, decode in settings:
+                    root = f"{tmp}/cache-{round_}-{workers}-{decode}"
+                    config = CacheConfig(
+                        root, num_workers=workers, batch_size=args.batch, autocast_bf16=bf16, decode=decode
+                    )
+                    rate, stores[(decode, bf16)] = cache_rate(dataset, backbone, transform, device, config)
+                    results.setdefault((workers, decode, bf16), []).append(rate)
         report(results, settings, precisions, len(dataset), args.batch)
         if args.bf16:
-            compare_bf16(stores[False], stores[True])
+            compare_bf16(stores[(decodes[0], False)], stores[(decodes[0], True)])
+        if args.decode == "both":
+            compare_decode(stores[("workers", False)], stores[("device", False)])
 
 
 if __name__ == "__main__":

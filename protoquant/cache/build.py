@@ -26,6 +26,7 @@ from protoquant import distributed
 from protoquant.atomic import clean_leftovers
 from protoquant.backbones.features import patch_features
 from protoquant.backbones.frozen import FrozenBackbone
+from protoquant.cache.decode import DeviceDecodeViews, decode_site
 from protoquant.cache.extract import compute_shards
 from protoquant.cache.files import MANIFEST_NAME
 from protoquant.cache.lock import ShardLocks
@@ -43,6 +44,7 @@ logger = logging.getLogger(__name__)
 CACHE_FORMAT = 2  # bump when the on-disk layout changes (2: shard records, checksums, locks)
 MAX_AUTO_WORKERS = 16  # DataLoader workers chosen automatically, at most
 AUTO_MIN_BATCHES = 4  # automatic workers only from this many batches per process
+DIGEST_CHARS = 16  # digest characters in a cache folder's name
 DERIVED_FIELDS = ("key", "digest", "num_entries", "channels", "grid", "classes")  # fixed by the key
 
 
@@ -61,11 +63,22 @@ class ImageViews(Dataset):
 
 
 def cache_key(
-    dataset: ImageDataset, backbone: FrozenBackbone, transform: ViewTransform, views: int, config: CacheConfig
+    dataset: ImageDataset,
+    backbone: FrozenBackbone,
+    transform: ViewTransform,
+    views: int,
+    config: CacheConfig,
+    *,
+    decode: str = "workers",
 ) -> dict:
-    """Everything the cached features depend on; its hash names the cache folder."""
+    """Everything the cached features depend on; its hash names the cache folder.
+
+    `decode` is the site that decodes the images (`protoquant.cache.decode.decode_site`); only
+    'device' is recorded, so caches decoded in the workers keep the keys they always had.
+    """
     info = backbone.info
-    return {
+    site = {"decode": "device"} if decode == "device" else {}
+    return site | {
         "format": CACHE_FORMAT,
         "dataset": dataset.name,
         "split": dataset.split,
@@ -116,11 +129,18 @@ def _clear(folder: Path) -> None:
             path.unlink(missing_ok=True)
 
 
+def cache_folder(dataset: ImageDataset, key: dict, root: Path) -> Path:
+    """The folder of the cache with `key` (or its manifest, which holds the key's digest) under
+    `root`: <dataset>-<split>-<first 16 digest characters>."""
+    digest = key["digest"] if "digest" in key else stable_hash(key)
+    return root / f"{dataset.name}-{dataset.split}-{digest[:DIGEST_CHARS]}"
+
+
 def _open_plan(expected: dict, dataset: ImageDataset, config: CacheConfig) -> Plan:
     """The folder named by the key, with its manifest; an unreadable manifest is replaced (its
     finished shards are kept), one that disagrees with the key or the labels (an edited manifest)
     is replaced and every shard recomputed, each after a warning."""
-    folder = cache_root(config) / f"{dataset.name}-{dataset.split}-{expected['digest'][:16]}"
+    folder = cache_folder(dataset, expected, cache_root(config))
     folder.mkdir(parents=True, exist_ok=True)
     try:
         manifest = read_manifest(folder)
@@ -171,7 +191,7 @@ def loader_workers(config: CacheConfig, entries: int) -> int:
     return max(1, min(MAX_AUTO_WORKERS, cpus // local_ranks))
 
 
-def _compute(plan: Plan, todo: list[int], views: ImageViews, backbone, device, config: CacheConfig) -> None:
+def _compute(plan: Plan, todo: list[int], views: Dataset, backbone, device, config: CacheConfig) -> None:
     """Compute the unfinished shards of `todo`; wait for those another process held, and
     compute any it left unfinished (it died)."""
     locks = ShardLocks(plan.folder)
@@ -207,7 +227,8 @@ def build_cache(
     Raises ValueError when the backbone gives non-finite features (nothing cached for that shard).
     """
     device, ctx = torch.device(device), distributed.context()
-    key = cache_key(dataset, backbone, transform, views, config)
+    site = decode_site(config.decode, device, dataset)
+    key = cache_key(dataset, backbone, transform, views, config, decode=site)
     expected = _fresh_manifest(key, dataset, backbone, _stored_grid(backbone, transform, config), config)
     plan, store = _prepare(expected, dataset, config) if ctx.is_main else (None, None)
     distributed.barrier()  # rank 0 has checked, repaired and written the manifest
@@ -217,7 +238,8 @@ def build_cache(
         logger.info("feature cache hit: %s", plan.folder)
         return store or FeatureStore(plan.folder, labels=dataset.labels)
     mine = shards if shards is not None else range(ctx.rank, plan.num_shards, ctx.world_size)
-    _compute(plan, list(mine), ImageViews(dataset, transform, views), backbone, device, config)
+    source = (DeviceDecodeViews if site == "device" else ImageViews)(dataset, transform, views)
+    _compute(plan, list(mine), source, backbone, device, config)
     distributed.barrier()
     if any(shard_state(plan, s) is not None for s in range(plan.num_shards)):
         return None

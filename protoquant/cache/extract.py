@@ -4,7 +4,9 @@ Three things overlap: DataLoader workers decode the next batches, the device com
 batch (its results are collected one batch later), and a thread writes full shards. The
 batch sampler claims each shard (`ShardLocks`) just before producing its batches and the writer
 releases the claim once the shard is written, so at most the shards in flight (DataLoader
-prefetch, the one being assembled, the writer's queue) hold a lock file open.
+prefetch, the one being assembled, the writer's queue) hold a lock file open. Where JPEG files
+are decoded on the device (`cache.decode`), the workers only read their bytes and each batch is
+decoded on the device just before the backbone runs on it (`protoquant.cache.decode`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 from protoquant import distributed, progress
 from protoquant.backbones.features import STORAGE_DTYPE, patch_features
 from protoquant.backbones.frozen import FrozenBackbone
+from protoquant.cache.decode import DeviceDecodeViews, collate_views
 from protoquant.cache.lock import ShardLocks
 from protoquant.cache.manifest import NOT_STARTED, Plan, shard_state
 from protoquant.cache.shards import ShardWriter
@@ -125,9 +128,11 @@ def compute_shards(
     workers: int,
 ) -> list[int]:
     """Run the backbone over the unfinished shards of `shards` this process can claim and write
-    each when complete. `views` maps an entry to (3, S, S) uint8 pixels and has `dataset` and
-    `transform`. Returns the shards skipped because another process held them."""
+    each when complete. `views` maps an entry to (3, S, S) uint8 pixels, or is a
+    `DeviceDecodeViews` (batches decoded on the device), and has `dataset` and `transform`.
+    Returns the shards skipped because another process held them."""
     backbone = backbone.to(device).to(memory_format=torch.channels_last)
+    on_device = isinstance(views, DeviceDecodeViews)
     sampler = ClaimedBatches(plan, shards, locks, config.batch_size)
     entries = sum(plan.rows(s)[1] for s in shards if shard_state(plan, s) is not None)
     desc = f"caching {views.dataset.name}/{views.dataset.split}"
@@ -139,13 +144,15 @@ def compute_shards(
         num_workers=workers,
         pin_memory=device.type == "cuda",
         generator=torch.Generator(),
+        collate_fn=collate_views if on_device else None,
     )
     writer = ShardWriter()
     assembler = _Assembler(plan, sampler, writer, f"{views.dataset.name}/{views.dataset.split}", bar)
     pending = None
     try:
         with torch.inference_mode():
-            for pixels in loader:
+            for batch in loader:
+                pixels = views.device_pixels(batch, device) if on_device else batch  # (B, 3, S, S) uint8
                 launched = _launch(backbone, pixels, views.transform, device, config)
                 if pending is not None:
                     assembler.add(*pending)

@@ -15,6 +15,7 @@ import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -38,6 +39,19 @@ class PartAnnotations:
     visible: np.ndarray
     box: np.ndarray | None = None
     masks: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class ImageFile:
+    """The file that `ImageDataset.load_image` decodes whole, uncropped, for other decoders.
+
+    Attributes:
+        path: the image file.
+        orient: whether `load_image` applies the file's EXIF orientation tag.
+    """
+
+    path: Path
+    orient: bool
 
 
 def stable_hash(payload: Any) -> str:
@@ -95,6 +109,14 @@ class ImageDataset(abc.ABC):
         """Part ground truth of image `index`, or None where the dataset has none."""
         return None
 
+    def image_file(self, index: int) -> ImageFile | None:
+        """The file image `index` is decoded from as a whole (no crop, no drawing), else None.
+
+        Decoders outside `load_image` (batched JPEG decoding on the device) read only such
+        files; every other image keeps going through `load_image`.
+        """
+        return None
+
     @property
     def has_parts(self) -> bool:
         return False
@@ -122,6 +144,9 @@ class SubsetDataset(ImageDataset):
 
     def annotations(self, index: int) -> PartAnnotations | None:
         return self.parent.annotations(int(self.indices[index]))
+
+    def image_file(self, index: int) -> ImageFile | None:
+        return self.parent.image_file(int(self.indices[index]))
 
     @property
     def has_parts(self) -> bool:

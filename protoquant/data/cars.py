@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from protoquant.data.base import PartAnnotations
+from protoquant.data.base import ImageFile, PartAnnotations
 from protoquant.data.images import FileImageDataset, crop_to_box, load_mat, mat_variable, open_rgb
 
 TORCHVISION_DIR = "stanford_cars"  # torchvision: root/stanford_cars/{devkit, cars_train, ...}
@@ -138,6 +138,10 @@ class StanfordCars(FileImageDataset):
             return image
         where = f"{self.annotation_file}: annotation {index + 1}"
         return crop_to_box(image, self.boxes[index], where, self.image_path(index))
+
+    def image_file(self, index: int) -> ImageFile | None:
+        """The stored file, not EXIF-oriented (annotations: stored pixels); None in crop mode."""
+        return None if self.crop else ImageFile(self.image_path(index), orient=False)
 
     def annotations(self, index: int) -> PartAnnotations:
         """No parts; the box (x1, y1, x2, y2) in `load_image(index)` pixels."""

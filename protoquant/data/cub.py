@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from protoquant.data.base import PartAnnotations
+from protoquant.data.base import ImageFile, PartAnnotations
 from protoquant.data.images import FileImageDataset, crop_to_box, open_rgb, parse_number, read_rows
 
 CUB_DIR = "CUB_200_2011"
@@ -263,6 +263,10 @@ class CUB200(FileImageDataset):
             return image
         where = f"{self.folder / 'bounding_boxes.txt'}:{self.box_lines[index]}"
         return crop_to_box(image, self.crop_box(index), where, self.image_path(index))
+
+    def image_file(self, index: int) -> ImageFile | None:
+        """The stored file, not EXIF-oriented (annotations: stored pixels); None in crop mode."""
+        return None if self.crop else ImageFile(self.image_path(index), orient=False)
 
     def annotations(self, index: int) -> PartAnnotations:
         """15 part centres (x, y) and the box (x1, y1, x2, y2), in `load_image(index)` pixels."""

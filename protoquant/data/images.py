@@ -23,7 +23,7 @@ import numpy as np
 import scipy.io
 from PIL import Image, ImageOps
 
-from protoquant.data.base import ImageDataset, stable_hash
+from protoquant.data.base import ImageDataset, ImageFile, stable_hash
 from protoquant.errors import DataError
 
 LOGGER = logging.getLogger(__name__)
@@ -193,6 +193,13 @@ class FileImageDataset(ImageDataset):
 
     def load_image(self, index: int) -> Image.Image:
         return open_rgb(self.image_path(index))
+
+    def image_file(self, index: int) -> ImageFile | None:
+        """`image_path(index)`, EXIF-oriented; None for a loader that overrides `load_image`
+        without overriding this (its images need not be the plain file)."""
+        if type(self).load_image is not FileImageDataset.load_image:
+            return None
+        return ImageFile(self.image_path(index), orient=True)
 
     @property
     def has_boxes(self) -> bool:

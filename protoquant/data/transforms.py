@@ -33,6 +33,24 @@ LEGACY_INTERPOLATION = "bilinear"
 
 
 @dataclass(frozen=True)
+class ViewGeometry:
+    """Where a view comes from in its source image: `pixels` as coordinates, for other decoders.
+
+    The view is: crop the box (top, left, height, width) in source pixels, resize the crop to
+    `resize` (h, w), centre-crop `size` x `size` (a no-op when `resize` is already that), then
+    flip left-right if `flip`. Applied with PIL it gives exactly `ViewTransform.pixels`.
+    """
+
+    top: int
+    left: int
+    height: int
+    width: int
+    resize: tuple[int, int]
+    size: int
+    flip: bool
+
+
+@dataclass(frozen=True)
 class ViewTransform:
     """Resize (+ centre crop if crop_ratio < 1) (view 0) or seeded random-resized-crop + flip (views >= 1)."""
 
@@ -101,6 +119,20 @@ class ViewTransform:
                 crop = TF.hflip(crop)
         return TF.pil_to_tensor(crop)  # (3, S, S) uint8
 
+    def geometry(self, width: int, height: int, index: int, view: int) -> ViewGeometry:
+        """The crop, resize and flip that `pixels` applies to a `width` x `height` image."""
+        side = self.image_size
+        if view == 0 and self.crop_ratio >= 1.0:
+            return ViewGeometry(0, 0, height, width, (side, side), side, False)
+        if view == 0:
+            return ViewGeometry(
+                0, 0, height, width, _shorter_side_to(width, height, side, self.crop_ratio), side, False
+            )
+        rng = np.random.default_rng((self.seed, index, view))  # the draws of `pixels`, in its order
+        top, left, crop_height, crop_width = _crop_box(width, height, self.min_crop_scale, rng)
+        flip = bool(rng.random() < 0.5)
+        return ViewGeometry(top, left, crop_height, crop_width, (side, side), side, flip)
+
     def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
         """uint8 pixels (..., 3, S, S) -> float32 normalised, on the pixels' device.
 
@@ -123,6 +155,13 @@ def _crop_box(
             return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
     side = min(width, height)
     return (height - side) // 2, (width - side) // 2, side, side
+
+
+def _shorter_side_to(width: int, height: int, side: int, crop_ratio: float) -> tuple[int, int]:
+    """(h, w) that torchvision's resize to an int size gives: shorter side floor(side / ratio)."""
+    short = int(math.floor(side / crop_ratio))
+    long = int(short * max(width, height) / min(width, height))
+    return (long, short) if width <= height else (short, long)
 
 
 def view_transform(config: RunConfig, mean: Sequence[float], std: Sequence[float]) -> ViewTransform:

@@ -1,0 +1,226 @@
+"""JPEG decoding on the run's device, in batches, for feature caching (`cache.decode`).
+
+The DataLoader workers only read each view's file bytes and work out its geometry (the crop
+box in source pixels, resize, flip) with `ViewTransform.geometry`, the same seeded function
+`ViewTransform.pixels` follows, so both sites crop the same region of the same image. The main
+process then decodes the whole batch with `torchvision.io.decode_jpeg` (nvJPEG on CUDA,
+libjpeg on the CPU), crops, resizes with antialiasing and flips on the device.
+
+Only plain JPEG files go this way (`ImageDataset.image_file` gives one): baseline or progressive,
+grayscale or RGB, without an EXIF rotation that `load_image` would apply, ending in the JPEG end
+marker. Every other image (PNG, CMYK, a rotated phone photo, a box crop, an in-memory image, a
+file the decoder refuses) is decoded by PIL exactly as with decode = 'workers', in the worker or,
+when the device decoder refuses it, in the main process; one batch may mix both kinds.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import warnings
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+import torchvision.transforms.functional as TF
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision.io import ImageReadMode, decode_jpeg
+
+from protoquant.data.base import ImageDataset, ImageFile
+from protoquant.data.images import DECODE_ERRORS
+from protoquant.data.transforms import ViewGeometry, ViewTransform
+from protoquant.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+SITES = ("workers", "device")  # where images are decoded, once `auto` is resolved
+JPEG_START = b"\xff\xd8\xff"  # SOI marker + the first segment's marker prefix
+JPEG_END = b"\xff\xd9"  # EOI marker: a file without it is truncated or carries trailing data
+DEVICE_MODES = ("L", "RGB")  # JPEG colour modes decoded on the device (CMYK goes to PIL)
+ORIENTATION_TAG = 0x0112  # EXIF orientation; 1 = stored upright
+JPEG_SUFFIXES = (".jpg", ".jpeg")
+SITE_SAMPLES = 16  # images of a dataset looked at (names only) to decide whether any is a JPEG file
+DEPRECATION = "The image decoding and encoding capabilities of TorchVision are deprecated"
+
+
+def decode_site(requested: str, device: torch.device, dataset: ImageDataset) -> str:
+    """'workers' or 'device' for config `cache.decode` = `requested` on `device`.
+
+    'auto' is 'device' on CUDA, else 'workers'. A dataset whose sampled images (SITE_SAMPLES,
+    spread over it) include no plain JPEG file by name (in-memory images, box crops, PNG
+    datasets) decodes in the workers whatever was requested: its cache keeps the workers' key.
+    """
+    if requested not in (*SITES, "auto"):
+        raise ConfigError(f"cache.decode must be one of {[*SITES, 'auto']}, got {requested!r}")
+    site = ("device" if device.type == "cuda" else "workers") if requested == "auto" else requested
+    if site == "device" and not _has_jpeg_files(dataset):
+        logger.info("%s/%s has no plain JPEG files: decoding in the workers", dataset.name, dataset.split)
+        return "workers"
+    return site
+
+
+def _has_jpeg_files(dataset: ImageDataset) -> bool:
+    count = min(len(dataset), SITE_SAMPLES)
+    sampled = np.linspace(0, len(dataset) - 1, count).round().astype(int) if count else []
+    files = [dataset.image_file(int(i)) for i in sampled]
+    return any(f is not None and f.path.suffix.lower() in JPEG_SUFFIXES for f in files)
+
+
+@dataclass(frozen=True)
+class DecodedView:
+    """A view the worker decoded with PIL: (3, S, S) uint8 pixels of entry `entry`."""
+
+    entry: int
+    pixels: torch.Tensor
+
+
+@dataclass(frozen=True)
+class EncodedView:
+    """A view to decode on the device: the file's bytes ((N,) uint8) and where the view lies."""
+
+    entry: int
+    data: torch.Tensor
+    width: int
+    height: int
+    geometry: ViewGeometry
+
+
+@dataclass(frozen=True)
+class ViewBatch:
+    """A collated batch of B entries: `pixels` ((n, 3, S, S) uint8) fill rows `decoded_rows`,
+    `encoded` (decoded on the device) fill rows `encoded_rows`."""
+
+    entries: tuple[int, ...]
+    decoded_rows: tuple[int, ...]
+    pixels: torch.Tensor
+    encoded_rows: tuple[int, ...]
+    encoded: tuple[EncodedView, ...]
+
+    def pin_memory(self) -> ViewBatch:
+        """The DataLoader's pin_memory hook: pins the decoded pixels (the bytes stay pageable)."""
+        return replace(self, pixels=self.pixels.pin_memory()) if self.decoded_rows else self
+
+
+def collate_views(items: list[DecodedView | EncodedView]) -> ViewBatch:
+    """Collate mixed items into a `ViewBatch`, keeping their order as batch rows."""
+    decoded = [(row, item) for row, item in enumerate(items) if isinstance(item, DecodedView)]
+    encoded = [(row, item) for row, item in enumerate(items) if isinstance(item, EncodedView)]
+    pixels = (
+        torch.stack([item.pixels for _, item in decoded]) if decoded else torch.empty(0, dtype=torch.uint8)
+    )
+    return ViewBatch(
+        tuple(item.entry for item in items),
+        tuple(row for row, _ in decoded),
+        pixels,
+        tuple(row for row, _ in encoded),
+        tuple(item for _, item in encoded),
+    )
+
+
+def jpeg_size(data: bytes, orient: bool) -> tuple[int, int] | None:
+    """(width, height) of a JPEG the device decoder takes as `load_image` would read it, else None.
+
+    None for anything else: not a complete JPEG, CMYK, or rotated by an EXIF tag that `orient`
+    says `load_image` applies. Only the header is parsed.
+    """
+    if not data.startswith(JPEG_START) or not data.endswith(JPEG_END):
+        return None
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            if image.format != "JPEG" or image.mode not in DEVICE_MODES:
+                return None
+            if orient and image.getexif().get(ORIENTATION_TAG, 1) != 1:
+                return None
+            return image.size
+    except DECODE_ERRORS:
+        return None  # PIL reads the file again in `load_image` and names the error there
+
+
+def read_jpeg(file: ImageFile) -> tuple[torch.Tensor, int, int] | None:
+    """((N,) uint8 bytes, width, height) of a file for the device decoder, or None (see `jpeg_size`)."""
+    try:
+        data = file.path.read_bytes()
+    except OSError:
+        return None  # `load_image` raises the error that names the file
+    size = jpeg_size(data, file.orient)
+    if size is None:
+        return None
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8), *size
+
+
+class DeviceDecodeViews(Dataset):
+    """Entry e of an ImageDataset (image e // views, view e % views) as an `EncodedView` when its
+    file can be decoded on the device, else as a `DecodedView` decoded by PIL in the worker."""
+
+    def __init__(self, dataset: ImageDataset, transform: ViewTransform, views: int) -> None:
+        self.dataset, self.transform, self.views = dataset, transform, views
+
+    def __len__(self) -> int:
+        return len(self.dataset) * self.views
+
+    def __getitem__(self, entry: int) -> DecodedView | EncodedView:
+        index, view = divmod(entry, self.views)
+        file = self.dataset.image_file(index)
+        read = read_jpeg(file) if file is not None else None
+        if read is None:
+            return DecodedView(entry, self.pil_pixels(entry))
+        data, width, height = read
+        return EncodedView(entry, data, width, height, self.transform.geometry(width, height, index, view))
+
+    def pil_pixels(self, entry: int) -> torch.Tensor:
+        """(3, S, S) uint8 pixels of `entry` by the workers path (PIL)."""
+        index, view = divmod(entry, self.views)
+        return self.transform.pixels(self.dataset.load_image(index), index, view)
+
+    def device_pixels(self, batch: ViewBatch, device: torch.device) -> torch.Tensor:
+        """(B, 3, S, S) uint8 pixels of a collated batch, on `device`."""
+        side = self.transform.image_size
+        out = torch.empty(len(batch.entries), 3, side, side, dtype=torch.uint8, device=device)
+        if batch.decoded_rows:
+            out[list(batch.decoded_rows)] = batch.pixels.to(device, non_blocking=True)
+        images = decode_jpegs([item.data for item in batch.encoded], device)
+        for row, item, image in zip(batch.encoded_rows, batch.encoded, images):
+            if image is None or tuple(image.shape) != (3, item.height, item.width):
+                logger.debug("entry %d: the device decoder refused it; decoding it with PIL", item.entry)
+                out[row] = self.pil_pixels(item.entry).to(device)
+            else:
+                out[row] = apply_geometry(image, item.geometry, self.transform.mode)
+        return out
+
+
+def decode_jpegs(data: list[torch.Tensor], device: torch.device) -> list[torch.Tensor | None]:
+    """(3, h, w) uint8 RGB images of JPEG bytes on `device`, in one batched call; None for each
+    file the decoder refuses (then decoded one by one to find them)."""
+    if not data:
+        return []
+    try:
+        return list(_decode(data, device))
+    except (RuntimeError, ValueError):
+        images = []
+        for one in data:
+            try:
+                images.append(_decode([one], device)[0])
+            except (RuntimeError, ValueError):
+                images.append(None)
+        return images
+
+
+def _decode(data: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    if device.type == "cuda":
+        # torchvision's nvJPEG decoder writes its outputs on a private stream that does not wait
+        # for the caller's (pytorch/vision#9606): memory the queued backbone still reads could be
+        # handed to it and overwritten. Let the queued work finish first.
+        torch.cuda.current_stream(device).synchronize()
+    with warnings.catch_warnings():  # the successor (TorchCodec) is no dependency of ours yet
+        warnings.filterwarnings("ignore", message=DEPRECATION, category=DeprecationWarning)
+        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+
+
+def apply_geometry(image: torch.Tensor, geometry: ViewGeometry, mode: TF.InterpolationMode) -> torch.Tensor:
+    """(3, h, w) uint8 source image -> (3, S, S) uint8 view: crop, antialiased resize, centre crop, flip."""
+    g = geometry
+    crop = image[:, g.top : g.top + g.height, g.left : g.left + g.width]  # (3, g.height, g.width)
+    resized = TF.resize(crop, list(g.resize), interpolation=mode, antialias=True)
+    framed = TF.center_crop(resized, [g.size, g.size])  # (3, S, S)
+    return TF.hflip(framed) if g.flip else framed
