@@ -61,7 +61,9 @@ class VectorQuantizer(nn.Module):
         with torch.no_grad():
             indices = nearest_prototypes(to_patches(features), self.codebook)  # (B*H*W,)
             if self.training:
-                self.usage += torch.bincount(indices, minlength=self.num_prototypes).to(self.usage)
+                # index_add_, not bincount: CUDA's bincount reads the largest index back to the
+                # host, a synchronisation at every training step
+                self.usage.index_add_(0, indices, torch.ones_like(indices, dtype=self.usage.dtype))
         quantized = self.codebook[indices]  # (B*H*W, D), gradients flow to the prototypes
         quantized = quantized.reshape(batch, height, width, -1).permute(0, 3, 1, 2)  # (B, D, H, W)
         return QuantizeOutput(quantized, indices.reshape(batch, height, width))

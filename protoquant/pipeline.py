@@ -130,7 +130,7 @@ def train_stages(
     seed = config.seed
     probe = train_probe(caches.train, caches.val, num_classes, config.probe, seed=seed, device=device)
     quantizer, history = train_codebook(
-        caches.train, caches.val, probe, config.codebook, seed=seed, device=device
+        caches.train, caches.val, probe, config.codebook, seed=seed, device=device, cache=config.cache
     )
     if config.codebook.snap_to_patches:
         with torch.no_grad():

@@ -71,17 +71,36 @@ class FeatureStore:
         """Entry ids, optionally only view 0 of each image (evaluation)."""
         return np.flatnonzero(self.view_index == 0) if first_view_only else np.arange(len(self))
 
+    @property
+    def map_nbytes(self) -> int:
+        """Bytes of one stored map (H * W * D half-precision values)."""
+        return int(np.prod(self.grid)) * self.channels * np.dtype(np.float16).itemsize
+
     def get(self, entries: np.ndarray) -> torch.Tensor:
         """Features of `entries` as float32 (B, D, H, W)."""
         entries = np.asarray(entries, dtype=np.int64)
         out = np.empty((len(entries), *self.grid, self.channels), dtype=np.float16)  # (B, H, W, D)
+        self.gather(entries, out)
+        return torch.from_numpy(out).float().permute(0, 3, 1, 2)  # (B, D, H, W)
+
+    def gather(self, entries: np.ndarray, out: np.ndarray) -> None:
+        """Copy the stored float16 maps of `entries` into `out` (B, H, W, D), in the given order.
+
+        `out` may be any writable float16 array of that shape, e.g. the numpy view of a pinned
+        host tensor; the rows of each shard are read in file order.
+        """
+        entries = np.asarray(entries, dtype=np.int64)
+        expected = (len(entries), *self.grid, self.channels)
+        if out.shape != expected or out.dtype != np.float16:
+            raise ValueError(
+                f"{self.folder}: gather needs a float16 {expected} array, got {out.dtype} {out.shape}"
+            )
         shard_of, row_of = np.divmod(entries, self.shard_size)
         for shard in np.unique(shard_of):
             mask = shard_of == shard
             rows = row_of[mask]
             order = np.argsort(rows)
             out[np.flatnonzero(mask)[order]] = self._shards[shard][rows[order]]
-        return torch.from_numpy(out).float().permute(0, 3, 1, 2)  # (B, D, H, W)
 
     def cells(self, entries: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> torch.Tensor:
         """Single cells as float32 (n, D): row i is cell (rows[i], cols[i]) of entry entries[i].

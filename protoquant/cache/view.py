@@ -20,3 +20,8 @@ class CacheView:
     @property
     def labels(self) -> torch.Tensor:
         return torch.from_numpy(self.store.labels[self.entries])
+
+    @property
+    def maps_nbytes(self) -> int:
+        """Bytes the view's maps take as stored (float16), e.g. when loaded into device memory."""
+        return len(self.entries) * self.store.map_nbytes

@@ -16,9 +16,10 @@ from torch import nn
 
 from protoquant import distributed, progress
 from protoquant.cache.augment import feature_cutmix
+from protoquant.cache.resident import BatchSource, as_source, choose
 from protoquant.cache.view import CacheView
 from protoquant.codebook import VectorQuantizer, kmeans_init, nearest_prototypes, orthogonal_init, to_patches
-from protoquant.config import CodebookConfig
+from protoquant.config import CacheConfig, CodebookConfig
 from protoquant.train.common import reduced_accuracy, warmup_cosine, wrap_ddp
 
 logger = logging.getLogger(__name__)
@@ -68,20 +69,24 @@ def quantized_logits(
 def evaluate_quantized(
     quantizer: VectorQuantizer,
     probe: nn.Linear,
-    subset: CacheView,
+    subset: CacheView | BatchSource,
     batch_size: int,
     device: torch.device,
     ctx: distributed.Context | None = None,
 ) -> float:
-    """Accuracy of the frozen probe on quantized maps; each rank scores its share."""
+    """Accuracy of the frozen probe on quantized maps; each rank scores its share.
+
+    `subset` is a cache view (streamed) or a batch source over one (`protoquant.cache.resident`).
+    """
     quantizer.eval()
-    entries = distributed.shard_for_rank(subset.entries, ctx or distributed.context())
-    correct = 0
+    source = as_source(subset, device)
+    entries = distributed.shard_for_rank(source.view.entries, ctx or distributed.context())
+    correct = torch.zeros((), dtype=torch.int64, device=source.device)
     with torch.no_grad():
-        for features, labels in subset.store.batches(entries, batch_size):
-            logits, _ = quantized_logits(quantizer, probe, features.to(device))
-            correct += int((logits.argmax(1).cpu() == labels).sum())
-    return reduced_accuracy(correct, len(entries))
+        for features, labels in source.batches(entries, batch_size):
+            logits, _ = quantized_logits(quantizer, probe, features)
+            correct += (logits.argmax(1) == labels).sum()
+    return reduced_accuracy(int(correct), len(entries))
 
 
 def _reset_dead(
@@ -132,12 +137,11 @@ def _stage1_step(
 
 
 def _epoch(
-    loss_fn: nn.Module, optimizer, scheduler, batches, train: CacheView, config, device, rng
+    loss_fn: nn.Module, optimizer, scheduler, batches, source: BatchSource, config, rng
 ) -> torch.Tensor:
     """One stage-1 pass over `batches` (this rank's share of the epoch); returns the last loss."""
-    for entries in batches:
-        features, labels = train.store.get(entries), torch.from_numpy(train.store.labels[entries])
-        loss = _stage1_step(loss_fn, features.to(device), labels.to(device), config, rng)
+    for features, labels in source.iterate(batches):
+        loss = _stage1_step(loss_fn, features, labels, config, rng)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -154,15 +158,19 @@ def train_codebook(
     seed: int,
     device: torch.device,
     ctx: distributed.Context | None = None,
+    cache: CacheConfig | None = None,
 ) -> tuple[VectorQuantizer, list[dict]]:
     """Stage 1: learn K prototypes so the frozen probe still classifies the quantized maps.
 
     Under torchrun the prototypes train with DDP; every rank sees its share of each epoch's
     shuffled entries, and usage counts are summed over ranks (so dead-prototype resets,
-    drawn from a shared seed, are identical everywhere). Returns the best-on-validation
-    codebook and a per-epoch history.
+    drawn from a shared seed, are identical everywhere). The train and validation maps are
+    read as `cache.resident` says (device memory or streamed; the same results either way).
+    Returns the best-on-validation codebook and a per-epoch history.
     """
-    ctx = ctx or distributed.context()
+    ctx, cache = ctx or distributed.context(), cache or CacheConfig()
+    train_source = choose(train, cache.resident, cache.resident_margin, device)
+    val_source = choose(val, cache.resident, cache.resident_margin, device)
     quantizer = VectorQuantizer(init_codebook(train, config, seed=seed, device=device)).to(device)
     loss_fn = wrap_ddp(Stage1Loss(quantizer, probe, config.commitment_weight), device, ctx)
     optimizer = torch.optim.Adam(quantizer.parameters(), lr=config.lr)
@@ -176,13 +184,13 @@ def train_codebook(
         quantizer.train()
         usage_before = quantizer.usage.clone()
         batches = distributed.rank_batches(train.entries, config.batch_size, seed, epoch, ctx)
-        loss = _epoch(loss_fn, optimizer, scheduler, batches, train, config, device, local_rng)
+        loss = _epoch(loss_fn, optimizer, scheduler, batches, train_source, config, local_rng)
         epoch_usage = distributed.all_reduce_sum(quantizer.usage - usage_before)
         quantizer.usage.copy_(usage_before + epoch_usage)
         dead = int((epoch_usage == 0).sum())
         if config.reset_dead_prototypes:
             _reset_dead(quantizer, epoch_usage, train, shared_rng)
-        val_acc = evaluate_quantized(quantizer, probe, val, config.batch_size, device, ctx)
+        val_acc = evaluate_quantized(quantizer, probe, val_source, config.batch_size, device, ctx)
         history.append(
             {"epoch": epoch, "loss": loss.item(), "dead_prototypes": dead, "val_accuracy": val_acc}
         )
@@ -197,15 +205,19 @@ def train_codebook(
 
 def prototype_usage(
     codebook: torch.Tensor,
-    subset: CacheView,
+    subset: CacheView | BatchSource,
     batch_size: int,
     device: torch.device,
     ctx: distributed.Context | None = None,
 ) -> torch.Tensor:
-    """(K,) number of patches of the subset whose nearest prototype is k (summed over ranks)."""
-    entries = distributed.shard_for_rank(subset.entries, ctx or distributed.context())
-    counts = torch.zeros(codebook.shape[0], dtype=torch.float64)
-    for features, _ in subset.store.batches(entries, batch_size):
-        indices = nearest_prototypes(to_patches(features.to(device)), codebook.to(device))
-        counts += torch.bincount(indices.cpu(), minlength=codebook.shape[0])
-    return distributed.all_reduce_sum(counts).float()
+    """(K,) number of patches of the subset whose nearest prototype is k (summed over ranks).
+
+    `subset` is a cache view (streamed) or a batch source over one (`protoquant.cache.resident`).
+    """
+    source = as_source(subset, device)
+    entries = distributed.shard_for_rank(source.view.entries, ctx or distributed.context())
+    codebook = codebook.to(source.device)
+    counts = torch.zeros(codebook.shape[0], dtype=torch.int64, device=source.device)
+    for features, _ in source.batches(entries, batch_size):
+        counts += torch.bincount(nearest_prototypes(to_patches(features), codebook), minlength=len(counts))
+    return distributed.all_reduce_sum(counts.cpu().double()).float()
