@@ -117,6 +117,15 @@ def gather_strided(local: torch.Tensor, total: int, ctx: Context) -> torch.Tenso
     return out
 
 
+def broadcast_object(value, ctx: Context):
+    """Rank 0's `value` (any picklable object) on every rank; `value` itself in one process."""
+    if not ctx.distributed:
+        return value
+    objects = [value]
+    dist.broadcast_object_list(objects, src=0, device=torch.device("cpu"))  # the gloo side of the group
+    return objects[0]
+
+
 def cleanup() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

@@ -6,8 +6,8 @@ the frozen backbone's own D channels (no add-on layer, no self-supervised pretra
 baseline isolates what the quantized codebook adds. It speaks the head interface the metrics use:
 forward -> `HeadOutput` with similarity (B, K=D, H, W) = the channel map before the softmax,
 activation = the softmax over channels, scores = spatial max; `class_weights` (C, D); `scores()`.
-Stage 2 is trained by the same code path as ProtoQuant's (`train_head.compute_scores`,
-`fit_class_layer`, `limit_sparse`) on the fixed pooled scores.
+Stage 2 is trained by the same code path as ProtoQuant's (`ScoresSource`, `fit_class_layer`,
+`limit_sparse`) on the fixed pooled scores, in memory or on disk by `head.scores_memory_mb`.
 """
 
 from __future__ import annotations
@@ -18,11 +18,13 @@ from dataclasses import replace
 import torch
 from torch import nn
 
+from protoquant import distributed
 from protoquant.cache.view import CacheView
 from protoquant.config import HeadConfig
 from protoquant.head import HeadOutput, NonNegativeLinear, presence_scores
 from protoquant.model import ProtoQuant
-from protoquant.train.head import compute_scores, fit_class_layer, limit_sparse, validation_fit
+from protoquant.train.head import fit_class_layer, limit_sparse, validation_fit
+from protoquant.train.scores import ScoresSource, compute_scores
 
 logger = logging.getLogger(__name__)
 
@@ -93,38 +95,37 @@ def train_baseline_head(
     """
     lrs = config.lr_grid or (config.lr,)
     trials, best = [], None
-    for temperature in temperatures:
-        head = _new_head(train.store.channels, num_classes, config, temperature, seed).to(device)
-        scores = (
-            compute_scores(head, train, config.batch_size, device),
-            compute_scores(head, val, config.batch_size, device),
-        )
-        for lr in lrs:
-            candidate = _new_head(train.store.channels, num_classes, config, temperature, seed).to(device)
-            val_acc = _fit(candidate, scores, (train.labels, val.labels), lr, config.epochs, config, seed)
-            trials.append({"temperature": temperature, "lr": lr, "val_accuracy": val_acc})
-            logger.info("baseline stage 2: tau %.3g lr %.3g -> val %.4f", temperature, lr, val_acc)
-            if best is None or val_acc > best[0]:
-                best = (val_acc, candidate, scores, lr)
-    val_acc, head, scores, lr = best
-    if config.top_k_per_class:  # the same limit and fine-tuning as ProtoQuant's stage 2
-        rows = (scores[0], train.labels), (scores[1], val.labels)
-        fit = dict(lr=lr, epochs=config.epochs, config=replace(config, lr=lr), seed=seed)
-        limit_sparse(head.class_layer, config.top_k_per_class, *rows, config, fit)
-        val_acc = validation_fit(head.class_layer, rows[1])[0]
+    one_process = distributed.Context()  # every process scores every training row, as it fits them all
+    float32 = replace(config, scores_dtype="float32")  # the baseline's scores were always float32
+    prototypes, tables = train.store.channels, len(temperatures)
+    with ScoresSource(train, float32, one_process, prototypes=prototypes, tables=tables) as source:
+        for temperature in temperatures:
+            head = _new_head(train.store.channels, num_classes, config, temperature, seed).to(device)
+            scores = (
+                source.compute(head, device),
+                (compute_scores(head, val, config.batch_size, device, source.dtype), val.labels),
+            )
+            for lr in lrs:
+                candidate = _new_head(train.store.channels, num_classes, config, temperature, seed).to(device)
+                val_acc = _fit(candidate, scores, lr, config.epochs, config, seed)
+                trials.append({"temperature": temperature, "lr": lr, "val_accuracy": val_acc})
+                logger.info("baseline stage 2: tau %.3g lr %.3g -> val %.4f", temperature, lr, val_acc)
+                if best is None or val_acc > best[0]:
+                    best = (val_acc, candidate, scores, lr)
+            del scores
+        val_acc, head, scores, lr = best
+        if config.top_k_per_class:  # the same limit and fine-tuning as ProtoQuant's stage 2
+            fit = dict(lr=lr, epochs=config.epochs, config=replace(config, lr=lr), seed=seed)
+            limit_sparse(head.class_layer, config.top_k_per_class, *scores, config, fit)
+            val_acc = validation_fit(head.class_layer, scores[1])[0]
     head.requires_grad_(False).eval()
     return head, {"temperature": head.temperature, "lr": lr, "val_accuracy": val_acc, "trials": trials}
 
 
-def _fit(head, scores, labels, lr: float, epochs: int, config: HeadConfig, seed: int) -> float:
+def _fit(head, scores: tuple, lr: float, epochs: int, config: HeadConfig, seed: int) -> float:
+    """Fit the class layer on (training table, (validation scores, labels)); the best val accuracy."""
     return fit_class_layer(
-        head.class_layer,
-        (scores[0], labels[0]),
-        (scores[1], labels[1]),
-        lr=lr,
-        epochs=epochs,
-        config=replace(config, lr=lr),
-        seed=seed,
+        head.class_layer, *scores, lr=lr, epochs=epochs, config=replace(config, lr=lr), seed=seed
     )
 
 

@@ -1,7 +1,9 @@
 """Stage 2: the interpretable head on fixed pooled scores.
 
 With frozen prototypes the pooled scores (N, K) of every cached entry are fixed, so they
-are computed once per temperature and the class layer trains on them in seconds.
+are computed once per temperature and the class layer trains on them in seconds. They stay in
+memory up to `head.scores_memory_mb`, else in scratch files read batch by batch
+(`protoquant.train.scores`); both give the same batches and the same head.
 Temperature and learning rate are chosen on the validation split when grids are given.
 """
 
@@ -19,58 +21,37 @@ from protoquant.cache.view import CacheView
 from protoquant.config import HeadConfig
 from protoquant.head import NonNegativeLinear, ProtoQuantHead
 from protoquant.train.common import reduced_accuracy, wrap_ddp
-from protoquant.train.prune import class_margin_priority
+from protoquant.train.prune import margin_priority
+from protoquant.train.scores import (
+    SCORE_DTYPES,
+    ScoresSource,
+    TrainingScores,
+    all_scores,
+    as_training_scores,
+    compute_scores,
+    scores_dtype,
+)
 
 logger = logging.getLogger(__name__)
 
-
-SCORE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
-
-
-def scores_dtype(config: HeadConfig) -> torch.dtype:
-    """The dtype that stage 2 keeps its fixed (N, K) scores in (head.scores_dtype)."""
-    if config.scores_dtype not in SCORE_DTYPES:
-        raise ValueError(
-            f"head.scores_dtype must be one of {sorted(SCORE_DTYPES)}, got {config.scores_dtype!r}"
-        )
-    return SCORE_DTYPES[config.scores_dtype]
-
-
-def compute_scores(
-    head: ProtoQuantHead,
-    subset: CacheView,
-    batch_size: int,
-    device: torch.device,
-    dtype: torch.dtype = torch.float32,
-) -> torch.Tensor:
-    """(N, K) pooled prototype presence of every entry in the subset (on the CPU, as `dtype`)."""
-    out = []
-    with torch.no_grad():
-        batches = subset.store.batches(subset.entries, batch_size)
-        steps = -(-len(subset.entries) // batch_size)
-        for features, _ in progress.bar(batches, total=steps, desc="prototype scores", unit="batch"):
-            out.append(head.scores(features.to(device)).to("cpu", dtype))
-    return torch.cat(out)
-
-
-def all_scores(
-    head: ProtoQuantHead,
-    subset: CacheView,
-    batch_size: int,
-    device: torch.device,
-    ctx: distributed.Context,
-    dtype: torch.dtype = torch.float32,
-) -> torch.Tensor:
-    """(N, K) scores of every entry on every rank; under torchrun each rank computes its share."""
-    shard = CacheView(subset.store, distributed.shard_for_rank(subset.entries, ctx))
-    return distributed.gather_strided(
-        compute_scores(head, shard, batch_size, device, dtype), len(subset.entries), ctx
-    )
+__all__ = [  # the scores helpers moved to protoquant.train.scores; importable from here as before
+    "SCORE_DTYPES",
+    "all_scores",
+    "compute_scores",
+    "evaluate_head",
+    "fit_class_layer",
+    "global_size",
+    "limit_sparse",
+    "limit_top_k",
+    "scores_dtype",
+    "train_head",
+    "validation_fit",
+]
 
 
 def fit_class_layer(
     layer: NonNegativeLinear,
-    train: tuple[torch.Tensor, torch.Tensor],
+    train: TrainingScores | tuple[torch.Tensor, torch.Tensor],
     val: tuple[torch.Tensor, torch.Tensor],
     *,
     lr: float,
@@ -83,22 +64,23 @@ def fit_class_layer(
 
     Best = highest validation accuracy, ties broken by the lower validation cross-entropy (a small
     validation split saturates early, and the first epoch to reach the top accuracy is rarely the
-    best-separating one). `train` holds every training row (on every rank); under torchrun each
+    best-separating one). `train` holds every training row (on every rank): (scores (N, K), labels
+    (N,)) or a `TrainingScores` table, in memory or on disk, read batch by batch; under torchrun each
     rank trains on its part of every global batch with DDP. `val` holds this rank's share of the
     validation rows; counts and losses are summed over ranks. Returns the best validation accuracy.
     """
     ctx = ctx or distributed.context()
-    (x_train, y_train), (x_val, y_val) = train, val
     device = layer.weight.device
-    x_train, y_train, x_val, y_val = (t.to(device) for t in (x_train, y_train, x_val, y_val))
+    table = as_training_scores(train).on(device)
+    x_val, y_val = (t.to(device) for t in val)
     model = wrap_ddp(layer, device, ctx)
     optimizer = torch.optim.Adam([layer.weight], lr=lr)
     best, best_state = (-1.0, 0.0), None
     bar = progress.bar(range(epochs), desc=f"stage 2: class layer lr={lr:g}", unit="epoch")
     for epoch in bar:
-        for rows in distributed.rank_batches(np.arange(len(y_train)), config.batch_size, seed, epoch, ctx):
-            batch = torch.from_numpy(rows).to(device)
-            loss = F.cross_entropy(model(x_train[batch].float()), y_train[batch])
+        for rows in distributed.rank_batches(np.arange(len(table)), config.batch_size, seed, epoch, ctx):
+            scores, labels = table.batch(rows)  # (B, K) float32, (B,)
+            loss = F.cross_entropy(model(scores), labels)
             if config.l1:
                 loss = loss + config.l1 * layer.effective_weight.sum()
             optimizer.zero_grad(set_to_none=True)
@@ -159,31 +141,47 @@ def train_head(
     """
     ctx = ctx or distributed.context()
     val = CacheView(val.store, distributed.shard_for_rank(val.entries, ctx))
-    dtype = scores_dtype(config)
+    temperatures = config.temperature_grid or (config.temperature,)
+    tables = len(temperatures) if config.top_k_per_class else 1  # the top-k cut reads every table
     trials, dense = [], []
-    for temperature in config.temperature_grid or (config.temperature,):
-        head = _new_head(codebook, usage, num_classes, config, temperature, seed).to(device)
-        train_scores = (all_scores(head, train, config.batch_size, device, ctx, dtype), train.labels)
-        val_scores = (compute_scores(head, val, config.batch_size, device, dtype), val.labels)
-        best = None
-        grid = progress.bar(config.lr_grid or (config.lr,), desc=f"stage 2: tau={temperature:g}", unit="fit")
-        for lr in grid:
-            candidate = _new_head(codebook, usage, num_classes, config, temperature, seed).to(device)
-            fit = dict(lr=lr, epochs=config.epochs, config=config, seed=seed, ctx=ctx)
-            fit_class_layer(candidate.class_layer, train_scores, val_scores, **fit)
-            trial = _trial(candidate, val_scores, temperature=temperature, lr=lr, top_k=0)
-            trials.append(trial)
-            grid.set_postfix(lr=f"{lr:g}", val=trial["val_accuracy"])
-            if best is None or _rank(trial) > _rank(best[0]):
-                best = (trial, candidate, (train_scores, val_scores), fit)
-        dense.append(best)
-    chosen = max(dense, key=lambda item: _rank(item[0]))
-    if config.top_k_per_class:
-        chosen = _choose_sparse(dense, chosen, config, trials, allowed)
+
+    def make_head(temperature: float) -> ProtoQuantHead:
+        return _new_head(codebook, usage, num_classes, config, temperature, seed).to(device)
+
+    with ScoresSource(train, config, ctx, prototypes=len(codebook), tables=tables) as source:
+        for temperature in temperatures:
+            head = make_head(temperature)
+            train_scores = source.compute(head, device)
+            val_scores = (compute_scores(head, val, config.batch_size, device, source.dtype), val.labels)
+            fit = dict(epochs=config.epochs, config=config, seed=seed, ctx=ctx)
+            trial, fitted, _, fit = _best_dense(
+                make_head, temperature, (train_scores, val_scores), fit, trials
+            )
+            keep = train_scores if config.top_k_per_class else None  # only the cut reads them again
+            dense.append((trial, fitted, (keep, val_scores), fit))
+            del train_scores, keep  # without the cut, one temperature's training scores live at a time
+        chosen = max(dense, key=lambda item: _rank(item[0]))
+        if config.top_k_per_class:
+            chosen = _choose_sparse(dense, chosen, config, trials, allowed)
     trial, head, _, fit = chosen
     head.requires_grad_(False).eval()
     selection = {**{k: trial[k] for k in ("temperature", "lr", "top_k", "val_accuracy")}, "trials": trials}
     return head, selection
+
+
+def _best_dense(make_head, temperature: float, scores: tuple, fit: dict, trials: list[dict]) -> tuple:
+    """(trial, head, scores, fit) of the best dense fit of one temperature over the lr grid."""
+    best, config = None, fit["config"]
+    grid = progress.bar(config.lr_grid or (config.lr,), desc=f"stage 2: tau={temperature:g}", unit="fit")
+    for lr in grid:
+        candidate = make_head(temperature)
+        fit_class_layer(candidate.class_layer, *scores, lr=lr, **fit)
+        trial = _trial(candidate, scores[1], temperature=temperature, lr=lr, top_k=0)
+        trials.append(trial)
+        grid.set_postfix(lr=f"{lr:g}", val=trial["val_accuracy"])
+        if best is None or _rank(trial) > _rank(best[0]):
+            best = (trial, candidate, scores, {"lr": lr, **fit})
+    return best
 
 
 def _rank(trial: dict) -> tuple[float, float]:
@@ -230,7 +228,7 @@ def _cut(item: tuple, k: int, config: HeadConfig, trials: list[dict], allowed) -
 def limit_sparse(
     layer: NonNegativeLinear,
     k: int,
-    train: tuple[torch.Tensor, torch.Tensor],
+    train: TrainingScores | tuple[torch.Tensor, torch.Tensor],
     val: tuple[torch.Tensor, torch.Tensor],
     config: HeadConfig,
     fit: dict,
@@ -239,13 +237,14 @@ def limit_sparse(
 ) -> None:
     """Keep each class's k prototypes of highest `class_margin_priority`, then fine-tune in place.
 
-    `allowed` (K,) bool, when given, limits the choice to those prototypes.
+    `train`: (scores (N, K), labels (N,)) or a `TrainingScores` table (its per-class means are
+    computed batch by batch). `allowed` (K,) bool, when given, limits the choice to those prototypes.
 
     The kept weights restart from `weight_init_mean` (the dense weights were fitted next to
     hundreds of others and are far too small alone) and train for `top_k_epochs` at `top_k_lr`.
     """
-    scores, labels = train
-    priority = class_margin_priority(layer.effective_weight.detach().cpu(), scores.float(), labels)
+    weights = layer.effective_weight.detach().cpu()  # (C, K)
+    priority = margin_priority(weights, as_training_scores(train).class_means(len(weights)).cpu())
     if allowed is not None:
         with torch.no_grad():
             layer.mask.mul_(allowed.to(layer.mask)[None])  # (C, K) * (1, K)

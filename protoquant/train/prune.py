@@ -3,7 +3,8 @@
 Two levers, both decided on training data (counts and scores), never on the test split:
 
 - `class_margin_priority` ranks, per class, how much each prototype separates that class from
-  the others on the class's own training rows; the top-k limit keeps the k highest. Ranking by
+  the others on the class's own training rows; the top-k limit keeps the k highest. It needs
+  only the per-class mean scores (`margin_priority`), which stream through a table on disk. Ranking by
   the raw dense weight instead keeps prototypes that every class weights alike (background),
   whose evidence cancels between classes.
 - `prune_by_usage` removes the least-used prototypes before stage 2 (the reference
@@ -38,11 +39,21 @@ def class_margin_priority(weights: torch.Tensor, scores: torch.Tensor, labels: t
 
     A class without rows gets priority 0 for every prototype.
     """
-    num_classes = weights.shape[0]
-    others = (weights.sum(dim=0, keepdim=True) - weights) / max(num_classes - 1, 1)  # (C, K)
+    return margin_priority(weights, class_mean_scores(scores, labels, weights.shape[0]))
+
+
+def class_mean_scores(scores: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(C, K) mean of the (N, K) scores over each class's rows (0 for a class without rows)."""
     one_hot = F.one_hot(labels.long(), num_classes).to(scores.dtype)  # (N, C)
     counts = one_hot.sum(dim=0).clamp(min=1)[:, None]  # (C, 1)
-    mean_scores = (one_hot.t() @ scores) / counts  # (C, K) mean presence on each class's rows
+    return (one_hot.t() @ scores) / counts  # (C, K) mean presence on each class's rows
+
+
+def margin_priority(weights: torch.Tensor, mean_scores: torch.Tensor) -> torch.Tensor:
+    """(C, K) `class_margin_priority` from the (C, K) per-class mean scores (`class_mean_scores`),
+    which a table of scores too large for memory computes batch by batch."""
+    num_classes = weights.shape[0]
+    others = (weights.sum(dim=0, keepdim=True) - weights) / max(num_classes - 1, 1)  # (C, K)
     return mean_scores.to(weights.dtype) * (weights - others)
 
 
