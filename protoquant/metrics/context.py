@@ -8,10 +8,17 @@ clean and changed inputs share one grid and one precision. `FeatureMemo` keeps t
 that two heads on one backbone (ProtoQuant and the baseline) pay for them once; its keys hold the
 digest of everything the features depend on (`cache_key`), so a memo shared between models with
 different weights, transform or feature options never serves one model's features to another.
+A memo is bounded by bytes and forgets the least recently used features first; a run given no
+memo keeps none (nothing in one run reads a changed image's features twice).
+
+The evaluated split's store may be the training cache with several views per image
+(`protoquant.metrics.split_cache`): everything here reads its view-0 entries only and maps them to
+images through `store.image_index`.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -20,10 +27,11 @@ import torch
 from PIL import Image
 
 from protoquant import progress
-from protoquant.cache.build import FeatureStore, build_cache, cache_key
+from protoquant.cache.build import FeatureStore, cache_key
 from protoquant.cache.view import CacheView
 from protoquant.data.base import ImageDataset, stable_hash
 from protoquant.data.transforms import ViewTransform
+from protoquant.errors import CacheError
 from protoquant.head import HeadOutput
 from protoquant.metrics.common import keypoints_to_input
 from protoquant.metrics.settings import MetricSettings
@@ -35,25 +43,47 @@ def cache_transform(model: ProtoQuant) -> ViewTransform:
     return model.transform
 
 
-def split_store(model: ProtoQuant, dataset: ImageDataset, device: torch.device) -> FeatureStore:
-    """Cached view-0 features of `dataset` (built on first use, then read from disk)."""
-    config = model.config
-    return build_cache(
-        dataset, model.backbone, cache_transform(model), views=1, config=config.cache, device=device
-    )
+MEMO_BYTES = 1 << 30  # default bound of a FeatureMemo shared between runs: 1 GiB of float16 features
 
 
 class FeatureMemo:
-    """Features of changed images, keyed by (features digest, change..., image)."""
+    """Features of changed images, keyed by (features digest, change..., image), at most `max_bytes`.
 
-    def __init__(self) -> None:
-        self._items: dict[tuple, torch.Tensor] = {}
+    Least recently used features are evicted first; features larger than the bound are not kept.
+    `FeatureMemo(0)` keeps nothing.
+    """
+
+    def __init__(self, max_bytes: int = MEMO_BYTES) -> None:
+        if max_bytes < 0:
+            raise ValueError(f"FeatureMemo max_bytes must be >= 0, got {max_bytes}")
+        self.max_bytes = int(max_bytes)
+        self.nbytes = 0  # bytes held now
+        self.evictions = 0  # features dropped to stay within max_bytes
+        self._items: OrderedDict[tuple, torch.Tensor] = OrderedDict()
 
     def get(self, key: tuple) -> torch.Tensor | None:
-        return self._items.get(key)
+        features = self._items.get(key)
+        if features is not None:
+            self._items.move_to_end(key)  # recently used
+        return features
 
     def put(self, key: tuple, features: torch.Tensor) -> None:
-        self._items[key] = features.to(torch.float16).cpu()  # (D, H, W)
+        features = features.to(torch.float16).cpu()  # (D, H, W)
+        size = features.numel() * features.element_size()
+        if size > self.max_bytes:
+            return
+        if key in self._items:
+            self.nbytes -= self._bytes(self._items.pop(key))
+        self._items[key] = features
+        self.nbytes += size
+        while self.nbytes > self.max_bytes:
+            _, dropped = self._items.popitem(last=False)
+            self.nbytes -= self._bytes(dropped)
+            self.evictions += 1
+
+    @staticmethod
+    def _bytes(features: torch.Tensor) -> int:
+        return features.numel() * features.element_size()
 
     def __len__(self) -> int:
         return len(self._items)
@@ -91,12 +121,25 @@ class EvalContext:
     def labels(self) -> np.ndarray:
         return np.asarray(self.dataset.labels, dtype=np.int64)
 
-    def head_batches(self, entries: np.ndarray | None = None) -> Iterator[tuple[np.ndarray, HeadOutput]]:
-        """Yield (image indices (B,), head output) over the cached split, no gradients."""
+    def entries_of(self, indices: np.ndarray) -> np.ndarray:
+        """(n,) view-0 cache entries of image indices (n,), in their order."""
+        plain = self.store.entries(first_view_only=True)
+        entry_of = np.full(len(self.dataset), -1, dtype=np.int64)
+        entry_of[self.store.image_index[plain]] = plain
+        entries = entry_of[np.asarray(indices, dtype=np.int64)]
+        if (entries < 0).any():
+            missing = np.asarray(indices)[np.argmax(entries < 0)]
+            raise CacheError(f"{self.store.folder}: the cache holds no view-0 entry of image {missing}")
+        return entries
+
+    def head_batches(
+        self, entries: np.ndarray | None = None, *, desc: str = "metrics: head outputs"
+    ) -> Iterator[tuple[np.ndarray, HeadOutput]]:
+        """Yield (image indices (B,), head output) over view-0 `entries` (all images by default), no gradients."""
         entries = self.store.entries(first_view_only=True) if entries is None else entries
         head = self.model.head
         starts = range(0, len(entries), self.settings.batch_size)
-        for start in progress.bar(starts, desc="metrics: head outputs", unit="batch"):
+        for start in progress.bar(starts, desc=desc, unit="batch"):
             chunk = entries[start : start + self.settings.batch_size]
             with torch.no_grad():
                 out = head(self.store.get(chunk).to(self.device))
@@ -150,14 +193,22 @@ class EvalContext:
     def memo_features(
         self, keys: list[tuple], make_images: Callable[[list[tuple]], torch.Tensor]
     ) -> torch.Tensor:
-        """(B, D, H, W) features for `keys`, computing only the missing ones via `make_images(missing)`."""
+        """(B, D, H, W) features for `keys`, computing only the ones the memo lacks via
+        `make_images(missing)`, at most `settings.batch_size` images per backbone pass."""
         scope = self.features_digest()
-        missing = [k for k in keys if self.memo.get((scope, *k)) is None]
+        found = {k: f for k in dict.fromkeys(keys) if (f := self.memo.get((scope, *k))) is not None}
+        missing = [k for k in dict.fromkeys(keys) if k not in found]
         for start in range(0, len(missing), self.settings.batch_size):
             chunk = missing[start : start + self.settings.batch_size]
             for key, features in zip(chunk, self.features(make_images(chunk))):
-                self.memo.put((scope, *key), features)
-        return torch.stack([self.memo.get((scope, *k)).float() for k in keys])
+                found[key] = features.to(torch.float16).cpu()  # (D, H, W), as the cache stores it
+                self.memo.put((scope, *key), found[key])
+        return torch.stack([found[k].float() for k in keys])
+
+    def missing_features(self, keys: list[tuple]) -> int:
+        """How many distinct `keys` the memo lacks (the backbone passes `memo_features` would make)."""
+        scope = self.features_digest()
+        return sum(self.memo.get((scope, *k)) is None for k in dict.fromkeys(keys))
 
     def head_output(self, features: torch.Tensor) -> HeadOutput:
         with torch.no_grad():

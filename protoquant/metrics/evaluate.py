@@ -23,10 +23,10 @@ from protoquant.config import WEIGHT_THRESHOLD
 from protoquant.data import Splits, load_splits
 from protoquant.distributed import resolve_device
 from protoquant.explain.grounding import nearest_patches
-from protoquant.metrics.context import split_store
 from protoquant.metrics.result import jsonable
 from protoquant.metrics.runner import evaluate_metrics
 from protoquant.metrics.settings import MetricSettings
+from protoquant.metrics.split_cache import split_store
 from protoquant.model import ProtoQuant
 from protoquant.train.head import evaluate_head, global_size
 
@@ -102,7 +102,9 @@ def evaluate_checkpoint(
         "dataset": images.name,
         "split": split,
         "num_images": len(images),
-        "accuracy": evaluate_head(head, CacheView(store, store.entries()), batch_size, device),
+        "accuracy": evaluate_head(
+            head, CacheView(store, store.entries(first_view_only=True)), batch_size, device
+        ),
         "num_prototypes": global_size(head, WEIGHT_THRESHOLD),
         "temperature": head.temperature,
         "seed": config.seed,
@@ -134,8 +136,8 @@ def audit_checkpoint(
     device = resolve_device(model.config.device)
     model = model.to(device)
     splits = _splits(model, None, None)
-    store = split_store(model, splits.train, device)
-    train = CacheView(store, store.entries())
+    store = split_store(model, splits.train, device)  # view 0 of the training cache when complete
+    train = CacheView(store, store.entries(first_view_only=True))
     settings = MetricSettings(seed=model.config.seed, batch_size=batch_size)
     report = evaluate_metrics(
         model, splits.train, ["grounding"], settings=settings, device=device, store=store, train=train

@@ -77,6 +77,16 @@ def attack_plan(
     return attacks
 
 
+def attack_count(mode: str, labels: Sequence[int], class_prototypes: Callable[[int], Sequence[int]]) -> int:
+    """How many attacks `attack_plan` makes for images with `labels` (known before any forward pass)."""
+    if mode == "top":
+        return len(labels)
+    if mode not in ATTACK_TARGETS:
+        raise ValueError(f"attack_target must be one of {list(ATTACK_TARGETS)}, got {mode!r}")
+    sizes = [len(class_prototypes(int(label))) for label in labels]
+    return sum(sizes) if mode == "class_each" else sum(1 for size in sizes if size)
+
+
 def union_box_mask(
     heatmaps: np.ndarray, quantile: float = MASK_QUANTILE, grow: int = MASK_GROW
 ) -> np.ndarray:

@@ -10,11 +10,15 @@ slots are the dataset's `part_slots` when it has them, else the part names in or
 dataset has an all-parts re-render (`has_full_render`), "nothing removed" (PC with every part
 important, DC with none) is scored on it, as the reference; otherwise on the original image.
 Clean images are read from the feature cache; re-renders go through `ProtoQuant.features` (the
-cache's own feature function) once per distinct removal set and are memoised.
+cache's own feature function) once per distinct removal set, `batch_size` at a time, and the
+head turns each batch into logits at once, so memory is that of one batch (a shared memo keeps
+features within its bound). Before the run, the interventions of the first images are planned
+and one batch of their re-renders is timed (`protoquant.metrics.cost`), giving the estimate.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -22,27 +26,24 @@ import torch
 
 import protoquant.metrics.funnybirds as fb
 from protoquant import progress
-from protoquant.data.base import ImageDataset, SubsetDataset
+from protoquant.data.base import ImageDataset
 from protoquant.data.synthetic import minimal_sufficient_sets
 from protoquant.metrics.common import part_groups
 from protoquant.metrics.context import EvalContext
+from protoquant.metrics.cost import CostEstimate, announce
+from protoquant.metrics.funnybirds_renders import base_dataset, intervention_logits, renders_estimate
 from protoquant.metrics.maps import UPSAMPLING, quantile_box, upsample
 from protoquant.metrics.result import MetricResult
+from protoquant.metrics.sample import ImageSample, choose_images
 from protoquant.metrics.settings import BOX_VARIANT_QUANTILE, FB_TS_DISTANCE, fb_thresholds
 
-IMAGES_PER_CHUNK = 4  # images whose interventions share one backbone pass
-
-
-def _base(dataset: ImageDataset, index: int) -> tuple[ImageDataset, int]:
-    while isinstance(dataset, SubsetDataset):
-        dataset, index = dataset.parent, int(dataset.indices[index])
-    return dataset, index
+IMAGES_PER_CHUNK = 4  # images planned together (their interventions share backbone batches)
 
 
 def _check(dataset: ImageDataset, upsampling: str) -> ImageDataset:
     if upsampling not in UPSAMPLING:
         raise ValueError(f"funnybirds_upsampling must be one of {sorted(UPSAMPLING)}, got {upsampling!r}")
-    base, _ = _base(dataset, 0)
+    base, _ = base_dataset(dataset, 0)
     missing = [name for name in ("render", "background_masks") if not hasattr(base, name)]
     if not hasattr(base, "class_parts") and not hasattr(base, "minimal_sufficient_parts"):
         missing.append("class_parts or minimal_sufficient_parts")
@@ -118,7 +119,7 @@ def _load(ctx: EvalContext, index: int, out, row: int) -> _Image:
     annotation = ctx.dataset.annotations(index)
     if annotation is None or annotation.masks is None:
         raise ValueError(f"metric 'funnybirds' needs part masks; {ctx.dataset.name} image {index} has none")
-    base, base_index = _base(ctx.dataset, index)
+    base, base_index = base_dataset(ctx.dataset, index)
     slots, group_of = part_slots(base, annotation.part_names)
     return _Image(
         index=index,
@@ -165,27 +166,20 @@ def logits_after(image: _Image, logits: dict, parts: tuple = (), background: tup
     return logits[key]
 
 
-def _logits(ctx: EvalContext, images: list[_Image], plans: list[dict]) -> dict:
-    """{(index, parts, background): (C,) logits} of every planned re-render (memoised features)."""
-    wanted = [(image.index, *key) for image, plan in zip(images, plans) for key in plan["keys"]]
-    if not wanted:
-        return {}
+def _chunk(ctx: EvalContext, entries: np.ndarray, base, thresholds, desc: str = "metrics: head outputs"):
+    """Yield (images, plans) of the view-0 `entries`, one head batch at a time."""
+    for indices, out in ctx.head_batches(entries, desc=desc):
+        images = [_load(ctx, int(i), out, row) for row, i in enumerate(indices)]
+        yield images, [_plan(ctx, image, base, thresholds) for image in images]
 
-    def make(keys: list[tuple]) -> torch.Tensor:
-        renders = []
-        for *_, index, parts, background in keys:
-            base, base_index = _base(ctx.dataset, index)
-            if not parts and not background:  # the all-parts re-render (planned only where it exists)
-                renders.append(base.intervention(base_index, []))
-                continue
-            renders.append(
-                base.render(base_index, remove_parts=list(parts), remove_background=list(background))
-            )
-        return ctx.preprocess(renders, np.array([k[-3] for k in keys]))
 
-    features = ctx.memo_features([("fb", *w) for w in wanted], make)
-    logits = ctx.head_output(features).logits.double().numpy()  # (R, C)
-    return dict(zip(wanted, logits))
+def _estimate(ctx: EvalContext, sample: ImageSample, entries: np.ndarray, base, thresholds) -> CostEstimate:
+    """Re-renders ahead: planned for the first images and scaled to the sample; one batch of them timed."""
+    first = entries[:IMAGES_PER_CHUNK]
+    keys = []
+    for images, plans in _chunk(ctx, first, base, thresholds, desc="metrics: funnybirds planning"):
+        keys += [("fb", image.index, *key) for image, plan in zip(images, plans) for key in plan["keys"]]
+    return renders_estimate(ctx, len(sample.indices), keys, len(first))
 
 
 def _score(
@@ -235,21 +229,25 @@ def _target_sensitivity(ctx, image: _Image, pair, after, tally: fb.Tally) -> Non
 
 
 def run_funnybirds(ctx: EvalContext) -> MetricResult:
-    """FunnyBirds accuracy, CSDC, PC, DC, D, BI, SD, TS, t* and aggregates on the first n images."""
-    base = _check(ctx.dataset, ctx.settings.funnybirds_upsampling)
+    """FunnyBirds accuracy, CSDC, PC, DC, D, BI, SD, TS, t* and aggregates on `funnybirds_images`
+    images (all when 0; else a recorded sample)."""
+    started, settings = time.perf_counter(), ctx.settings
+    base = _check(ctx.dataset, settings.funnybirds_upsampling)
     thresholds = fb_thresholds()
-    count = min(ctx.settings.funnybirds_images or len(ctx.dataset), len(ctx.dataset))
-    entries = ctx.store.entries(first_view_only=True)[:count]
-    tally = fb.Tally()
-    for start in progress.bar(range(0, count, IMAGES_PER_CHUNK), desc="metrics: funnybirds", unit="chunk"):
-        for indices, out in ctx.head_batches(entries[start : start + IMAGES_PER_CHUNK]):
-            images = [_load(ctx, int(i), out, row) for row, i in enumerate(indices)]
-            plans = [_plan(ctx, image, base, thresholds) for image in images]
-            logits = _logits(ctx, images, plans)
+    sample = choose_images(
+        ctx.labels, settings.funnybirds_images, seed=settings.seed, rule=settings.sample_rule
+    )
+    entries = ctx.entries_of(sample.indices)
+    estimate = _estimate(ctx, sample, entries, base, thresholds)
+    tally, rendered = fb.Tally(), 0
+    desc = f"metrics: funnybirds ({announce(estimate)})"
+    for start in progress.bar(range(0, len(entries), IMAGES_PER_CHUNK), desc=desc, unit="chunk"):
+        for images, plans in _chunk(ctx, entries[start : start + IMAGES_PER_CHUNK], base, thresholds):
+            logits = intervention_logits(ctx, images, plans)
+            rendered += len(logits)
             for image, plan in zip(images, plans):
                 _score(ctx, image, plan, logits, tally, base, thresholds)
     scores, extra = fb.finish(tally, thresholds)
-    settings = ctx.settings
     resize = settings.funnybirds_upsampling
     protocol = {
         "attribution": settings.funnybirds_attribution,
@@ -267,6 +265,9 @@ def run_funnybirds(ctx: EvalContext) -> MetricResult:
         "logit_fraction": settings.fb_logit_fraction,
         "minimal_sets": "computed from class_parts for every class (reference bug for the last class not copied)",
         "ts_distance": FB_TS_DISTANCE,
-        "images": f"first {count} of {len(ctx.dataset)}",
+        "images": sample.describe(),
+        "sample": sample.record(),
+        "interventions": rendered,
+        "cost": estimate.record(time.perf_counter() - started),
     }
     return MetricResult({**{k: getattr(scores, k) for k in scores.__dataclass_fields__}, **extra}, protocol)

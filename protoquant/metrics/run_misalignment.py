@@ -4,19 +4,29 @@ Every feature map comes from `ProtoQuant.features` (the cache's `patch_features`
 pooling and float16 rounding as configured). The attack asks it for `input_gradients` under
 `torch.enable_grad()`: only the input receives gradients, the backbone's weights keep
 requires_grad=False, and the differentiable path leaves out only the float16 rounding.
+
+Attack rows (one per image for "top" and "class", one per class prototype for "class_each") run
+through the PGD in chunks of at most `attack_batch_size` (default 16; 0 = `batch_size`) rows, so memory is
+that of one batch whatever the target rule; chunking changes no record (the random starts are
+drawn row by row from one generator, in row order). Before the attacks start, the runner counts
+them and times one forward+backward of one attack batch (`protoquant.metrics.cost`).
 """
 
 from __future__ import annotations
+
+import time
 
 import numpy as np
 import torch
 
 import protoquant.metrics.misalignment as mis
 from protoquant import progress
-from protoquant.metrics.common import class_prototypes
+from protoquant.metrics.common import PrototypeSlots, class_prototypes
 from protoquant.metrics.context import EvalContext
+from protoquant.metrics.cost import CostEstimate, PassCount, announce, seconds_per_image
 from protoquant.metrics.maps import UPSAMPLING, resize_cubic
 from protoquant.metrics.result import MetricResult
+from protoquant.metrics.sample import ImageSample, choose_images
 from protoquant.metrics.settings import scaled
 
 
@@ -41,6 +51,13 @@ def _frozen(ctx: EvalContext, act: torch.Tensor, attacks: list[mis.Attack]) -> t
     return torch.from_numpy(~np.stack(frozen)).float()[:, None]
 
 
+def _rows_per_pass(ctx: EvalContext) -> int:
+    size = ctx.settings.attack_batch_size or ctx.settings.batch_size
+    if size < 1:
+        raise ValueError(f"metric setting 'attack_batch_size' must be >= 0 (0 = batch_size), got {size}")
+    return size
+
+
 def _attack_batch(ctx, indices: np.ndarray, slots, generator: torch.Generator) -> list[dict]:
     settings, device = ctx.settings, ctx.device
     labels = ctx.labels[indices]
@@ -50,13 +67,23 @@ def _attack_batch(ctx, indices: np.ndarray, slots, generator: torch.Generator) -
         before = ctx.model.head(ctx.features(images))
     of_class = lambda c: slots.prototypes[slots.of_class(c)].tolist()  # noqa: E731
     attacks = mis.attack_plan(settings.attack_target, before.scores.cpu(), labels.tolist(), of_class)
-    if not attacks:
-        return []
     act = before.activation.clamp(min=0).cpu()  # (B, K, H, W)
-    rows = torch.tensor([a.row for a in attacks], dtype=torch.long)
+    records, size = [], _rows_per_pass(ctx)
+    for start in range(0, len(attacks), size):
+        chunk = attacks[start : start + size]
+        rows = torch.tensor([a.row for a in chunk], dtype=torch.long)
+        after = _attack_rows(ctx, images[rows.to(device)], act, chunk, generator)
+        targets = torch.tensor([a.target for a in chunk], dtype=torch.long)
+        records += _records(ctx, indices, labels, slots, (rows, targets), before, after)
+    return records
+
+
+def _attack_rows(ctx, images: torch.Tensor, act: torch.Tensor, attacks: list[mis.Attack], generator):
+    """Head output (R rows) on the adversarial images of `attacks` (images: (R, 3, S, S))."""
+    settings, device = ctx.settings, ctx.device
     adversarial = mis.masked_pgd(
         _activation_fn(ctx),
-        images[rows.to(device)],
+        images,
         mis.objective_weights(attacks, act.shape[1], device),
         _frozen(ctx, act, attacks).to(device),
         generator=generator,
@@ -67,9 +94,7 @@ def _attack_batch(ctx, indices: np.ndarray, slots, generator: torch.Generator) -
         maximise=settings.attack_target in mis.MAXIMISED_TARGETS,
     )
     with torch.no_grad():
-        after = ctx.model.head(ctx.features(adversarial))
-    targets = torch.tensor([a.target for a in attacks], dtype=torch.long)
-    return _records(ctx, indices, labels, slots, (rows, targets), before, after)
+        return ctx.model.head(ctx.features(adversarial))
 
 
 def _records(ctx, indices, labels, slots, pairs, before, after) -> list[dict]:
@@ -108,16 +133,56 @@ TARGET_RULES = {
 }
 
 
+def _estimate(ctx: EvalContext, sample: ImageSample, slots: PrototypeSlots) -> CostEstimate:
+    """The attacks and backbone passes ahead, priced by one timed forward+backward of one attack
+    batch (its cost per image depends on the batch size, and the attack is most of the work)."""
+    settings = ctx.settings
+    labels = ctx.labels[sample.indices].tolist()
+    of_class = lambda c: slots.prototypes[slots.of_class(c)].tolist()  # noqa: E731
+    attacks = mis.attack_count(settings.attack_target, labels, of_class)
+    steps = 0 if settings.random_start_only else settings.attack_iterations
+    count = min(_rows_per_pass(ctx), len(sample.indices))  # one real PGD batch: the attack dominates
+    backward = forward = loading = spent = 0.0
+    if count:
+        chosen = sample.indices[:count]
+        load = lambda: ctx.preprocess([ctx.dataset.load_image(int(i)) for i in chosen], chosen)  # noqa: E731
+        loading, spent_loading = seconds_per_image(load, count, ctx.device)
+        images = load().to(ctx.device)
+        activation = _activation_fn(ctx)
+
+        def step() -> None:
+            probe = images.clone().requires_grad_(True)
+            with torch.enable_grad():
+                torch.autograd.grad(activation(probe).flatten(2).amax(dim=2).sum(), probe)
+
+        backward, spent_backward = seconds_per_image(step, count, ctx.device)
+        forward, spent = seconds_per_image(lambda: ctx.head_output(ctx.features(images)), count, ctx.device)
+        spent += spent_backward + spent_loading
+    passes = (
+        PassCount(attacks * steps, "forward+backward", backward),
+        PassCount(len(sample.indices), "load+forward", loading + forward),  # clean images, before
+        PassCount(attacks, "forward", forward),  # adversarial images, after
+    )
+    work = f"{attacks:,} attacks x {steps} PGD steps"
+    return CostEstimate("misalignment", len(sample.indices), work, passes, count, spent)
+
+
 def run_misalignment(ctx: EvalContext) -> MetricResult:
-    """PAC / PRC / PLC / AC over the first `misalignment_images` images (all when 0)."""
+    """PAC / PRC / PLC / AC over `misalignment_images` images (all when 0; else a recorded sample)."""
+    started = time.perf_counter()
     settings = ctx.settings
     slots = class_prototypes(ctx.model.head.class_weights.detach().cpu(), settings.prototypes_per_class)
-    count = settings.misalignment_images or len(ctx.dataset)
-    indices = np.arange(min(count, len(ctx.dataset)))
+    sample = choose_images(
+        ctx.labels, settings.misalignment_images, seed=settings.seed, rule=settings.sample_rule
+    )
+    indices = sample.indices
+    estimate = _estimate(ctx, sample, slots)
     generator = torch.Generator().manual_seed(settings.seed)
     records = []
     for start in progress.bar(
-        range(0, len(indices), settings.batch_size), desc="metrics: misalignment", unit="batch"
+        range(0, len(indices), settings.batch_size),
+        desc=f"metrics: misalignment ({announce(estimate)})",
+        unit="batch",
     ):
         records += _attack_batch(ctx, indices[start : start + settings.batch_size], slots, generator)
     column = lambda key: np.array([r[key] for r in records], dtype=float)  # noqa: E731
@@ -125,6 +190,18 @@ def run_misalignment(ctx: EvalContext) -> MetricResult:
         column("pac"), column("prc"), column("plc"), column("correct_before"), column("correct_after")
     )
     protocol = {
+        **_protocol(ctx, slots),
+        "images": f"{sample.describe()}; {len({r['index'] for r in records})} attacked",
+        "sample": sample.record(),
+        "attack_rows_per_pass": _rows_per_pass(ctx),
+        "cost": estimate.record(time.perf_counter() - started),
+    }
+    return MetricResult(summary, protocol, tuple(records))
+
+
+def _protocol(ctx: EvalContext, slots: PrototypeSlots) -> dict:
+    settings = ctx.settings
+    return {
         "attack": "random start only (published protocol)"
         if settings.random_start_only
         else "PGD on the target's max activation",
@@ -141,6 +218,4 @@ def run_misalignment(ctx: EvalContext) -> MetricResult:
         "plc": "bilinear maps, region > 0.9 quantile, empty union -> PLC 0",
         "pac_undefined": "activation 0 before the attack: PAC left out (counted in num_undefined_pac)",
         "seed": settings.seed,
-        "images": f"first {len(indices)} of {len(ctx.dataset)}; {len({r['index'] for r in records})} attacked",
     }
-    return MetricResult(summary, protocol, tuple(records))

@@ -1,23 +1,28 @@
-"""Runner of stability (Huang et al., ICCV 2023): consistency's part hits under input noise."""
+"""Runner of stability (Huang et al., ICCV 2023): consistency's part hits under input noise.
+
+Clean features come from the cache; each image's noisy copy goes through the backbone once (in
+batches of `batch_size`, unless a shared memo already holds it). Before it starts, the runner
+counts the noisy copies and times one batch of them (load, noise, forward; `protoquant.metrics.cost`).
+"""
 
 from __future__ import annotations
+
+import time
 
 import numpy as np
 import torch
 
 import protoquant.metrics.consistency as cons
 from protoquant.metrics.context import EvalContext
+from protoquant.metrics.cost import CALIBRATION_IMAGES, CostEstimate, PassCount, announce, seconds_per_image
 from protoquant.metrics.maps import argmax_row_major
 from protoquant.metrics.result import MetricResult
 from protoquant.metrics.run_consistency import _image_hits, _protocol, _slots
+from protoquant.metrics.sample import ImageSample, choose_images
 
 
-def _noisy_features(ctx: EvalContext, indices: np.ndarray, generator: torch.Generator) -> torch.Tensor:
-    """Features of the images plus seeded noise; the noise is drawn even when memoised (same stream)."""
-    settings, size = ctx.settings, ctx.image_size
-    noise = cons.input_noise(
-        (len(indices), 3, size, size), generator, settings.noise_std, settings.noise_clip
-    )
+def _noisy_images(ctx: EvalContext, indices: np.ndarray, noise: torch.Tensor):
+    """`make_images` for the memo: keys (..., image) -> (n, 3, S, S) images plus their row of `noise`."""
     position = {int(i): row for row, i in enumerate(indices)}
 
     def make(keys: list[tuple]) -> torch.Tensor:
@@ -25,8 +30,43 @@ def _noisy_features(ctx: EvalContext, indices: np.ndarray, generator: torch.Gene
         images = ctx.preprocess([ctx.dataset.load_image(i) for i in wanted], np.asarray(wanted))
         return images + noise[[position[i] for i in wanted]]
 
-    tag = ("noise", settings.seed, settings.noise_std, settings.noise_clip, settings.batch_size)
-    return ctx.memo_features([(*tag, int(i)) for i in indices], make)
+    return make
+
+
+def _draw_noise(ctx: EvalContext, count: int, generator: torch.Generator) -> torch.Tensor:
+    settings, size = ctx.settings, ctx.image_size
+    return cons.input_noise((count, 3, size, size), generator, settings.noise_std, settings.noise_clip)
+
+
+def _tag(ctx: EvalContext, sample: ImageSample) -> tuple:
+    """What the noise of an image depends on (it is drawn per batch of the sample)."""
+    settings = ctx.settings
+    return ("noise", settings.seed, settings.noise_std, settings.noise_clip, settings.batch_size) + (
+        (sample.rule, len(sample.indices)) if sample.rule != "all" else ()
+    )
+
+
+def _noisy_features(
+    ctx: EvalContext, indices: np.ndarray, generator: torch.Generator, tag: tuple
+) -> torch.Tensor:
+    """Features of the images plus seeded noise; the noise is drawn even when memoised (same stream)."""
+    noise = _draw_noise(ctx, len(indices), generator)
+    return ctx.memo_features([(*tag, int(i)) for i in indices], _noisy_images(ctx, indices, noise))
+
+
+def _estimate(ctx: EvalContext, sample: ImageSample, tag: tuple) -> CostEstimate:
+    """The noisy copies still to featurise, priced by timing one small batch of them."""
+    missing = ctx.missing_features([(*tag, int(i)) for i in sample.indices])
+    count = min(CALIBRATION_IMAGES, ctx.settings.batch_size, missing)
+    seconds = spent = 0.0
+    if count:
+        chosen = sample.indices[:count]
+        make = _noisy_images(ctx, chosen, _draw_noise(ctx, count, torch.Generator().manual_seed(0)))
+        keys = [(int(i),) for i in chosen]
+        seconds, spent = seconds_per_image(lambda: ctx.features(make(keys)), count, ctx.device)
+    work = f"{len(sample.indices):,} noisy copies ({len(sample.indices) - missing:,} already in the memo)"
+    passes = (PassCount(missing, "forward", seconds),)
+    return CostEstimate("stability", len(sample.indices), work, passes, count, spent)
 
 
 def _stability_image(ctx, slots, slot_ids, index, outputs, with_parts: bool) -> tuple:
@@ -46,13 +86,21 @@ def run_stability(ctx: EvalContext) -> MetricResult:
     """Stability of the part hits under input noise, plus the pooled scores' and argmax cells' stability.
 
     On a dataset without part annotations only the score and argmax-cell stability is reported.
+    Runs on `stability_images` images (all when 0; else a recorded sample).
     """
+    started, settings = time.perf_counter(), ctx.settings
+    sample = choose_images(
+        ctx.labels, settings.stability_images, seed=settings.seed, rule=settings.sample_rule
+    )
+    tag = _tag(ctx, sample)
+    estimate = _estimate(ctx, sample, tag)
     slots, with_parts = _slots(ctx), ctx.dataset.has_parts
     same, seen = np.zeros(len(slots.classes)), np.zeros(len(slots.classes))
     score_change, cell_same = [], []
-    generator = torch.Generator().manual_seed(ctx.settings.seed)
-    for indices, clean in ctx.head_batches():
-        noisy = ctx.head_output(_noisy_features(ctx, indices, generator))
+    generator = torch.Generator().manual_seed(settings.seed)
+    desc = f"metrics: stability ({announce(estimate)})"
+    for indices, clean in ctx.head_batches(ctx.entries_of(sample.indices), desc=desc):
+        noisy = ctx.head_output(_noisy_features(ctx, indices, generator, tag))
         for row, index in enumerate(indices.tolist()):
             slot_ids = slots.of_class(int(ctx.labels[index]))
             if not len(slot_ids):
@@ -72,14 +120,23 @@ def run_stability(ctx: EvalContext) -> MetricResult:
         "argmax_cell_unchanged": float(torch.cat(cell_same).float().mean()) if cell_same else float("nan"),
     }
     protocol = {
+        **_stability_protocol(ctx, slots, with_parts),
+        "images": sample.describe(),
+        "sample": sample.record(),
+        "cost": estimate.record(time.perf_counter() - started),
+    }
+    return MetricResult(value, protocol)
+
+
+def _stability_protocol(ctx: EvalContext, slots, with_parts: bool) -> dict:
+    return {
         **_protocol(ctx, slots),
         "noise": f"N(0, {ctx.settings.noise_std}^2) clipped to +-{ctx.settings.noise_clip}, "
         "normalised input space, drawn per batch",
         "seed": ctx.settings.seed,
-        "empty_class": "a slot whose class has no test images scores s_p = 0",
+        "empty_class": "a slot whose class has no test images (or none in the sample) scores s_p = 0",
         "clean_features": "feature cache (float16); noisy features rounded to float16 as well",
         "extra": "score_abs_change / argmax_cell_unchanged: pooled scores and argmax latent cells "
         "of the same slots (grounding audit's noise check)",
         "parts": "all annotated parts" if with_parts else "none: the dataset has no parts, score not defined",
     }
-    return MetricResult(value, protocol)

@@ -14,10 +14,12 @@ from protoquant.cache.build import FeatureStore
 from protoquant.cache.view import CacheView
 from protoquant.data.base import ImageDataset, SubsetDataset
 from protoquant.metrics.common import class_prototypes
-from protoquant.metrics.context import EvalContext, FeatureMemo, split_store
+from protoquant.metrics.context import EvalContext, FeatureMemo
+from protoquant.metrics.cost import format_seconds
 from protoquant.metrics.registry import METRICS
 from protoquant.metrics.result import jsonable
 from protoquant.metrics.settings import REFERENCE_SIZE, MetricSettings
+from protoquant.metrics.split_cache import split_store
 from protoquant.model import ProtoQuant
 
 logger = logging.getLogger(__name__)
@@ -104,7 +106,7 @@ def _train_subset(
     if train is None or isinstance(train, CacheView):
         return train
     store = split_store(model, train, device)
-    return CacheView(store, store.entries())
+    return CacheView(store, store.entries(first_view_only=True))
 
 
 def evaluate_metrics(
@@ -121,9 +123,11 @@ def evaluate_metrics(
     """Run `metrics` ("all", a comma list or names) on `dataset`; never modifies the model.
 
     Args:
-        store: cached view-0 features of `dataset` (built with the model's transform when None).
-        train: training split (dataset or cached CacheView), needed by "grounding".
-        memo: features of changed images, shared between heads on the same backbone.
+        store: cached features of `dataset`, of which view 0 is read (when None: the training
+            cache if it holds `dataset`, else a 1-view cache built with the model's transform).
+        train: training split (dataset or cached CacheView of view-0 entries), needed by "grounding".
+        memo: features of changed images, shared between heads on the same backbone (bounded,
+            see `FeatureMemo`); None keeps none.
 
     Returns:
         {metric: value, ..., "protocol": {...}, "timing_seconds": {...}, "rows": {metric: [...]}}.
@@ -135,7 +139,7 @@ def evaluate_metrics(
     store = store if store is not None else split_store(model, dataset, device)
     timing = {"feature_cache": time.perf_counter() - start}
     start = time.perf_counter()
-    memo = memo if memo is not None else FeatureMemo()  # an empty memo is falsy: test for None
+    memo = memo if memo is not None else FeatureMemo(0)  # an empty memo is falsy: test for None
     ctx = EvalContext(model, dataset, settings, device, store, _train_subset(model, train, device), memo)
     timing["train_cache"] = time.perf_counter() - start
     report: dict = {"protocol": _protocol(model, dataset, settings), "rows": {}}
@@ -163,12 +167,15 @@ def _fmt(value) -> str:
 
 
 def format_table(report: dict) -> str:
-    """A two-column text table of each metric's headline numbers and its run time."""
+    """A two-column text table of each metric's headline numbers and its run time (and, for the
+    expensive protocols, the time estimated before it started)."""
     lines = []
     for name in (n for n in METRICS if n in report):
         value = report[name]
         seconds = report.get("timing_seconds", {}).get(name)
-        suffix = f"  [{seconds:.1f} s]" if seconds is not None else ""
+        cost = report.get("protocol", {}).get("metrics", {}).get(name, {}).get("cost")
+        estimated = f", estimated {format_seconds(cost['estimated_seconds'])}" if cost else ""
+        suffix = f"  [{seconds:.1f} s{estimated}]" if seconds is not None else ""
         if not isinstance(value, dict):
             lines.append(f"  {name:<14} {_fmt(value)}{suffix}")
             continue

@@ -87,8 +87,21 @@ class MetricSettings:
     # (the reference); "class_each": one attack per class prototype (ProtoQuant's variant)
     attack_target: str = "top"
     mask_grow: int = MASK_GROW  # at 224
-    misalignment_images: int = 0  # 0 = all images of the split; else the first n
-    funnybirds_images: int = 0  # 0 = all images of the split; else the first n
+    # attack rows (images x targets) per PGD batch; 0 = batch_size ("class_each" makes up to
+    # prototypes_per_class rows per image: they are chunked, so memory stays that of one batch).
+    # 16 bounds the attack's memory whatever batch_size: about 80 MB a row for MobileNetV2 at
+    # 224 px (input gradients through the backbone), so about 1.3 GB
+    attack_batch_size: int = 16
+    # Samples. The published misalignment, stability and FunnyBirds protocols average over the
+    # whole test split (FunnyBirds' framework evaluates all test images unless told `nr_itrs`),
+    # so each default is 0 = all images; n > 0 evaluates a sample of n, chosen by `sample_rule`
+    # and recorded in the protocol output (each protocol logs its cost before it starts).
+    misalignment_images: int = 0  # 0 = all images of the split; else a sample of n (sample_rule)
+    funnybirds_images: int = 0  # 0 = all images of the split; else a sample of n (sample_rule)
+    stability_images: int = 0  # 0 = all images of the split; else a sample of n (sample_rule)
+    # "stratified": seeded (seed), class-stratified (splits ordered by class, as CUB's, stay
+    # balanced); "first": the first n images, as the FunnyBirds framework's nr_itrs
+    sample_rule: str = "stratified"
     funnybirds_attribution: str = "similarity"  # "similarity" maps (METRICS.md), "activation" maps or "box"
     # upsampling of the FunnyBirds attribution maps: "bicubic" (OpenCV-exact, as the part-prototype
     # protocols) or "bilinear" (the FunnyBirds framework's default); recorded in the output

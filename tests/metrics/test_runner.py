@@ -16,6 +16,7 @@ from protoquant.metrics import (
     get_metric,
 )
 from protoquant.metrics.common import class_prototypes
+from protoquant.metrics.sample import choose_images
 from protoquant.train.baseline import PipNetStyleHead, baseline_model, train_baseline_head
 
 FAST = MetricSettings(misalignment_images=3, attack_iterations=2, funnybirds_images=4, batch_size=4)
@@ -133,7 +134,8 @@ def test_class_misalignment_is_one_joint_attack_per_image_and_class_each_one_per
     result = tiny_metrics_run
     kwargs = {"store": result.caches.test.store}
     slots = class_prototypes(result.model.head.class_weights, FAST.prototypes_per_class)
-    labels = result.splits.test.labels[: FAST.misalignment_images]
+    sample = choose_images(result.splits.test.labels, FAST.misalignment_images, seed=FAST.seed)
+    labels = result.splits.test.labels[sample.indices]
     per_image = [len(slots.of_class(int(y))) for y in labels]
     assert min(per_image) >= 2  # every attacked class has several prototypes
     reports = {
@@ -147,7 +149,7 @@ def test_class_misalignment_is_one_joint_attack_per_image_and_class_each_one_per
         for target in ("class", "class_each")
     }
     joint = reports["class"]["rows"]["misalignment"]
-    assert [row["index"] for row in joint] == list(range(FAST.misalignment_images))
+    assert [row["index"] for row in joint] == sample.indices.tolist()
     for row in joint:  # the reported prototype is the most activated of the class's prototypes
         assert row["target"] in set(slots.prototypes[slots.of_class(row["label"])].tolist())
     assert len(reports["class_each"]["rows"]["misalignment"]) == sum(per_image)
