@@ -6,11 +6,25 @@ scores (B, K), class_weights (C, K), logits (B, C).
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from protoquant.head_fast import (
+    FastPathState,
+    HeadScores,
+    compile_prerequisite_missing,
+    effective_weight,
+    pooled_scores,
+    scaled_unit_codes,
+)
+
+logger = logging.getLogger(__name__)
 
 
 def cosine_similarity_map(features: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
@@ -75,7 +89,7 @@ class NonNegativeLinear(nn.Module):
     @property
     def effective_weight(self) -> torch.Tensor:
         """(C, K) weights as used in the forward pass, all >= 0."""
-        return torch.relu(self.weight) * self.mask
+        return effective_weight(self.weight, self.mask)
 
     def forward(self, scores: torch.Tensor) -> torch.Tensor:
         return scores @ self.effective_weight.t()  # (B, K) @ (K, C) -> (B, C)
@@ -118,6 +132,7 @@ class ProtoQuantHead(nn.Module):
         self.class_layer = NonNegativeLinear(
             codebook.shape[0], num_classes, init_mean=init_mean, init_std=init_std, generator=generator
         )
+        self._fast = FastPathState()  # the logits path's reuse scope and compiled function; not saved
 
     @property
     def num_prototypes(self) -> int:
@@ -145,3 +160,62 @@ class ProtoQuantHead(nn.Module):
     def contributions(self, scores: torch.Tensor) -> torch.Tensor:
         """(B, C, K) score x weight; summing over K gives the logits."""
         return scores[:, None, :] * self.class_weights[None]
+
+    def normaliser_codebook(self) -> torch.Tensor | None:
+        """(R, D) prototypes that enter only the softmax normaliser; None for a plain head."""
+        return None
+
+    def forward_logits(self, features: torch.Tensor) -> HeadScores:
+        """Logits (B, C) and scores (B, K) for features (B, D, H, W), without the (B, K, H, W) maps.
+
+        The same values as `forward(features)` to float rounding (see `protoquant.head_fast`);
+        gradients flow as through `forward`. Reuses the derived tensors inside `inference()`; after
+        `compile_logits` runs as one compiled function that derives them from the live tensors.
+        """
+        codebook, removed = self.codebook, self.normaliser_codebook()
+        weight, mask = self.class_layer.weight, self.class_layer.mask
+        compiled = self._fast.compiled(features.device)
+        if compiled is not None:
+            return HeadScores(*compiled(features, codebook, weight, mask, self.temperature, removed))
+
+        def build() -> tuple[torch.Tensor, torch.Tensor]:
+            codes = codebook if removed is None else torch.cat([codebook, removed])  # (K + R, D)
+            return scaled_unit_codes(codes, self.temperature), effective_weight(weight, mask).t()
+
+        sources = (codebook, weight, mask) if removed is None else (codebook, removed, weight, mask)
+        codes, weight_t = self._fast.derived.get(sources, (self.temperature,), build)
+        scores = pooled_scores(features, codes, self.num_prototypes)
+        return HeadScores(scores @ weight_t, scores)  # (B, K) @ (K, C) -> (B, C)
+
+    @contextmanager
+    def inference(self) -> Iterator[ProtoQuantHead]:
+        """Scope in which `forward_logits` reuses the scaled prototypes and effective class weights.
+
+        They are recomputed whenever the codebook, class weights, mask or temperature change (in
+        place, by `load_state_dict`, `.to`, reassignment or `.data = ...`); writing in place through
+        a `.data` alias is not seen, so do not edit the head that way inside the scope.
+        """
+        self._fast.derived.enter()
+        try:
+            yield self
+        finally:
+            self._fast.derived.exit()
+
+    def compile_logits(self, mode: str | None = "reduce-overhead", *, on_cpu: bool = False) -> bool:
+        """Run `forward_logits` as one `torch.compile`d function; returns whether it will (None: eager).
+
+        On the CPU the head stays eager unless `on_cpu`: the matrix product dominates there and
+        compiling measured no consistent gain (BENCHMARKS.md, inference). Where torch.compile lacks a C++
+        compiler (CPU) or Triton (CUDA) a warning says so and the head stays eager. Compiled lazily
+        per device type at the first call. Modes: `protoquant.head_fast.COMPILE_MODES`
+        ("reduce-overhead" captures CUDA graphs on CUDA).
+        """
+        self._fast.set_mode(mode)  # checks the mode
+        device = self.codebook.device
+        missing = compile_prerequisite_missing(device) if mode is not None else ""
+        if mode is not None and not missing and device.type == "cpu" and not on_cpu:
+            missing = "compiling measured no consistent gain there; on_cpu=True compiles anyway"
+        if missing:
+            logger.warning("head not compiled on %s: %s", device, missing)
+            self._fast.set_mode(None)
+        return self._fast.mode is not None

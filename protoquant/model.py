@@ -17,7 +17,8 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -37,6 +38,7 @@ from protoquant.distributed import resolve_device
 from protoquant.errors import CheckpointError, ConfigError
 from protoquant.gallery_files import GALLERY_FILES, GALLERY_META, has_gallery, model_hash
 from protoquant.head import HeadOutput, ProtoQuantHead
+from protoquant.head_fast import HeadScores
 from protoquant.history import EditRecord, read_history
 from protoquant.hub import HubMixin
 from protoquant.pruned_head import PrunedHead
@@ -94,6 +96,21 @@ class ProtoQuant(HubMixin, nn.Module):
     def forward(self, images: torch.Tensor) -> HeadOutput:
         """images: (B, 3, S, S) normalised tensors."""
         return self.head(self.features(images))
+
+    def forward_logits(self, images: torch.Tensor) -> HeadScores:
+        """Logits (B, C) and scores (B, K) of normalised images (B, 3, S, S), without the maps:
+        the cheaper path for accuracy and serving (`ProtoQuantHead.forward_logits`)."""
+        return self.head.forward_logits(self.features(images))
+
+    @contextmanager
+    def inference(self) -> Iterator[ProtoQuant]:
+        """`torch.inference_mode` plus the head's reuse scope (`ProtoQuantHead.inference`)."""
+        with torch.inference_mode(), self.head.inference():
+            yield self
+
+    def compile_head(self, mode: str | None = "reduce-overhead", *, on_cpu: bool = False) -> bool:
+        """Compile the head's logits path; returns whether it did (`ProtoQuantHead.compile_logits`)."""
+        return self.head.compile_logits(mode, on_cpu=on_cpu)
 
     def features(self, images: torch.Tensor, *, input_gradients: bool = False) -> torch.Tensor:
         """(B, D, H, W) patch features exactly as the cache stored them (`patch_features`: bf16
@@ -265,7 +282,7 @@ class DifferentiableModel(nn.Module):
         return super().train(False)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model.head(self.model.features(images, input_gradients=True)).logits
+        return self.model.head.forward_logits(self.model.features(images, input_gradients=True)).logits
 
 
 def _rebuild_backbone(path: Path, config: RunConfig) -> FrozenBackbone:

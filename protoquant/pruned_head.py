@@ -50,6 +50,10 @@ class PrunedHead(ProtoQuantHead):
         """(K + R, D) unit prototypes: the explained ones first, then the normaliser-only ones."""
         return F.normalize(torch.cat([self.codebook, self.removed_codebook]), dim=1)
 
+    def normaliser_codebook(self) -> torch.Tensor:
+        """(R, D) the removed prototypes: in the softmax normaliser, out of the explanation."""
+        return self.removed_codebook
+
     def _presence(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(similarity, activation, scores) of the K explained prototypes; the softmax runs over K + R."""
         keep = self.num_prototypes

@@ -187,3 +187,14 @@ def test_class_weights_still_train(head, features) -> None:
     loss = head(features).logits.sum()
     loss.backward()
     assert head.class_layer.weight.grad is not None and head.class_layer.weight.grad.abs().sum() > 0
+
+
+def test_forward_reuses_nothing_even_inside_the_inference_scope(head, features) -> None:
+    head.requires_grad_(False)
+    with head.inference(), torch.no_grad():
+        head.forward_logits(features)  # fills the scope's reuse
+        head.codebook.data.copy_(torch.randn(K, D, generator=_generator(11)))  # unseen by versions
+        torch.testing.assert_close(head(features).logits, _fresh_logits(head, features))
+        head.class_layer.weight.data.mul_(3.0)
+        torch.testing.assert_close(head(features).logits, _fresh_logits(head, features))
+    torch.testing.assert_close(head.forward_logits(features).logits, _fresh_logits(head, features))
