@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # GPU checks and benchmarks in one go (one CUDA device): device agreement with the CPU, then
-# benchmarks 2, 3 (three backbones), 1 and 5 with --device cuda; benchmark 5 on the CPU cores on request.
+# benchmarks 2 (reference, fast and compiled head), 3 (three backbones, JPEG decoding in the workers and
+# on the GPU), 1 (cache.resident stream vs device) and 5 with --device cuda; then the decode, resident and k-means tests (their GPU cases run where CUDA is present); benchmark 5 on the CPU cores on request.
 # Each step has its own time limit and writes OUT/<step>.log; a failing step does not stop the rest.
 #
 #     bash benchmarks/gpu.sh [OUT]     # logs in OUT (default runs/gpu), runs in $WORK (runs/gpu-work)
@@ -23,13 +24,14 @@ step() {  # step NAME SECONDS COMMAND...
 }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 step device_check 90 "$py" benchmarks/device_check.py --device cuda
-step inference 90 "$py" benchmarks/inference.py --device cuda --repeats 51
+step inference 120 "$py" benchmarks/inference.py --device cuda --repeats 51 --compile reduce-overhead
 for backbone in torchvision/mobilenet_v2 timm/convnext_tiny torchvision/resnet50; do
-    step "caching-${backbone#*/}" 120 "$py" benchmarks/caching.py --device cuda --backbone "$backbone" \
-        --images 2048 --batch 128 --rounds 2 --workers -1 --bf16
+    step "caching-${backbone#*/}" 180 "$py" benchmarks/caching.py --device cuda --backbone "$backbone" \
+        --images 2048 --batch 128 --rounds 2 --workers -1 --bf16 --decode both
 done
 step training_cost 120 "$py" benchmarks/training_cost.py --device cuda --images 2000
 step distributed_cuda 150 "$py" benchmarks/distributed.py --device cuda --processes 1 --out "$work/dist-cuda"
 if [ "${CPU_PROCESSES:-}" ]; then  # e.g. CPU_PROCESSES=1,2: benchmark 5 on the CPU cores as well
     step distributed_cpu 300 "$py" benchmarks/distributed.py --device cpu --processes "$CPU_PROCESSES" --out "$work/dist-cpu"
 fi
+step gpu_tests 180 "$py" -m pytest -q -p no:cacheprovider tests/cache/test_device_decode.py tests/train/test_resident.py tests/train/test_kmeans_sampling.py
