@@ -8,6 +8,7 @@ from pathlib import Path
 from PIL import Image
 
 from protoquant import distributed
+from protoquant.backbones.stages import describe_scale
 from protoquant.config import RunConfig
 from protoquant.distributed import resolve_device
 from protoquant.explain.explanation import build_report, explain
@@ -66,12 +67,18 @@ def write_demo_report(result: RunResult, gallery: Gallery) -> Path:
     return write_report(report, result.out / REPORT_DIR)
 
 
+def _scale(backbone: dict) -> dict:
+    """describe_scale's arguments from metrics.json's backbone block."""
+    return {key: backbone[key] for key in ("grid", "stride", "receptive_field", "image_size")}
+
+
 def summary_rows(metrics: dict) -> list[tuple[str, str]]:
     rows = [
         (
             "data",
             f"{metrics['data']['dataset']}: {metrics['data']['train']} train / {metrics['data']['val']} val / {metrics['data']['test']} test, {metrics['data']['classes']} classes",
         ),
+        ("backbone", f"{metrics['backbone']['name']}, " + describe_scale(**_scale(metrics["backbone"]))),
         ("linear probe (reference)", f"{100 * metrics['linear_probe']['test_accuracy']:.1f} % test accuracy"),
         (
             "stage 1: quantized",

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 import yaml
 
 import protoquant
+from protoquant.backbones.stages import describe_scale
 from protoquant.config import WEIGHT_THRESHOLD, to_dict
 
 if TYPE_CHECKING:  # the model's hub methods call into this module: hints only
@@ -104,6 +105,17 @@ def _facts(model: protoquant.ProtoQuant, metrics: dict) -> str:
             "input",
             f"{config.backbone.image_size} x {config.backbone.image_size} px, "
             f"{info.grid[0]} x {info.grid[1]} grid",
+        ),
+        (
+            "features",
+            describe_scale(
+                info.grid,
+                info.stride,
+                info.receptive_field,
+                info.image_size,
+                pool=config.cache.grid_pool,
+                times="x",
+            ),
         ),
         ("prototypes (K)", str(head.num_prototypes) + _removed_note(head)),
         ("temperature (tau)", f"{head.temperature:g}"),

@@ -235,6 +235,7 @@ def collect_metrics(
             "weights_hash": info.weights_hash,
             "grid": list(info.grid),
             "channels": info.channels,
+            **info.scale_record(),
         },
         "linear_probe": {k: accuracy[f"linear_probe.{k}"] for k in ("val_accuracy", "test_accuracy")},
         "quantized": {

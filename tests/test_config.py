@@ -203,8 +203,16 @@ def _numeric(name: str) -> tuple[type, bool]:
 
 
 def _set(name: str, value: object) -> RunConfig:
+    return with_overrides(RunConfig(), {name: _as_field(name, value)})
+
+
+def _as_field(name: str, value: object) -> object:
+    """`value` as the field takes it: float tuples (mean / std) get 3 equal values, int tuples
+    (backbone.stages) 3 distinct ones starting at `value`."""
     item_type, is_tuple = _numeric(name)
-    return with_overrides(RunConfig(), {name: (value,) * 3 if is_tuple else value})  # mean / std: 3 values
+    if not is_tuple:
+        return value
+    return tuple(value + i for i in range(3)) if item_type is int else (value,) * 3
 
 
 def _outside_and_edges(name: str) -> tuple[list, list]:
@@ -229,7 +237,7 @@ def test_every_declared_bound_is_enforced_and_the_bound_itself_accepted(name) ->
         with pytest.raises(ConfigError, match=rf"'{re.escape(name)}'"):
             _set(name, value)
     for value in edges:
-        assert _get(_set(name, value), name) in (value, (value,) * 3), name
+        assert _get(_set(name, value), name) == _as_field(name, value), name
 
 
 def _get(config: RunConfig, name: str) -> object:

@@ -8,8 +8,9 @@ local file. Nothing is downloaded unless `BackboneConfig.download` is set; a mis
 at once with a message saying how to provide it. The input (size, crop, interpolation,
 normalisation) is the model's pretrained one unless the config overrides it
 (`protoquant.backbones.input`); `BackboneInfo` records both. `BackboneConfig.stage` takes the
-map from an earlier stage of the feature pyramid instead of the last (`protoquant.backbones.stages`);
-`BackboneInfo` records the stage, the stride and the receptive field of the map.
+map from an earlier stage of the feature pyramid instead of the last (`protoquant.backbones.stages`),
+`BackboneConfig.stages` several stages combined into one map (`protoquant.backbones.combine`);
+`BackboneInfo` records the stage(s), the stride and the receptive field of the map.
 """
 
 from __future__ import annotations
@@ -23,14 +24,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from protoquant.backbones.combine import check_torchvision_cut, cut_timm_stages, cut_torchvision_as_configured
 from protoquant.backbones.input import InputConfig, resolve_input, timm_input, torchvision_input
-from protoquant.backbones.stages import (
-    LAST_STAGE,
-    cut_timm,
-    cut_torchvision,
-    receptive_field_counter,
-    sequential_extract,
-)
+from protoquant.backbones.stages import LAST_STAGE, cut_timm, receptive_field_counter
 from protoquant.backbones.timm_hub import HF_HUB_PREFIX, load_hub_model, resolve_hub_weights
 from protoquant.backbones.weights import (
     WeightsSource,
@@ -58,8 +54,14 @@ class BackboneInfo:
     image_size: int  # S it was built for (ViT position embeddings follow it)
     pretrained_input: InputConfig  # the model's own input config, before the config's overrides
     stage: int  # feature pyramid stage the map comes from (-1: the model's last map)
-    stride: int  # input pixels per feature-grid cell, round(S / W)
-    receptive_field: int  # input pixels one feature cell sees (see protoquant.backbones.stages)
+    stride: int  # input pixels per feature-grid cell, round(S / W) (combined stages: the finest grid's)
+    receptive_field: int  # input pixels one feature cell sees (combined stages: the deepest stage's)
+    stages: tuple[int, ...] = ()  # the combined stages, in channel order (): one map (see `stage`)
+
+    def scale_record(self) -> dict:
+        """What sets the map's scale, as metrics.json records it (JSON types)."""
+        scale = ("image_size", "stage", "stride", "receptive_field")
+        return {name: getattr(self, name) for name in scale} | {"stages": list(self.stages)}
 
 
 class FrozenBackbone(nn.Module):
@@ -161,6 +163,7 @@ def _build_torchvision(model_name: str, config: BackboneConfig) -> Built:
     extract = _torchvision_family(model_name)
     if model_name not in torchvision.models.list_models():
         raise ValueError(_unknown("torchvision", model_name, torchvision.models.list_models()))
+    check_torchvision_cut(model_name, config)  # before building: fail fast for a family without stages
     pretrained = torchvision_input(torchvision_weights(model_name, config.weights))
     size = resolve_input(config, pretrained).image_size
     kwargs = {"image_size": size} if model_name.startswith("vit") else {}
@@ -168,8 +171,7 @@ def _build_torchvision(model_name: str, config: BackboneConfig) -> Built:
     source = resolve_torchvision_weights(model_name, config)
     if source.state_dict is not None:
         model.load_state_dict(source.state_dict, strict=True)
-    if config.stage != LAST_STAGE:
-        model, extract = cut_torchvision(model_name, model, config.stage, size), sequential_extract
+    model, extract = cut_torchvision_as_configured(model_name, model, config, size, extract)
     return model, source, extract, pretrained
 
 
@@ -223,6 +225,8 @@ def _build_timm(model_name: str, config: BackboneConfig) -> Built:
     elif source.path is not None or source.download_pretrained:
         overlay = {"file": str(source.path)} if source.path is not None else None
         model = timm.create_model(architecture, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+    if config.stages:
+        return model, source, cut_timm_stages(model, config.stages, config.name), pretrained
     extract = _timm_extract if config.stage == LAST_STAGE else cut_timm(model, config.stage, config.name)
     return model, source, extract, pretrained
 
@@ -275,11 +279,12 @@ def create_backbone(config: BackboneConfig) -> FrozenBackbone:
         stage=config.stage,
         stride=round(chosen.image_size / features.shape[3]),
         receptive_field=round(receptive_field[0]),
+        stages=tuple(config.stages),
     )
     logger.info(
-        "backbone %s: stage=%d D=%d grid=%s stride=%d rf=%d weights=%s",
+        "backbone %s: stage=%s D=%d grid=%s stride=%d rf=%d weights=%s",
         config.name,
-        config.stage,
+        list(config.stages) or config.stage,
         backbone.info.channels,
         backbone.info.grid,
         backbone.info.stride,

@@ -13,13 +13,14 @@ The receptive field is counted over the convolutions and pools that run, in call
 rf = 1 + sum (k - 1) * dilation * jump, jump = input side / the layer's input side. That is exact
 for chains and residual blocks; global gates (squeeze-excitation) are left out, and a model with
 attention layers mixes every position, so its receptive field is the whole input.
+`describe_scale` says grid, stride and receptive field in one line for model facts.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -55,15 +56,20 @@ TORCHVISION_LAYERS: dict[str, Callable[[nn.Module], list[nn.Module]]] = {
 }
 
 
-def torchvision_layers(model_name: str, model: nn.Module) -> list[nn.Module]:
+def check_torchvision_family(model_name: str, field: str = "backbone.stage") -> None:
+    """Raise (naming `field`) unless the torchvision model's family can be cut into stages."""
+    if not any(model_name.startswith(prefix) for prefix in TORCHVISION_LAYERS):
+        raise ValueError(
+            f"config field '{field}': torchvision model '{model_name}' has no stages here; "
+            f"use the model's last map or one of the families {', '.join(TORCHVISION_LAYERS)} (or a timm model)"
+        )
+
+
+def torchvision_layers(model_name: str, model: nn.Module, field: str = "backbone.stage") -> list[nn.Module]:
     """The top-level layers of a torchvision model whose chain computes its feature map."""
-    for prefix, layers in TORCHVISION_LAYERS.items():
-        if model_name.startswith(prefix):
-            return layers(model)
-    raise ValueError(
-        f"config field 'backbone.stage': torchvision model '{model_name}' has no stages here; "
-        f"use -1 or one of the families {', '.join(TORCHVISION_LAYERS)} (or a timm model)"
-    )
+    check_torchvision_family(model_name, field)
+    prefix = next(prefix for prefix in TORCHVISION_LAYERS if model_name.startswith(prefix))
+    return TORCHVISION_LAYERS[prefix](model)
 
 
 def stage_ends(layers: list[nn.Module], image_size: int) -> list[int]:
@@ -77,11 +83,11 @@ def stage_ends(layers: list[nn.Module], image_size: int) -> list[int]:
     return [i for i in range(len(sides)) if i == len(sides) - 1 or sides[i + 1] < sides[i]]
 
 
-def _check_stage(stage: int, count: int, where: str) -> None:
+def check_stage(stage: int, count: int, where: str, field: str = "backbone.stage") -> None:
+    """Raise (naming `field`) unless 0 <= stage < count."""
     if not 0 <= stage < count:
-        raise ValueError(
-            f"config field 'backbone.stage' = {stage}: {where} has stages 0..{count - 1} (or -1 for the last)"
-        )
+        last = " (or -1 for the last)" if field == "backbone.stage" else ""
+        raise ValueError(f"config field '{field}' = {stage}: {where} has stages 0..{count - 1}{last}")
 
 
 def cut_torchvision(model_name: str, model: nn.Module, stage: int, image_size: int) -> nn.Sequential:
@@ -91,7 +97,7 @@ def cut_torchvision(model_name: str, model: nn.Module, stage: int, image_size: i
     """
     layers = torchvision_layers(model_name, model.eval())
     ends = stage_ends(layers, image_size)
-    _check_stage(stage, len(ends), f"torchvision/{model_name} at {image_size} px")
+    check_stage(stage, len(ends), f"torchvision/{model_name} at {image_size} px")
     return nn.Sequential(*layers[: ends[stage] + 1])
 
 
@@ -111,7 +117,7 @@ def cut_timm(model: nn.Module, stage: int, name: str) -> Callable[[nn.Module, to
         raise ValueError(
             f"config field 'backbone.stage': timm model {name} has no feature_info / forward_intermediates; use -1"
         )
-    _check_stage(stage, len(info), name)
+    check_stage(stage, len(info), name)
     model.prune_intermediate_layers(indices=(stage,), prune_norm=True, prune_head=True)
     return functools.partial(timm_stage_extract, stage=stage)
 
@@ -149,3 +155,26 @@ def receptive_field_counter(model: nn.Module, image_size: int) -> Iterator[list[
     finally:
         for handle in handles:
             handle.remove()
+
+
+def describe_scale(
+    grid: Sequence[int],
+    stride: int,
+    receptive_field: int,
+    image_size: int,
+    *,
+    pool: int = 1,
+    times: str = "×",
+) -> str:
+    """One line on the scale of a feature map, for model facts and summaries.
+
+    `pool` > 1 describes the map after a pool x pool average pool (ceil mode, `cache.grid_pool`):
+    (H, W) -> ceil((H, W) / pool), stride * pool, receptive field + (pool - 1) * stride.
+    Example: "feature grid 14 × 14: one cell = 16 px, sees 427 px of the 224 px input".
+    """
+    height, width = (-(-int(side) // pool) for side in grid)
+    field = receptive_field + (pool - 1) * stride
+    return (
+        f"feature grid {height} {times} {width}: one cell = {stride * pool} px, "
+        f"sees {field} px of the {image_size} px input"
+    )

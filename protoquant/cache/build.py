@@ -78,6 +78,8 @@ def cache_key(
     """
     info = backbone.info
     site = {"decode": "device"} if decode == "device" else {}
+    if info.stages:  # combined stages run the same weights as the deepest of them alone
+        site["stages"] = list(info.stages)
     return site | {
         "format": CACHE_FORMAT,
         "dataset": dataset.name,

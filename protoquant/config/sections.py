@@ -94,9 +94,21 @@ class BackboneConfig(Checked):
         "torchvision stages): finer grid, smaller receptive field; -1 = the model's last map",
         minimum=-1,
     )
+    stages: tuple[int, ...] = knob(
+        (),
+        "combine the maps of these feature-pyramid stages (2 or more, e.g. 2,3): each L2-normalised per "
+        "cell, resized to the finest listed grid and concatenated along channels; empty = backbone.stage alone",
+        minimum=0,
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if len(self.stages) == 1 or len(set(self.stages)) != len(self.stages):
+            raise ConfigError(
+                f"config field 'backbone.stages' needs 2 or more distinct stages (or none), got {self.stages}"
+            )
+        if self.stages and self.stage != -1:
+            raise ConfigError("config fields 'backbone.stage' and 'backbone.stages': set one of them, not both")
         for name in ("mean", "std"):
             values = getattr(self, name)
             if len(values) not in (0, RGB_CHANNELS):
@@ -150,6 +162,40 @@ class CacheConfig(Checked):
         minimum=0.0,
         maximum=0.9,
     )
+
+
+@dataclass(frozen=True)
+class FinetuneConfig(Checked):
+    """Stage -1 (optional): fine-tune the backbone on the training split before it is frozen."""
+
+    section = "finetune."
+
+    enabled: bool = knob(False, "train: fine-tune the backbone first and use the fine-tuned weights frozen")
+    out: str = knob(
+        "",
+        "folder of the fine-tuned weights; '' = <cache root>/finetune/<key>, the key hashing the data, "
+        "the backbone and this section (so an identical fine-tuning is reused, an interrupted one resumed)",
+    )
+    epochs: int = knob(30, "passes over the training images", minimum=1)
+    lr: float = knob(1e-4, "AdamW learning rate of the backbone (the new classifier gets head_lr)", above=0.0)
+    head_lr: float = knob(1e-3, "AdamW learning rate of the new linear classifier", above=0.0)
+    weight_decay: float = knob(0.05, "AdamW weight decay (not on norms and biases)", minimum=0.0)
+    warmup_epochs: float = knob(2.0, "linear warm-up before the cosine decay", minimum=0.0)
+    label_smoothing: float = knob(0.1, "label smoothing of the targets", minimum=0.0, maximum=0.5)
+    mixup_alpha: float = knob(0.8, "timm Mixup alpha; 0 = off", minimum=0.0)
+    cutmix_alpha: float = knob(1.0, "timm CutMix alpha; 0 = off", minimum=0.0)
+    mix_prob: float = knob(1.0, "probability a batch is mixed (Mixup or CutMix)", minimum=0.0, maximum=1.0)
+    batch_size: int = knob(
+        32, "images per step over all processes (divisible by them; per process even when mixing)", minimum=2
+    )
+    patience: int = knob(
+        5,
+        "early stopping: stop after this many epochs without a better validation accuracy (needs validation "
+        "images); 0 = off. The best epoch's weights are kept either way",
+        minimum=0,
+    )
+    amp: bool = knob(True, "mixed precision on CUDA (bf16 where supported, else fp16); CPU runs in fp32")
+    num_workers: int = knob(-1, "DataLoader workers; -1: one per CPU (per local rank), up to 16", minimum=-1)
 
 
 @dataclass(frozen=True)
@@ -273,6 +319,7 @@ class RunConfig(Checked):
 
     data: DataConfig = field(default_factory=DataConfig)  # dataset, folder and splits
     backbone: BackboneConfig = field(default_factory=BackboneConfig)  # frozen backbone, weights, input
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)  # stage -1: optional fine-tuning
     cache: CacheConfig = field(default_factory=CacheConfig)  # the on-disk feature cache
     probe: ProbeConfig = field(default_factory=ProbeConfig)  # stage 0: linear probe (reference)
     codebook: CodebookConfig = field(default_factory=CodebookConfig)  # stage 1: the prototypes

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 import protoquant
+from protoquant.backbones.stages import describe_scale
 from protoquant.data.inputs import ImageInput, Images, is_batch
 from protoquant.explain.gallery import resolve_gallery
 from protoquant.explain.pictures import to_uint8
@@ -205,6 +206,12 @@ def model_facts(model: protoquant.ProtoQuant, gallery: Gallery) -> tuple[tuple[s
         (
             "input",
             f"{config.backbone.image_size} × {config.backbone.image_size} px, {gallery.grid[0]} × {gallery.grid[1]} grid",
+        ),
+        (
+            "features",
+            describe_scale(
+                info.grid, info.stride, info.receptive_field, info.image_size, pool=config.cache.grid_pool
+            ),
         ),
         ("prototypes", f"K = {model.head.num_prototypes}, temperature τ = {model.head.temperature:g}"),
         (

@@ -52,6 +52,8 @@ EXPECTED = {
     ("timm/test_convnext", 1): (32, 8),
     ("timm/test_convnext", 2): (48, 16),
     ("timm/test_mambaout", 1): (32, 8),  # a channels-last model: permuted to (B, D, H, W)
+    ("timm/test_vit", 0): (64, 16),  # a ViT lists every block, all at the patch stride
+    ("timm/test_vit", 2): (64, 16),
 }
 
 
@@ -160,6 +162,8 @@ def test_a_stage_that_does_not_exist_names_the_field(name, stage, message) -> No
 def test_a_torchvision_family_without_stages_names_the_field() -> None:
     with pytest.raises(ValueError, match="backbone.stage.*vit_b_16.*has no stages"):
         cut_torchvision("vit_b_16", nn.Identity(), 0, SIZE)
+    with pytest.raises(ValueError, match="backbone.stage.*vit_b_16.*has no stages"):
+        _backbone("torchvision/vit_b_16", 1)  # refused before the model is built
 
 
 def test_stage_below_minus_one_is_rejected() -> None:

@@ -123,5 +123,12 @@ def test_chunked_attack_rows_give_the_records_of_one_batch(tiny_metrics_run, ran
     reference = records[1000]["rows"]["misalignment"]
     assert len(reference) > settings.batch_size  # class_each makes several rows per image
     for rows in (1, 3):
-        assert records[rows]["rows"]["misalignment"] == reference
+        # the same records; floats to float tolerance (convolution kernels may sum in another
+        # order for another batch shape, so bit equality holds on some CPUs only)
+        chunked = records[rows]["rows"]["misalignment"]
+        assert [r.keys() for r in chunked] == [r.keys() for r in reference]
+        for got, want in zip(chunked, reference, strict=True):
+            for key, value in want.items():
+                expected = pytest.approx(value, rel=1e-4, abs=1e-5) if isinstance(value, float) else value
+                assert got[key] == expected, (rows, key)
         assert records[rows]["protocol"]["metrics"]["misalignment"]["attack_rows_per_pass"] == rows
