@@ -6,6 +6,7 @@ from protoquant.config import (
     CacheConfig,
     CodebookConfig,
     DataConfig,
+    FinetuneConfig,
     HeadConfig,
     ProbeConfig,
     RunConfig,
@@ -15,6 +16,7 @@ from protoquant.data import load_dataset, load_splits
 from protoquant.errors import CacheError, CheckpointError, ConfigError, DataError, ProtoQuantError
 from protoquant.explain.gallery import ensure_gallery, load_gallery
 from protoquant.explain.types import Explanation, Gallery
+from protoquant.finetuning import FinetuneResult, finetune
 from protoquant.model import DifferentiableModel, Prediction, ProtoQuant
 from protoquant.pipeline import RunResult, run
 
@@ -31,6 +33,8 @@ __all__ = [
     "DataConfig",
     "DifferentiableModel",
     "Explanation",
+    "FinetuneConfig",
+    "FinetuneResult",
     "Gallery",
     "HeadConfig",
     "Prediction",
@@ -41,6 +45,7 @@ __all__ = [
     "__version__",
     "create_backbone",
     "ensure_gallery",
+    "finetune",
     "load_dataset",
     "load_gallery",
     "load_splits",

@@ -2,7 +2,7 @@
 
 A checkpoint is a folder: `model.safetensors` (head tensors), `config.json` (run
 config, backbone facts, class names, temperature, format version, the edit history) and, only
-for randomly initialised backbones that no name can reference, `backbone.safetensors`;
+for backbones that no name can reference (random or fine-tuned weights), `backbone.safetensors`;
 optionally the prototype gallery (`gallery.json`, `gallery.safetensors`) and, in folders
 written by `save_pretrained`, a model card `README.md` and the run's `metrics.json`.
 Loading is strict, and the backbone's weights hash must match the recorded one.
@@ -30,12 +30,14 @@ from torch import nn
 from protoquant.atomic import clean_leftovers, fsync_tree, link_tree, recover, replace_folder, temporary_path
 from protoquant.backbones.features import patch_features
 from protoquant.backbones.frozen import FrozenBackbone, create_backbone, state_hash
+from protoquant.backbones.weights import is_path
 from protoquant.checkpoint_files import CONFIG_FILE, HEAD_FILE, check_shapes, read_meta, read_tensors
 from protoquant.config import RunConfig, from_dict, to_dict
 from protoquant.data.inputs import Images, to_rgb_images
 from protoquant.data.transforms import view_transform
 from protoquant.distributed import resolve_device
 from protoquant.errors import CheckpointError, ConfigError
+from protoquant.finetuning.files import is_finetuned_file
 from protoquant.gallery_files import GALLERY_FILES, GALLERY_META, has_gallery, model_hash
 from protoquant.head import HeadOutput, ProtoQuantHead
 from protoquant.head_fast import HeadScores
@@ -51,6 +53,7 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_FORMAT = 1  # a plain head; what training writes
 PRUNED_FORMAT = 2  # the head carries normaliser-only prototypes (`removed_codebook`)
 READABLE_FORMATS = (CHECKPOINT_FORMAT, PRUNED_FORMAT)
+BACKBONE_FILE = "backbone.safetensors"  # the backbone's tensors, where no name references them
 
 
 @dataclass(frozen=True)
@@ -198,9 +201,9 @@ class ProtoQuant(HubMixin, nn.Module):
                 {k: v.contiguous().cpu() for k, v in self.head.state_dict().items()},
                 str(tmp / "model.safetensors"),
             )
-            if self.backbone.info.weights == "random":
+            if self._stores_backbone():
                 state = {k: v.contiguous().cpu() for k, v in self.backbone.model.state_dict().items()}
-                save_file(state, str(tmp / "backbone.safetensors"))
+                save_file(state, str(tmp / BACKBONE_FILE))
             meta = {
                 "format": PRUNED_FORMAT if isinstance(self.head, PrunedHead) else CHECKPOINT_FORMAT,
                 "config": to_dict(self.config),
@@ -218,6 +221,13 @@ class ProtoQuant(HubMixin, nn.Module):
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         return path
+
+    def _stores_backbone(self) -> bool:
+        """Whether the checkpoint must carry the backbone's tensors: random or fine-tuned weights,
+        which no name references (or a checkpoint loaded from one that carried them)."""
+        if self.backbone.info.weights == "random" or is_finetuned_file(self.config.backbone.weights):
+            return True
+        return self.checkpoint is not None and (self.checkpoint / BACKBONE_FILE).is_file()
 
     def _copy_gallery(self, target: Path) -> None:
         """Link (or copy) `checkpoint`'s gallery files into `target` if they were built for this model."""
@@ -286,14 +296,20 @@ class DifferentiableModel(nn.Module):
 
 
 def _rebuild_backbone(path: Path, config: RunConfig) -> FrozenBackbone:
-    """The checkpoint's backbone from its name; random backbones travel as `backbone.safetensors`."""
-    backbone = create_backbone(config.backbone)
-    stored = path / "backbone.safetensors"
+    """The checkpoint's backbone from its name; random and fine-tuned backbones travel as
+    `backbone.safetensors` (a fine-tuned weights file that is gone is then not needed)."""
+    stored = path / BACKBONE_FILE
+    built = config.backbone
+    missing = is_path(built.weights) and not Path(built.weights).expanduser().is_file()
+    if stored.is_file() and missing:
+        built = replace(built, weights="none")  # the stored tensors replace the file
+    backbone = create_backbone(built)
     if stored.is_file():
         tensors = read_tensors(stored)
         check_shapes(stored, tensors, backbone.model.state_dict(), config.backbone.name)
         backbone.model.load_state_dict(tensors, strict=True)
-        backbone.info = replace(backbone.info, weights_hash=state_hash(backbone.model))
+        weights = config.backbone.weights if built is not config.backbone else backbone.info.weights
+        backbone.info = replace(backbone.info, weights=weights, weights_hash=state_hash(backbone.model))
     return backbone
 
 

@@ -34,6 +34,7 @@ from protoquant.data.base import ImageDataset
 from protoquant.data.transforms import view_transform
 from protoquant.distributed import resolve_device
 from protoquant.explain.grounding import nearest_patches, snap_to_patches
+from protoquant.finetuning import finetune_first
 from protoquant.gallery_files import model_hash
 from protoquant.head import ProtoQuantHead
 from protoquant.metrics.result import jsonable
@@ -266,6 +267,8 @@ def run(config: RunConfig, *, backbone: FrozenBackbone | None = None) -> RunResu
     ctx = distributed.init(device)
     start = time.perf_counter()
     config = resolve_run_config(config)
+    if config.finetune.enabled:  # stage -1: fine-tune (or reuse the fine-tuning), then freeze that
+        config = finetune_first(config, device, backbone_given=backbone is not None)
     out = Path(config.out)
     if ctx.is_main:
         tidy_run_folder(out)

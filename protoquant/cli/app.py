@@ -11,6 +11,7 @@ import sys
 import protoquant.cli.checkpoint_commands as checkpoint_commands
 import protoquant.cli.data_commands as data_commands
 import protoquant.cli.edit_commands as edit_commands
+import protoquant.cli.finetune_commands as finetune_commands
 import protoquant.cli.image_commands as image_commands
 import protoquant.cli.run_commands as run_commands
 from protoquant import __version__
@@ -40,7 +41,9 @@ def build_parser(argv: list[str] | None = None) -> Parser:
     add_verbosity(parser)
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    run_commands.register(sub, base_config(_command(argv), argv))
+    base = base_config(_command(argv), argv)
+    run_commands.register(sub, base)
+    finetune_commands.register(sub, base)
     checkpoint_commands.register(sub)
     edit_commands.register(sub)
     image_commands.register(sub)
