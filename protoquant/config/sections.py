@@ -176,6 +176,13 @@ class FinetuneConfig(Checked):
         "folder of the fine-tuned weights; '' = <cache root>/finetune/<key>, the key hashing the data, "
         "the backbone and this section (so an identical fine-tuning is reused, an interrupted one resumed)",
     )
+    image_size: int = knob(
+        0,
+        "input side S while fine-tuning; 0 = backbone.image_size. A smaller side trains faster (the "
+        "work grows with S^2) and convolutional backbones then read the weights at backbone.image_size "
+        "(e.g. fine-tune at 224, cache at 448 for a finer grid); keep it equal for ViTs",
+        minimum=0,
+    )
     epochs: int = knob(30, "passes over the training images", minimum=1)
     lr: float = knob(1e-4, "AdamW learning rate of the backbone (the new classifier gets head_lr)", above=0.0)
     head_lr: float = knob(1e-3, "AdamW learning rate of the new linear classifier", above=0.0)

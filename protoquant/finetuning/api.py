@@ -90,8 +90,15 @@ def loader_workers(config: RunConfig, batches: int) -> int:
 
 
 def _resolved(config: RunConfig) -> RunConfig:
+    """Concrete dataset and cache root; the backbone at `finetune.image_size` when that is set."""
     root = str(absolute(config.cache.root)) if config.cache.root else ""
-    return replace(config, data=resolve_dataset(config.data), cache=replace(config.cache, root=root))
+    size = config.finetune.image_size or config.backbone.image_size
+    return replace(
+        config,
+        data=resolve_dataset(config.data),
+        cache=replace(config.cache, root=root),
+        backbone=replace(config.backbone, image_size=size),
+    )
 
 
 def finetune(config: RunConfig, device: str | torch.device | None = None) -> FinetuneResult:

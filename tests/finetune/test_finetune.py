@@ -116,3 +116,15 @@ def test_early_stopping_keeps_the_best_epoch(tmp_path) -> None:
     assert meta["best_val_accuracy"] == max(accuracies) == accuracies[best] == result.best_val_accuracy
     assert accuracies.index(max(accuracies)) == best  # the first epoch reaching the best
     assert meta["epochs_run"] == min(6, best + 2)  # stopped after one epoch without improvement
+
+
+def test_fine_tuning_at_a_smaller_side_loads_at_the_backbone_side(tmp_path) -> None:
+    """finetune.image_size: trained at 32 px (recorded in the key), read frozen at the run's 64 px."""
+    config = tiny_config(tmp_path, "timm/test_convnext", epochs=1, image_size=32)
+    result = finetune(config)
+    meta = json.loads((result.folder / RESULT_FILE).read_text())
+    assert meta["key"]["backbone"]["image_size"] == 32
+    frozen = create_backbone(replace(config.backbone, weights=str(result.weights)))
+    assert frozen.info.image_size == 64 and frozen.info.weights_hash == result.weights_hash
+    full = finetune(replace(config, finetune=replace(config.finetune, image_size=0), out=str(tmp_path / "b")))
+    assert full.folder != result.folder  # another side, another fine-tuning
