@@ -108,7 +108,9 @@ class BackboneConfig(Checked):
                 f"config field 'backbone.stages' needs 2 or more distinct stages (or none), got {self.stages}"
             )
         if self.stages and self.stage != -1:
-            raise ConfigError("config fields 'backbone.stage' and 'backbone.stages': set one of them, not both")
+            raise ConfigError(
+                "config fields 'backbone.stage' and 'backbone.stages': set one of them, not both"
+            )
         for name in ("mean", "std"):
             values = getattr(self, name)
             if len(values) not in (0, RGB_CHANNELS):

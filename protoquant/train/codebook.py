@@ -20,7 +20,7 @@ from protoquant.cache.resident import BatchSource, as_source, choose
 from protoquant.cache.view import CacheView
 from protoquant.codebook import VectorQuantizer, kmeans_init, nearest_prototypes, orthogonal_init, to_patches
 from protoquant.config import CacheConfig, CodebookConfig
-from protoquant.train.common import reduced_accuracy, warmup_cosine, wrap_ddp
+from protoquant.train.common import warmup_cosine, wrap_ddp
 
 logger = logging.getLogger(__name__)
 
@@ -78,15 +78,39 @@ def evaluate_quantized(
 
     `subset` is a cache view (streamed) or a batch source over one (`protoquant.cache.resident`).
     """
+    return quantized_fit(quantizer, probe, subset, batch_size, device, ctx)[0]
+
+
+def quantized_fit(
+    quantizer: VectorQuantizer,
+    probe: nn.Linear,
+    subset: CacheView | BatchSource,
+    batch_size: int,
+    device: torch.device,
+    ctx: distributed.Context | None = None,
+) -> tuple[float, float]:
+    """(accuracy, mean cross-entropy) of the frozen probe on quantized maps, over all ranks."""
     quantizer.eval()
     source = as_source(subset, device)
     entries = distributed.shard_for_rank(source.view.entries, ctx or distributed.context())
     correct = torch.zeros((), dtype=torch.int64, device=source.device)
+    loss = torch.zeros((), dtype=torch.float64, device=source.device)
     with torch.no_grad():
         for features, labels in source.batches(entries, batch_size):
             logits, _ = quantized_logits(quantizer, probe, features)
             correct += (logits.argmax(1) == labels).sum()
-    return reduced_accuracy(int(correct), len(entries))
+            loss += F.cross_entropy(logits.float(), labels, reduction="sum").double()
+    sums = torch.stack(
+        [correct.double(), loss, torch.tensor(len(entries), dtype=torch.float64, device=loss.device)]
+    )
+    correct_all, loss_all, count = distributed.all_reduce_sum(sums.cpu()).tolist()
+    return (correct_all / count, loss_all / count) if count else (float("nan"), float("nan"))
+
+
+def better_fit(fit: tuple[float, float], best: tuple[float, float]) -> bool:
+    """Higher validation accuracy, or the same with a lower validation loss: on a small validation
+    split many epochs tie in accuracy, and the loss still tells them apart."""
+    return fit[0] > best[0] or (fit[0] == best[0] and fit[1] < best[1])
 
 
 def _reset_dead(
@@ -178,7 +202,7 @@ def train_codebook(
     total, warmup = config.epochs * steps_per_epoch, int(config.warmup_epochs * steps_per_epoch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, total, warmup))
     shared_rng, local_rng = np.random.default_rng(seed), np.random.default_rng((seed, ctx.rank))
-    history, best = [], (-1.0, None)
+    history, best = [], ((-1.0, float("inf")), None)
     epochs = progress.bar(range(config.epochs), desc="stage 1: codebook", unit="epoch")
     for epoch in epochs:
         quantizer.train()
@@ -190,14 +214,20 @@ def train_codebook(
         dead = int((epoch_usage == 0).sum())
         if config.reset_dead_prototypes:
             _reset_dead(quantizer, epoch_usage, train, shared_rng)
-        val_acc = evaluate_quantized(quantizer, probe, val_source, config.batch_size, device, ctx)
+        fit = quantized_fit(quantizer, probe, val_source, config.batch_size, device, ctx)
         history.append(
-            {"epoch": epoch, "loss": loss.item(), "dead_prototypes": dead, "val_accuracy": val_acc}
+            {
+                "epoch": epoch,
+                "loss": loss.item(),
+                "dead_prototypes": dead,
+                "val_accuracy": fit[0],
+                "val_loss": fit[1],
+            }
         )
-        logger.info("stage 1 epoch %d: loss %.4f dead %d val %.4f", epoch, loss.item(), dead, val_acc)
-        epochs.set_postfix(val=val_acc, dead=dead)
-        if val_acc > best[0]:
-            best = (val_acc, copy.deepcopy(quantizer.state_dict()))
+        logger.info("stage 1 epoch %d: loss %.4f dead %d val %.4f", epoch, loss.item(), dead, fit[0])
+        epochs.set_postfix(val=fit[0], dead=dead)
+        if best[1] is None or better_fit(fit, best[0]):
+            best = (fit, copy.deepcopy(quantizer.state_dict()))
     quantizer.load_state_dict(best[1])
     quantizer.requires_grad_(False).eval()
     return quantizer, history

@@ -10,9 +10,11 @@ from protoquant.cache.view import CacheView
 from protoquant.codebook import VectorQuantizer, nearest_prototypes, to_patches
 from protoquant.config import CodebookConfig, ProbeConfig
 from protoquant.train.codebook import (
+    better_fit,
     evaluate_quantized,
     init_codebook,
     prototype_usage,
+    quantized_fit,
     quantized_logits,
     sample_patches,
     train_codebook,
@@ -137,3 +139,14 @@ def test_code_usage_counts_every_patch_once(caches) -> None:
     assert counts.sum() == len(caches.val.entries) * grid[0] * grid[1]
     expected = torch.bincount(nearest_prototypes(_all_patches(caches.val), codes), minlength=8).float()
     assert torch.equal(counts, expected)
+
+
+def test_stage_1_keeps_the_best_accuracy_and_breaks_ties_on_the_validation_loss(caches, probe) -> None:
+    """A small validation split ties many epochs in accuracy: the lowest loss among them is kept."""
+    config = CodebookConfig(num_prototypes=8, kmeans_patches=100, kmeans_iters=3, epochs=4, batch_size=16)
+    quantizer, history = train_codebook(caches.train, caches.val, probe, config, seed=0, device=CPU)
+    chosen = max(history, key=lambda row: (row["val_accuracy"], -row["val_loss"]))
+    accuracy, loss = quantized_fit(quantizer, probe, caches.val, 16, CPU)
+    assert accuracy == pytest.approx(chosen["val_accuracy"]) and loss == pytest.approx(chosen["val_loss"])
+    assert better_fit((0.5, 1.0), (0.5, 2.0)) and not better_fit((0.5, 2.0), (0.5, 1.0))
+    assert better_fit((0.6, 9.0), (0.5, 1.0)) and not better_fit((0.4, 0.1), (0.5, 1.0))
