@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+import protoquant.finetuning.loop as loop
 from protoquant import distributed
 from protoquant.backbones.frozen import state_hash
 from protoquant.backbones.input import resolved_config
@@ -27,7 +28,6 @@ from protoquant.config import RunConfig
 from protoquant.data import Splits, load_splits, resolve_dataset
 from protoquant.data.transforms import ViewTransform, view_transform
 from protoquant.errors import ConfigError
-from protoquant.finetuning import loop
 from protoquant.finetuning.files import (
     FINETUNE_FORMAT,
     FinetuneResult,
