@@ -181,7 +181,27 @@ def accuracies(trained: Trained, caches: Caches, batch: int, device: torch.devic
         out[("linear_probe", name)] = evaluate_probe(trained.probe, subset, device)
         out[("quantized", name)] = evaluate_quantized(trained.quantizer, trained.probe, subset, batch, device)
         out[("protoquant", name)] = evaluate_head(trained.head, subset, batch, device)
+    out[("linear_probe", "train")] = evaluate_probe(trained.probe, caches.train_plain, device)
+    out[("quantized", "train")] = evaluate_quantized(
+        trained.quantizer, trained.probe, caches.train_plain, batch, device
+    )
     return {f"{stage}.{split}_accuracy": value for (stage, split), value in out.items()}
+
+
+UNDER_FIT = 0.9  # stage 1 under-fits when it keeps less of the probe's training accuracy than this
+
+
+def stage1_fit(accuracy: dict) -> float:
+    """Share of the probe's training accuracy the quantized maps keep (view 0 of the training
+    images); warns when stage 1 under-fits, which no validation number shows on a small split."""
+    fit = accuracy["quantized.train_accuracy"] / max(accuracy["linear_probe.train_accuracy"], 1e-12)
+    if fit < UNDER_FIT:
+        logger.warning(
+            "stage 1 keeps %.0f %% of the linear probe's training accuracy: the codebook under-fits; "
+            "raise codebook.lr (e.g. 5e-3), codebook.epochs or codebook.num_prototypes",
+            100 * fit,
+        )
+    return fit
 
 
 def grounding_summary(head: ProtoQuantHead, caches: Caches, batch: int, device: torch.device) -> dict:
@@ -238,9 +258,12 @@ def collect_metrics(
             "channels": info.channels,
             **info.scale_record(),
         },
-        "linear_probe": {k: accuracy[f"linear_probe.{k}"] for k in ("val_accuracy", "test_accuracy")},
+        "linear_probe": {
+            k: accuracy[f"linear_probe.{k}"] for k in ("train_accuracy", "val_accuracy", "test_accuracy")
+        },
         "quantized": {
-            **{k: accuracy[f"quantized.{k}"] for k in ("val_accuracy", "test_accuracy")},
+            **{k: accuracy[f"quantized.{k}"] for k in ("train_accuracy", "val_accuracy", "test_accuracy")},
+            "train_fit": stage1_fit(accuracy),
             "num_prototypes": trained.quantizer.num_prototypes,
             "used_prototypes": int((head.usage > 0).sum()),
         },

@@ -22,10 +22,12 @@ from protoquant.errors import ConfigError
 from protoquant.explain.gallery import training_subset
 from protoquant.model import ProtoQuant
 from protoquant.paths import cache_root
-from protoquant.pipeline import run
+from protoquant.pipeline import run, stage1_fit
 from protoquant.train.codebook import prototype_usage
 
 METRIC_KEYS = [
+    ("linear_probe", "train_accuracy"),
+    ("quantized", "train_accuracy"),
     ("linear_probe", "val_accuracy"),
     ("linear_probe", "test_accuracy"),
     ("quantized", "val_accuracy"),
@@ -260,3 +262,14 @@ def test_default_run_is_compact_and_reports_it(tiny_run) -> None:
     assert summary["per_class_max"] <= k and summary["local_size_median"] <= k
     assert summary["global_size"] == metrics["protoquant"]["num_prototypes"]
     assert 0.0 <= summary["top5_specific_share_mean"] <= 1.0 + 1e-6
+
+
+def test_stage_1_fit_is_the_share_of_the_probes_training_accuracy_kept(tiny_run, caplog) -> None:
+    metrics = tiny_run.result.metrics
+    kept = metrics["quantized"]["train_accuracy"] / metrics["linear_probe"]["train_accuracy"]
+    assert metrics["quantized"]["train_fit"] == pytest.approx(kept)
+    with caplog.at_level("WARNING", logger="protoquant.pipeline"):
+        assert stage1_fit({"quantized.train_accuracy": 0.95, "linear_probe.train_accuracy": 1.0}) == 0.95
+        assert not caplog.records
+        assert stage1_fit({"quantized.train_accuracy": 0.6, "linear_probe.train_accuracy": 0.96}) == 0.625
+    assert "under-fits" in caplog.text and "codebook.lr" in caplog.text
