@@ -253,7 +253,9 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument("--root", default=DEFAULT_ROOT, help="FunnyBirds folder (official layout)")
     parser.add_argument("--out", default="runs/funnybirds")
     parser.add_argument("--settings", default="imagenet,partscale,finetuned")
-    parser.add_argument("--per-class", default="10,5", help="training images per class (0 = all)")
+    parser.add_argument(
+        "--per-class", default="10,5", help="training images per class (0 = all; '' = only print the tables)"
+    )
     parser.add_argument(
         "--protocols-at",
         default="10",
@@ -286,14 +288,15 @@ def main() -> None:
         (out / "codebook_sweep.json").write_text(json.dumps(rows, indent=2))
         print(f"{machine()}\n\n{sweep_table(rows)}")
         return
-    results = {}
-    for per_class in (int(n) for n in args.per_class.split(",")):
+    record = out / "funnybirds.json"  # results of earlier invocations are kept (same keys replaced)
+    results = json.loads(record.read_text()) if record.is_file() else {}
+    for per_class in (int(n) for n in args.per_class.split(",") if n):
         for name in args.settings.split(","):
             config = setting_config(name, args.root, out, per_class, extra)
             images = args.protocol_images if str(per_class) in args.protocols_at.split(",") else None
             results[f"{name}, {per_class or 'all'}/class"] = one_setting(config, images)
             out.mkdir(parents=True, exist_ok=True)
-            (out / "funnybirds.json").write_text(json.dumps(results, indent=2))
+            record.write_text(json.dumps(results, indent=2))
     print(f"{machine()}\n")
     print(accuracy_table(results), "\n")
     print(protocol_table(results), "\n")
