@@ -11,6 +11,7 @@ seconds each stage took. Settings (--settings, comma-separated):
   imagenet   frozen ImageNet MobileNetV2 as shipped, 224 px, 2 training views (7 x 7 grid)
   partscale  the same weights at 448 px, 1 view (14 x 14 grid: a cell is 32 px of the input)
   finetuned  MobileNetV2 fine-tuned on the training split first (stage -1), then as partscale
+  finetuned-stages  the same fine-tuned weights, stages 3 and 4 combined (28 x 28 grid at 448 px)
 
 Runs, caches and the fine-tuned weights live under --out; a rerun reuses the feature caches and
 a finished fine-tuning (stages 0-2 train again: seconds to minutes). The FunnyBirds protocols run
@@ -69,6 +70,10 @@ SETTINGS: dict[str, dict] = {
         "finetune.patience": 0,  # no early stop on 50 validation images (the best epoch is kept)
         "finetune.num_workers": 2,
     },
+}
+SETTINGS["finetuned-stages"] = {  # the same fine-tuned weights, stages 3 and 4 combined (28 x 28)
+    **SETTINGS["finetuned"],
+    "backbone.stages": "3,4",
 }
 CODEBOOK_CHANGES: dict[str, dict] = {  # stage-1 changes measured by --codebook-sweep, one at a time
     "library defaults (lr 1e-3, K 1024, batch 64)": {"codebook.lr": 1e-3},
