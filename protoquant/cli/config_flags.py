@@ -60,7 +60,7 @@ def add_config_flags(parser: argparse.ArgumentParser, base: RunConfig) -> None:
 
 def config_lines(config: RunConfig) -> list[str]:
     """One line per config flag: name, type, current value, accepted choices and the help text."""
-    values, hints = _flat_values(to_dict(config)), flat_fields()
+    values, hints = flat_values(to_dict(config)), flat_fields()
     lines = []
     for name, spec in leaf_fields().items():
         hint, choices = hints[name], choices_of(hints[name])
@@ -72,11 +72,12 @@ def config_lines(config: RunConfig) -> list[str]:
     return lines
 
 
-def _flat_values(data: dict, prefix: str = "") -> dict[str, object]:
+def flat_values(data: dict, prefix: str = "") -> dict[str, object]:
+    """A nested config dict as {'section.field': value}."""
     out: dict[str, object] = {}
     for key, value in data.items():
         if isinstance(value, dict):
-            out.update(_flat_values(value, f"{prefix}{key}."))
+            out.update(flat_values(value, f"{prefix}{key}."))
         else:
             out[prefix + key] = value
     return out

@@ -10,22 +10,12 @@ import sys
 import yaml
 
 from protoquant.cli.checks import require, run_problems
-from protoquant.cli.config_flags import EPILOG, add_config_flags, config_lines
+from protoquant.cli.config_flags import EPILOG, add_config_flags, config_lines, flat_values
 from protoquant.cli.output import emit
 from protoquant.cli.parsing import add_json_flag, command
 from protoquant.config import RunConfig, load_yaml, to_dict
 
 SKIPPED_PREFIXES = ("finetune.", "backbone.weights")  # flags the train command must not repeat
-
-
-def _flat(data: dict, prefix: str = "") -> dict[str, object]:
-    out: dict[str, object] = {}
-    for key, value in data.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[prefix + key] = value
-    return out
 
 
 def _flag_value(value: object) -> str:
@@ -41,7 +31,7 @@ def train_command(config: RunConfig, weights: str, config_file: str | None) -> s
     """`protoquant train` with the same settings as `config` (its differences from the config file,
     or from the defaults) and `--backbone.weights WEIGHTS`, shell-quoted."""
     base = load_yaml(config_file) if config_file else RunConfig()
-    ours, theirs = _flat(to_dict(config)), _flat(to_dict(base))
+    ours, theirs = flat_values(to_dict(config)), flat_values(to_dict(base))
     words = ["protoquant", "train"] + (["--config", config_file] if config_file else [])
     for name, value in ours.items():
         if value != theirs.get(name) and not name.startswith(SKIPPED_PREFIXES):

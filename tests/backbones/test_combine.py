@@ -10,7 +10,6 @@ import torch
 import torch.nn.functional as F
 
 from protoquant.backbones.combine import combine_maps
-from protoquant.backbones.frozen import create_backbone
 from protoquant.backbones.stages import describe_scale
 from protoquant.cache.build import cache_key
 from protoquant.config import (
@@ -27,18 +26,7 @@ from protoquant.explain.explanation import model_facts
 from protoquant.model import ProtoQuant
 from protoquant.model_card import model_card
 from protoquant.pipeline import run
-
-SIZE = 64  # input side of every test backbone
-
-
-def _backbone(name: str, *, stage: int = -1, stages: tuple[int, ...] = ()):
-    return create_backbone(
-        BackboneConfig(name=name, weights="none", image_size=SIZE, stage=stage, stages=stages)
-    )
-
-
-def _images(batch: int = 2) -> torch.Tensor:
-    return torch.randn(batch, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
+from tests.backbones.test_stages import SIZE, _backbone, _images
 
 
 def _unit_at(features: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:

@@ -28,9 +28,9 @@ from protoquant.pipeline import run
 SIZE = 64  # input side of every test backbone
 
 
-def _backbone(name: str, stage: int = -1, seed: int = 0):
+def _backbone(name: str, stage: int = -1, seed: int = 0, *, stages: tuple[int, ...] = ()):
     return create_backbone(
-        BackboneConfig(name=name, weights="none", image_size=SIZE, init_seed=seed, stage=stage)
+        BackboneConfig(name=name, weights="none", image_size=SIZE, init_seed=seed, stage=stage, stages=stages)
     )
 
 
