@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 
 import protoquant
 from protoquant import progress
-from protoquant.cache.build import build_cache
+from protoquant.cache.split import split_store
 from protoquant.cache.view import CacheView
 from protoquant.config import DataConfig, from_dict, to_dict
 from protoquant.data import ImageDataset, load_splits
@@ -246,13 +246,10 @@ def checked_split(source: GallerySource, train: ImageDataset | None = None) -> I
 
 
 def training_subset(model: protoquant.ProtoQuant, device: str | torch.device = "cpu") -> CacheView:
-    """View 0 of every training image in the model's feature cache (read back; built only if missing)."""
-    config = model.config
-    train = load_splits(config.data, config.seed).train
-    transform = model.transform  # the training cache's transform (view 0 = evaluation view)
-    store = build_cache(
-        train, model.backbone, transform, views=config.cache.train_views, config=config.cache, device=device
-    )
+    """View 0 of every training image: read from the complete training cache, else from a
+    1-view cache of the split (built on first use; see `protoquant.cache.split`)."""
+    train = load_splits(model.config.data, model.config.seed).train
+    store = split_store(model, train, torch.device(device))
     return CacheView(store, store.entries(first_view_only=True))
 
 

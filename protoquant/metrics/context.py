@@ -12,7 +12,7 @@ A memo is bounded by bytes and forgets the least recently used features first; a
 memo keeps none (nothing in one run reads a changed image's features twice).
 
 The evaluated split's store may be the training cache with several views per image
-(`protoquant.metrics.split_cache`): everything here reads its view-0 entries only and maps them to
+(`protoquant.cache.split`): everything here reads its view-0 entries only and maps them to
 images through `store.image_index`.
 """
 

@@ -26,7 +26,7 @@ from protoquant.explain.grounding import nearest_patches
 from protoquant.metrics.result import jsonable
 from protoquant.metrics.runner import evaluate_metrics
 from protoquant.metrics.settings import MetricSettings
-from protoquant.metrics.split_cache import split_store
+from protoquant.cache.split import split_store
 from protoquant.model import ProtoQuant
 from protoquant.train.head import evaluate_head, global_size
 

@@ -19,7 +19,7 @@ from protoquant.metrics.cost import format_seconds
 from protoquant.metrics.registry import METRICS
 from protoquant.metrics.result import jsonable
 from protoquant.metrics.settings import REFERENCE_SIZE, MetricSettings
-from protoquant.metrics.split_cache import split_store
+from protoquant.cache.split import split_store
 from protoquant.model import ProtoQuant
 
 logger = logging.getLogger(__name__)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -20,8 +21,10 @@ from protoquant.cache.build import FeatureStore, build_cache, cache_folder, cach
 from protoquant.cache.manifest import read_manifest
 from protoquant.cache.verify import CacheIntegrityError
 from protoquant.data.base import ImageDataset
-from protoquant.model import ProtoQuant
 from protoquant.paths import cache_root
+
+if TYPE_CHECKING:
+    from protoquant.model import ProtoQuant
 
 logger = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""evaluate --split train and audit read view 0 of the training cache instead of building a 1-view copy."""
+"""evaluate --split train, audit and the gallery read view 0 of the training cache instead of building a 1-view copy."""
 
 from dataclasses import replace
 from pathlib import Path
@@ -8,12 +8,13 @@ import pytest
 import torch
 
 from protoquant.cache.build import build_cache
+from protoquant.cache.split import split_store, training_cache
 from protoquant.cache.view import CacheView
 from protoquant.data import load_splits
+from protoquant.explain.gallery import build_gallery, training_subset
 from protoquant.metrics import MetricSettings, evaluate_metrics
 from protoquant.metrics.context import EvalContext
 from protoquant.metrics.evaluate import audit_checkpoint, evaluate_checkpoint
-from protoquant.metrics.split_cache import split_store, training_cache
 from protoquant.model import ProtoQuant
 
 METRICS = ["accuracy", "size", "grounding", "purity"]
@@ -95,3 +96,27 @@ def test_audit_builds_no_cache_and_matches_a_one_view_cache(tiny_run, trained):
     assert report["grounding"] == expected["grounding"]
     assert report["rows"]["grounding"] == expected["rows"]["grounding"]  # nearest image, cell, usage
     assert report["drift"]["num_nearest_changed"] == 0 and "noise" in report
+
+
+def test_the_gallery_reads_view_zero_of_the_training_cache(tiny_run, trained):
+    _, model, train, forced, before = trained
+    view = training_subset(model)
+    assert folders(tiny_run.result.caches.train.store.folder.parent) == before
+    assert view.store.folder == tiny_run.result.caches.train.store.folder and view.store.views == 2
+    assert torch.equal(view.store.get(view.entries), forced.get(forced.entries()))
+
+
+def test_without_a_training_cache_the_gallery_builds_one_view_only(trained, tmp_path):
+    checkpoint, _, train, forced, _ = trained
+    model = ProtoQuant.load(checkpoint)
+    model.config = replace(model.config, cache=replace(model.config.cache, root=str(tmp_path)))
+    view = training_subset(model)
+    assert view.store.views == 1 and view.store.folder.parent == tmp_path
+    assert [p.name for p in folders(tmp_path) if p.is_dir()] == [view.store.folder.name]
+    assert np.array_equal(view.store.image_index[view.entries], np.arange(len(train)))
+    from_one_view = build_gallery(model, view, top_k=3)
+    reference = build_gallery(model, CacheView(forced, forced.entries()), top_k=3)
+    assert torch.equal(from_one_view.image, reference.image) and torch.equal(
+        from_one_view.cell, reference.cell
+    )
+    assert torch.equal(from_one_view.similarity, reference.similarity)
