@@ -1,4 +1,5 @@
-"""`protoquant data check`: verify a copy of a dataset before caching it."""
+"""`protoquant data check` verifies a copy of a dataset before caching it; `protoquant data resize`
+writes a downscaled copy of an image tree."""
 
 from __future__ import annotations
 
@@ -24,6 +25,23 @@ def data_check(args: argparse.Namespace) -> int:
     return PROBLEMS_FOUND if report["problems"] else 0
 
 
+def data_resize(args: argparse.Namespace) -> int:
+    """Write the downscaled copy; its counts (resized, copied, other files, kept) are the report."""
+    require([folder_problem(args.root, "--root")])
+    from dataclasses import asdict
+
+    from protoquant.data.resize import resize_dataset
+
+    report = resize_dataset(args.root, args.out, args.shorter_side, args.quality, threads=args.threads)
+    text = (
+        f"{args.out}: {report.resized} images resized to a shorter side of {args.shorter_side} px, "
+        f"{report.copied} copied (already that small), {report.other_files} other files copied, "
+        f"{report.kept} kept from an earlier run"
+    )
+    emit(args, text, {"root": args.root, "out": args.out, **asdict(report)})
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     """Add `data check`."""
     tools = command(sub, "data", "dataset tools").add_subparsers(
@@ -40,3 +58,29 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_flag(check, "skip_images", action="store_true", help="do not open every image (faster)")
     add_json_flag(check, "the report")
     check.set_defaults(func=data_check)
+    _register_resize(tools)
+
+
+def _register_resize(tools: argparse._SubParsersAction) -> None:
+    resize = command(
+        tools,
+        "resize",
+        "write a copy of an image tree with every image larger than --shorter_side downscaled "
+        "(same relative paths; resumes an interrupted copy)",
+    )
+    resize.add_argument("--root", required=True, metavar="DIR", help="the dataset folder to copy")
+    resize.add_argument("--out", required=True, metavar="DIR", help="folder of the copy (outside --root)")
+    add_flag(
+        resize,
+        "shorter_side",
+        type=int,
+        default=256,
+        metavar="PX",
+        help="shorter side of the resized images (256 keeps room for a 224 px crop)",
+    )
+    resize.add_argument(
+        "--quality", type=int, default=90, metavar="Q", help="JPEG / WebP quality"
+    )
+    resize.add_argument("--threads", type=int, default=4, metavar="N", help="images processed at once")
+    add_json_flag(resize, "the counts")
+    resize.set_defaults(func=data_resize)

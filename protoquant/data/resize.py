@@ -7,6 +7,9 @@ copy of a tree with the same relative paths: every image whose shorter side exce
 its own format (JPEG at `quality`, with its EXIF block and colour profile, so an orientation tag
 still applies); smaller images and every other file are copied unchanged.
 
+Every file of the copy is written atomically, so an interrupted run leaves whole files only (and temporary
+ones, which the next run removes); run again, it keeps each one that is at least as new as its source and does the rest.
+
 The copy is another dataset: its files differ, so its fingerprint and its feature caches
 differ too. Annotations given in pixel coordinates (the CUB and Stanford Cars boxes and parts)
 are not rescaled: use the copy with layouts that have none (image folders, ImageNet).
@@ -14,6 +17,7 @@ are not rescaled: use the copy with layouts that have none (image folders, Image
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -24,7 +28,7 @@ from pathlib import Path
 from PIL import Image
 
 from protoquant import progress
-from protoquant.atomic import write_file_atomic
+from protoquant.atomic import clean_leftovers, write_bytes_atomic, write_file_atomic
 from protoquant.data.images import DECODE_ERRORS, is_image_file, to_rgb
 from protoquant.errors import ConfigError, DataError
 
@@ -34,15 +38,18 @@ RESAMPLE = Image.Resampling.LANCZOS  # downscaling filter: the sharpest of Pillo
 QUALITY_RANGE = (1, 100)  # Pillow's JPEG / WebP quality scale
 QUALITY_FORMATS = ("JPEG", "WEBP")  # formats saved at `quality`; the others are lossless
 NEAREST_ONLY_MODES = ("1", "P", "PA")  # modes Pillow resizes only by nearest neighbour: made RGB first
+SETTINGS_FILE = ".protoquant-resize.json"  # in the copy's folder: what it was written with
 
 
 @dataclass(frozen=True)
 class ResizeReport:
-    """What `resize_dataset` wrote: images resized, images copied as they were, other files copied."""
+    """What `resize_dataset` did: images resized, images copied as they were, other files copied,
+    and files kept from an earlier run (already written and at least as new as their source)."""
 
     resized: int
     copied: int
     other_files: int
+    kept: int = 0
 
 
 def resized_size(width: int, height: int, shorter_side: int) -> tuple[int, int]:
@@ -62,7 +69,7 @@ def resize_file(src: Path, dst: Path, shorter_side: int, quality: int) -> bool:
     try:
         with Image.open(src) as image:
             if min(image.size) <= shorter_side:
-                shutil.copyfile(src, dst)
+                copy_file(src, dst)
                 return False
             image.load()
             fmt, info = image.format, image.info
@@ -76,6 +83,37 @@ def resize_file(src: Path, dst: Path, shorter_side: int, quality: int) -> bool:
     options |= {"quality": quality} if fmt in QUALITY_FORMATS else {}
     write_file_atomic(dst, lambda tmp: resized.save(tmp, format=fmt, **options), durable=False)
     return True
+
+
+def copy_file(src: Path, dst: Path) -> None:
+    """Copy `src` to `dst` atomically (a whole file or none)."""
+    write_file_atomic(dst, lambda tmp: shutil.copyfile(src, tmp), durable=False)
+
+
+def is_done(src: Path, dst: Path) -> bool:
+    """Whether `dst` was written by an earlier run after `src` last changed (written atomically,
+    so an existing file is a whole one)."""
+    try:
+        return dst.stat().st_mtime_ns >= src.stat().st_mtime_ns
+    except FileNotFoundError:
+        return False
+
+
+def _claim(dst: Path, shorter_side: int, quality: int) -> None:
+    """Record the settings in `dst`, or check them against those of an earlier run there (a file
+    it kept was written with them)."""
+    settings = {"shorter_side": shorter_side, "quality": quality, "resample": RESAMPLE.name}
+    path = dst / SETTINGS_FILE
+    if path.is_file():
+        earlier = json.loads(path.read_text())
+        if earlier != settings:
+            raise ConfigError(
+                f"resize: {dst} holds a copy written with {earlier} ({path}), not {settings}: "
+                "choose another destination, or the same settings to finish that copy"
+            )
+        return
+    dst.mkdir(parents=True, exist_ok=True)
+    write_bytes_atomic(path, json.dumps(settings).encode())
 
 
 def _check(src: Path, dst: Path, shorter_side: int, quality: int) -> None:
@@ -96,29 +134,40 @@ def resize_dataset(
 
     Args:
         src: the dataset folder.
-        dst: the folder of the copy (created; files already there are overwritten).
+        dst: the folder of the copy (created; a file already there is kept when it is at least as
+            new as its source, e.g. after an interrupted run, and overwritten otherwise).
         shorter_side: the shorter side, in pixels, of every image larger than that.
         quality: JPEG / WebP quality of the resized images.
         threads: images processed at once (Pillow decodes, resizes and encodes outside the GIL).
 
     Raises:
-        ConfigError: a bad `shorter_side` or `quality`, or `dst` inside `src`.
+        ConfigError: a bad `shorter_side` or `quality`, `dst` inside `src`, or `dst` holding a
+            copy written with other settings.
         DataError: `src` is no folder, or an image there is unreadable (named).
     """
     src, dst = Path(src), Path(dst)
     _check(src, dst, shorter_side, quality)
-    images, others = [], []
+    _claim(dst, shorter_side, quality)
+    images, others, kept = [], [], 0
     for parent, dirs, names in os.walk(src):
         dirs.sort()
+        target = dst / Path(parent).relative_to(src)
+        if target.is_dir():
+            clean_leftovers(target)  # partial files of a run that was killed
         for name in sorted(names):
             rel = (Path(parent) / name).relative_to(src)
+            if is_done(src / rel, dst / rel):
+                kept += 1
+                continue
             (dst / rel).parent.mkdir(parents=True, exist_ok=True)
             (images if is_image_file(name) else others).append(rel)
     for rel in others:
-        shutil.copyfile(src / rel, dst / rel)
+        copy_file(src / rel, dst / rel)
     with ThreadPoolExecutor(max(1, threads)) as pool:
         jobs = pool.map(lambda rel: resize_file(src / rel, dst / rel, shorter_side, quality), images)
         resized = sum(progress.bar(jobs, total=len(images), desc=f"resizing {src.name}", unit="img"))
-    report = ResizeReport(resized, len(images) - resized, len(others))
-    logger.info("%s -> %s: %d images resized, %d copied, %d other files", src, dst, *vars(report).values())
+    report = ResizeReport(resized, len(images) - resized, len(others), kept)
+    logger.info(
+        "%s -> %s: %d images resized, %d copied, %d other files, %d kept", src, dst, *vars(report).values()
+    )
     return report

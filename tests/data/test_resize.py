@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import os
+
 import numpy as np
 import pytest
 from PIL import Image
 
+from protoquant.atomic import host_token
 from protoquant.data.image_folder import ImageFolder
-from protoquant.data.resize import resize_dataset, resized_size
+from protoquant.data.resize import SETTINGS_FILE, resize_dataset, resized_size
 from protoquant.errors import ConfigError, DataError
+from tests.test_atomic import dead_pid
 
 ORIENTATION_TAG = 0x0112
 SHORTER = 48
@@ -84,3 +89,65 @@ def test_bad_arguments_and_files_are_named(tree, tmp_path) -> None:
     (tree / "train" / "cat" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     with pytest.raises(DataError, match="broken.jpg"):
         resize_dataset(tree, tmp_path / "dst", SHORTER)
+
+
+def test_a_second_run_keeps_finished_files_and_redoes_changed_ones(tree, tmp_path) -> None:
+    dst = tmp_path / "dst"
+    first = resize_dataset(tree, dst, SHORTER)
+    again = resize_dataset(tree, dst, SHORTER)
+    assert (again.resized, again.copied, again.other_files, again.kept) == (0, 0, 0, 7)
+    assert first.kept == 0
+    changed = tree / "train" / "cat" / "wide.jpg"
+    _picture(220, 120, 99).save(changed, quality=95)
+    stamp = (dst / "train/cat/wide.jpg").stat().st_mtime_ns
+    os.utime(changed, ns=(stamp + 10**9, stamp + 10**9))  # newer than its copy
+    third = resize_dataset(tree, dst, SHORTER)
+    assert (third.resized, third.kept) == (1, 6)
+    with Image.open(dst / "train/cat/wide.jpg") as image:
+        assert image.size == resized_size(220, 120, SHORTER)
+    with pytest.raises(ConfigError, match="other|not"):  # its kept files have another size
+        resize_dataset(tree, dst, SHORTER + 8)
+
+
+def test_an_interrupted_run_leaves_whole_files_and_resumes(tree, tmp_path, monkeypatch) -> None:
+    dst = tmp_path / "dst"
+    real, calls = Image.Image.save, []
+
+    def failing_save(image, fp, *args, **kwargs):
+        calls.append(fp)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # stopped while writing the third resized image
+        return real(image, fp, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "save", failing_save)
+    with pytest.raises(KeyboardInterrupt):
+        resize_dataset(tree, dst, SHORTER, threads=1)
+    monkeypatch.undo()
+    written = [p for p in dst.rglob("*") if p.is_file() and p.name != SETTINGS_FILE]
+    assert written and not [p for p in written if p.name.startswith(".")]  # no partial file
+    killed = dst / "train" / "cat" / f".wide.jpg.tmp-{dead_pid()}-{host_token()}"
+    killed.write_bytes(b"half a file")  # what a killed (not interrupted) writer leaves
+    report = resize_dataset(tree, dst, SHORTER, threads=1)
+    assert (
+        report.kept == len(written) and report.kept + report.resized + report.copied + report.other_files == 7
+    )
+    assert not killed.exists()
+    resize_dataset(tree, tmp_path / "fresh", SHORTER)
+    files = lambda root: {p.relative_to(root): p.read_bytes() for p in root.rglob("*") if p.is_file()}  # noqa: E731
+    assert files(dst) == files(tmp_path / "fresh")  # the resumed copy is the uninterrupted one
+
+
+def test_the_data_resize_command(tree, tmp_path, capsys) -> None:
+    from protoquant.cli import main
+
+    dst = tmp_path / "dst"
+    argv = ["data", "resize", "--root", str(tree), "--out", str(dst), "--shorter_side", str(SHORTER)]
+    assert main([*argv, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (report["resized"], report["copied"], report["other_files"], report["kept"]) == (5, 1, 1, 0)
+    assert main(argv) == 0
+    assert "7 kept from an earlier run" in capsys.readouterr().out
+    assert main(["data", "resize", "--root", str(tmp_path / "nope"), "--out", str(dst)]) == 2
+    assert "--root" in capsys.readouterr().err
+    assert main([*argv[:-1], "0"]) == 2
+    assert "shorter_side" in capsys.readouterr().err
