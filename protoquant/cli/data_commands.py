@@ -78,9 +78,7 @@ def _register_resize(tools: argparse._SubParsersAction) -> None:
         metavar="PX",
         help="shorter side of the resized images (256 keeps room for a 224 px crop)",
     )
-    resize.add_argument(
-        "--quality", type=int, default=90, metavar="Q", help="JPEG / WebP quality"
-    )
+    resize.add_argument("--quality", type=int, default=90, metavar="Q", help="JPEG / WebP quality")
     resize.add_argument("--threads", type=int, default=4, metavar="N", help="images processed at once")
     add_json_flag(resize, "the counts")
     resize.set_defaults(func=data_resize)

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 import protoquant.metrics.grounding as grounding_metrics
+from protoquant.cache.split import split_store
 from protoquant.cache.view import CacheView
 from protoquant.config import WEIGHT_THRESHOLD
 from protoquant.data import Splits, load_splits
@@ -26,7 +27,6 @@ from protoquant.explain.grounding import nearest_patches
 from protoquant.metrics.result import jsonable
 from protoquant.metrics.runner import evaluate_metrics
 from protoquant.metrics.settings import MetricSettings
-from protoquant.cache.split import split_store
 from protoquant.model import ProtoQuant
 from protoquant.train.head import evaluate_head, global_size
 

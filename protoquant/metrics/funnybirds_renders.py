@@ -50,9 +50,12 @@ def intervention_logits(ctx: EvalContext, images: list, plans: list[dict]) -> di
     return logits
 
 
-def renders_estimate(ctx: EvalContext, images: int, keys: list[tuple], planned: int) -> CostEstimate:
+def renders_estimate(
+    ctx: EvalContext, images: int, keys: list[tuple], planned: int, planning_seconds: float = 0.0
+) -> CostEstimate:
     """The re-renders of `images` images, scaled from the `keys` planned for the first `planned`
-    images (those the memo lacks), priced by timing one small batch of them (render + forward)."""
+    images (those the memo lacks), priced by timing one small batch of them (render + forward),
+    plus `planning_seconds` of measured work per image."""
     per_image = ctx.missing_features(keys) / max(1, planned)
     total = int(round(per_image * images))
     count = min(CALIBRATION_IMAGES, ctx.settings.batch_size, len(keys))
@@ -61,4 +64,5 @@ def renders_estimate(ctx: EvalContext, images: int, keys: list[tuple], planned: 
         make = renders(ctx)
         seconds, spent = seconds_per_image(lambda: ctx.features(make(keys[:count])), count, ctx.device)
     work = f"about {per_image:.1f} interventions per image (planned for the first {planned}) = {total:,} re-renders"
-    return CostEstimate("funnybirds", images, work, (PassCount(total, "forward", seconds),), count, spent)
+    passes = (PassCount(total, "forward", seconds),)
+    return CostEstimate("funnybirds", images, work, passes, count, spent, planning_seconds)

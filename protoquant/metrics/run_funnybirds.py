@@ -174,12 +174,13 @@ def _chunk(ctx: EvalContext, entries: np.ndarray, base, thresholds, desc: str = 
 
 
 def _estimate(ctx: EvalContext, sample: ImageSample, entries: np.ndarray, base, thresholds) -> CostEstimate:
-    """Re-renders ahead: planned for the first images and scaled to the sample; one batch of them timed."""
-    first = entries[:IMAGES_PER_CHUNK]
-    keys = []
+    """Re-renders ahead: planned for the first images and scaled to the sample; one batch of them
+    timed, and the planning of those first images (loading, attribution maps) as the per-image work."""
+    first, keys, started = entries[:IMAGES_PER_CHUNK], [], time.perf_counter()
     for images, plans in _chunk(ctx, first, base, thresholds, desc="metrics: funnybirds planning"):
         keys += [("fb", image.index, *key) for image, plan in zip(images, plans) for key in plan["keys"]]
-    return renders_estimate(ctx, len(sample.indices), keys, len(first))
+    planning = (time.perf_counter() - started) / max(1, len(first))  # every image is planned so
+    return renders_estimate(ctx, len(sample.indices), keys, len(first), planning)
 
 
 def _score(

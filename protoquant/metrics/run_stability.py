@@ -2,7 +2,8 @@
 
 Clean features come from the cache; each image's noisy copy goes through the backbone once (in
 batches of `batch_size`, unless a shared memo already holds it). Before it starts, the runner
-counts the noisy copies and times one batch of them (load, noise, forward; `protoquant.metrics.cost`).
+counts the noisy copies and times one batch of them (load, noise, forward) and the scoring of that
+batch (head, part hits, score changes; `protoquant.metrics.cost`).
 """
 
 from __future__ import annotations
@@ -54,19 +55,32 @@ def _noisy_features(
     return ctx.memo_features([(*tag, int(i)) for i in indices], _noisy_images(ctx, indices, noise))
 
 
-def _estimate(ctx: EvalContext, sample: ImageSample, tag: tuple) -> CostEstimate:
-    """The noisy copies still to featurise, priced by timing one small batch of them."""
+def _estimate(ctx: EvalContext, sample: ImageSample, tag: tuple, slots, with_parts: bool) -> CostEstimate:
+    """The noisy copies still to featurise, priced by timing one small batch of them, plus the
+    scoring of that batch (once, so that reading its annotations counts)."""
     missing = ctx.missing_features([(*tag, int(i)) for i in sample.indices])
-    count = min(CALIBRATION_IMAGES, ctx.settings.batch_size, missing)
-    seconds = spent = 0.0
+    count = min(CALIBRATION_IMAGES, ctx.settings.batch_size, len(sample.indices))
+    seconds = scoring = spent = 0.0
     if count:
         chosen = sample.indices[:count]
         make = _noisy_images(ctx, chosen, _draw_noise(ctx, count, torch.Generator().manual_seed(0)))
         keys = [(int(i),) for i in chosen]
         seconds, spent = seconds_per_image(lambda: ctx.features(make(keys)), count, ctx.device)
+        noisy = ctx.features(make(keys))
+        entries = ctx.entries_of(chosen)
+
+        def score() -> None:
+            outputs = (ctx.head_output(ctx.store.get(entries).float()), ctx.head_output(noisy))
+            for row, index in enumerate(chosen.tolist()):
+                slot_ids = slots.of_class(int(ctx.labels[index]))
+                if len(slot_ids):
+                    _stability_image(ctx, slots, slot_ids, index, (outputs, row), with_parts)
+
+        scoring, spent_scoring = seconds_per_image(score, count, ctx.device, repeats=1, warm_up=False)
+        spent += spent_scoring
     work = f"{len(sample.indices):,} noisy copies ({len(sample.indices) - missing:,} already in the memo)"
     passes = (PassCount(missing, "forward", seconds),)
-    return CostEstimate("stability", len(sample.indices), work, passes, count, spent)
+    return CostEstimate("stability", len(sample.indices), work, passes, count, spent, scoring)
 
 
 def _stability_image(ctx, slots, slot_ids, index, outputs, with_parts: bool) -> tuple:
@@ -93,8 +107,8 @@ def run_stability(ctx: EvalContext) -> MetricResult:
         ctx.labels, settings.stability_images, seed=settings.seed, rule=settings.sample_rule
     )
     tag = _tag(ctx, sample)
-    estimate = _estimate(ctx, sample, tag)
     slots, with_parts = _slots(ctx), ctx.dataset.has_parts
+    estimate = _estimate(ctx, sample, tag, slots, with_parts)
     same, seen = np.zeros(len(slots.classes)), np.zeros(len(slots.classes))
     score_change, cell_same = [], []
     generator = torch.Generator().manual_seed(settings.seed)

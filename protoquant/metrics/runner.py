@@ -11,6 +11,7 @@ import torch
 
 from protoquant import progress
 from protoquant.cache.build import FeatureStore
+from protoquant.cache.split import split_store
 from protoquant.cache.view import CacheView
 from protoquant.data.base import ImageDataset, SubsetDataset
 from protoquant.metrics.common import class_prototypes
@@ -19,7 +20,6 @@ from protoquant.metrics.cost import format_seconds
 from protoquant.metrics.registry import METRICS
 from protoquant.metrics.result import jsonable
 from protoquant.metrics.settings import REFERENCE_SIZE, MetricSettings
-from protoquant.cache.split import split_store
 from protoquant.model import ProtoQuant
 
 logger = logging.getLogger(__name__)

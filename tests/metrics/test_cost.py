@@ -18,6 +18,7 @@ KEYS = {
     "work",
     "backbone_passes",
     "seconds_per_pass",
+    "scoring_seconds_per_image",
     "calibration_images",
     "calibration_seconds",
     "estimated_seconds",
@@ -56,7 +57,7 @@ def test_every_expensive_protocol_records_its_estimate_and_actual_seconds(report
         assert all(s > 0 for s in cost["seconds_per_pass"].values())
         assert math.isfinite(cost["estimated_seconds"]) and cost["estimated_seconds"] > 0
         assert 0 < cost["actual_seconds"] <= out["timing_seconds"][name]
-        expected = sum(
+        expected = cost["images"] * cost["scoring_seconds_per_image"] + sum(
             cost["backbone_passes"][k] * cost["seconds_per_pass"][k] for k in cost["backbone_passes"]
         )
         assert cost["estimated_seconds"] == pytest.approx(expected)
@@ -100,6 +101,15 @@ def test_the_description_reads_as_the_work_and_its_price():
     assert estimate.describe() == (
         "misalignment: 400 images, 400 attacks x 40 PGD steps = 16,000 forward+backward + 800 forward "
         "backbone passes; about 24 min at 0.09 s per forward+backward, 0.03 s per forward (measured on 8 images)"
+    )
+    scored = replace(
+        estimate, metric="stability", work="400 noisy copies", passes=(PassCount(400, "forward", 0.02),)
+    )
+    scored = replace(scored, scoring_seconds_each=0.01)
+    assert scored.estimated_seconds == pytest.approx(400 * 0.02 + 400 * 0.01)
+    assert scored.describe() == (
+        "stability: 400 images, 400 noisy copies = 400 forward backbone passes + the work on 400 images; "
+        "about 12 s at 0.02 s per forward, 0.01 s per image (measured on 8 images)"
     )
     assert [format_seconds(s) for s in (4.2, 40, 1380, 9000)] == ["4.2 s", "40 s", "23 min", "2.5 h"]
 
