@@ -18,8 +18,13 @@ fine-tuning epoch) with head.scores_memory_mb above the table and at 1 MiB (the 
 path); their class weights must be equal. Besides VmHWM each child samples its anonymous RSS
 every 5 ms (file-backed pages of the memory-mapped cache are reclaimable, anonymous ones not).
 
+`--device cuda` runs every child on the GPU and adds its max allocated memory
+(`torch.cuda.max_memory_allocated`, reset when the child starts). Stage 1 streams its maps
+(`--resident stream`, the path whose memory does not depend on N); `--resident auto` shows the
+loaded path, whose GPU memory grows with the cache by design.
+
     python benchmarks/memory.py [--entries 25000 50000 100000] [--channels 384]
-        [--parts kmeans stage1 stage2]
+        [--parts kmeans stage1 stage2] [--device cuda] [--resident stream|auto|device]
 """
 
 from __future__ import annotations
@@ -43,7 +48,7 @@ from protoquant.cache.store import FeatureStore
 from protoquant.cache.synthetic import write_cache
 from protoquant.cache.view import CacheView
 from protoquant.codebook import kmeans_init, to_patches
-from protoquant.config import CodebookConfig, HeadConfig
+from protoquant.config import CacheConfig, CodebookConfig, HeadConfig
 from protoquant.train.codebook import init_codebook, train_codebook
 from protoquant.train.head import train_head
 
@@ -70,9 +75,24 @@ def memory_mb() -> dict[str, float]:
     return {line[0][:-1]: int(line[1]) / 1024 for line in lines if line[0][:-1] in fields}
 
 
-def child(method: str, folder: Path, config: CodebookConfig, out: Path) -> None:
+def gpu_start(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.init()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def gpu_peak_mb(device: torch.device) -> float | None:
+    """Max memory allocated on `device` since `gpu_start`, in MB (None on the CPU)."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) / 2**20
+
+
+def child(method: str, folder: Path, config: CodebookConfig, out: Path, device: torch.device) -> None:
     """Run one initialisation and print its memory as JSON (the parent starts this process)."""
     torch.set_num_threads(1)
+    gpu_start(device)
     store = FeatureStore(folder)
     train = CacheView(store, store.entries())
     before = memory_mb()
@@ -80,12 +100,13 @@ def child(method: str, folder: Path, config: CodebookConfig, out: Path) -> None:
     if method == "old":
         patches = old_sample_patches(train, config.kmeans_patches, np.random.default_rng(SEED))
         generator = torch.Generator().manual_seed(SEED)
-        codebook = kmeans_init(patches, config.num_prototypes, config.kmeans_iters, generator)
+        codebook = kmeans_init(patches.to(device), config.num_prototypes, config.kmeans_iters, generator)
     else:
-        codebook = init_codebook(train, config, seed=SEED)
+        codebook = init_codebook(train, config, seed=SEED, device=device)
     seconds = time.perf_counter() - start
-    torch.save(codebook, out)
-    print(json.dumps({"before": before, "after": memory_mb(), "seconds": seconds}))
+    torch.save(codebook.cpu(), out)
+    report = {"before": before, "after": memory_mb(), "seconds": seconds, "gpu_peak": gpu_peak_mb(device)}
+    print(json.dumps(report))
 
 
 def fake_cache(folder: Path, entries: int, channels: int) -> None:
@@ -105,7 +126,16 @@ def measure(method: str, folder: Path, args: argparse.Namespace) -> tuple[dict, 
     evict(folder)
     out = folder / f"codebook-{method}.pt"
     command = [sys.executable, __file__, "--child", method, "--folder", str(folder)]
-    for flag in ("patches", "prototypes", "iters", "head_prototypes", "head_epochs", "channels"):
+    for flag in (
+        "patches",
+        "prototypes",
+        "iters",
+        "head_prototypes",
+        "head_epochs",
+        "channels",
+        "device",
+        "resident",
+    ):
         command += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
     env = os.environ | {"OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, check=True, capture_output=True, text=True, env=env)
@@ -133,6 +163,8 @@ class AnonPeak:
 def stage_child(method: str, folder: Path, args: argparse.Namespace, out: Path) -> None:
     """Run stage 1 or stage 2 on the stage cache and print its memory as JSON."""
     torch.set_num_threads(1)
+    device = torch.device(args.device)
+    gpu_start(device)
     store = FeatureStore(folder)
     entries = store.entries()
     train, val = CacheView(store, entries[:-VAL_ENTRIES]), CacheView(store, entries[-VAL_ENTRIES:])
@@ -143,7 +175,8 @@ def stage_child(method: str, folder: Path, args: argparse.Namespace, out: Path) 
             num_prototypes=args.prototypes, kmeans_patches=args.patches, kmeans_iters=args.iters,
             epochs=1, cutmix_prob=0.0,
         )  # fmt: skip
-        result = train_codebook(train, val, probe, config, seed=SEED, device=torch.device("cpu"))[0].codebook
+        cache = CacheConfig(resident=args.resident)
+        result = train_codebook(train, val, probe, config, seed=SEED, device=device, cache=cache)[0].codebook
     else:
         codebook = torch.randn(
             args.head_prototypes, args.channels, generator=torch.Generator().manual_seed(SEED)
@@ -153,12 +186,13 @@ def stage_child(method: str, folder: Path, args: argparse.Namespace, out: Path) 
         )
         usage = torch.ones(len(codebook))
         head, _ = train_head(
-            codebook, usage, train, val, CLASSES, config, seed=SEED, device=torch.device("cpu")
+            codebook.to(device), usage, train, val, CLASSES, config, seed=SEED, device=device
         )
         result = head.class_layer.weight.detach()
     seconds, peak_anon = time.perf_counter() - start, sampler.stop()
-    torch.save(result, out)
-    print(json.dumps({"before": before, "after": memory_mb(), "peak_anon": peak_anon, "seconds": seconds}))
+    torch.save(result.cpu(), out)
+    report = {"before": before, "after": memory_mb(), "peak_anon": peak_anon, "seconds": seconds}
+    print(json.dumps(report | {"gpu_peak": gpu_peak_mb(device)}))
 
 
 def stage_cache(folder: Path, entries: int, channels: int) -> None:
@@ -173,6 +207,11 @@ def stage_cache(folder: Path, entries: int, channels: int) -> None:
     write_cache(folder, labels, maps, grid=STAGE_GRID, channels=channels, shard_size=SHARD)
 
 
+def gpu(memory: dict) -> str:
+    """The GPU max-allocated column: MB, or "-" for a CPU run."""
+    return "-" if memory.get("gpu_peak") is None else f"{memory['gpu_peak']:.0f}"
+
+
 def kmeans_rows(entries: int, args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as tmp:
         folder = Path(tmp)
@@ -182,7 +221,7 @@ def kmeans_rows(entries: int, args: argparse.Namespace) -> None:
         for method, (memory, _) in results.items():
             peak, baseline = memory["after"]["VmHWM"], memory["before"]["VmHWM"]
             print(f"| {entries} | {size:.1f} | {method} | {peak:.0f} | {peak - baseline:.0f} | "
-                  f"{memory['after']['RssFile']:.0f} | {memory['seconds']:.1f} |")  # fmt: skip
+                  f"{memory['after']['RssFile']:.0f} | {gpu(memory)} | {memory['seconds']:.1f} |")  # fmt: skip
         if not torch.equal(results["old"][1], results["new"][1]):
             raise SystemExit(f"{entries} entries: the old and new codebooks differ")
 
@@ -201,7 +240,7 @@ def stage_rows(entries: int, args: argparse.Namespace) -> None:
             table = "" if method == "stage1" else f"{table_mb:.0f}"
             print(f"| {entries} | {method} | {table} | {peak:.0f} | {peak - baseline:.0f} | "
                   f"{memory['peak_anon'] - memory['before']['RssAnon']:.0f} | "
-                  f"{memory['after']['RssFile']:.0f} | {memory['seconds']:.1f} |")  # fmt: skip
+                  f"{memory['after']['RssFile']:.0f} | {gpu(memory)} | {memory['seconds']:.1f} |")  # fmt: skip
         if "stage2" in args.parts and not torch.equal(results["memory"][1], results["file"][1]):
             raise SystemExit(f"{entries} entries: the class weights of the memory and file paths differ")
         if any(p.name.startswith(".scores") for p in folder.iterdir()):
@@ -224,6 +263,10 @@ def main() -> None:
     parser.add_argument(
         "--parts", nargs="+", choices=["kmeans", "stage1", "stage2"], default=["kmeans", "stage1", "stage2"]
     )
+    parser.add_argument("--device", default="cpu", help="where the children train (cpu, cuda)")
+    parser.add_argument(
+        "--resident", default="stream", choices=["stream", "auto", "device"], help="stage 1's cache.resident"
+    )
     parser.add_argument("--child", choices=["old", "new", "stage1", "memory", "file"])
     parser.add_argument("--folder", type=Path)
     args = parser.parse_args()
@@ -231,24 +274,27 @@ def main() -> None:
         num_prototypes=args.prototypes, kmeans_patches=args.patches, kmeans_iters=args.iters
     )
     if args.child in ("old", "new"):
-        return child(args.child, args.folder, config, args.folder / f"codebook-{args.child}.pt")
+        out = args.folder / f"codebook-{args.child}.pt"
+        return child(args.child, args.folder, config, out, torch.device(args.device))
     if args.child:
         return stage_child(args.child, args.folder, args, args.folder / f"codebook-{args.child}.pt")
-    print(f"machine: {machine()}; D={args.channels}, {args.patches} patches, K={args.prototypes}")
+    print(f"machine: {machine()}; device {args.device}; D={args.channels}, {args.patches} patches, "
+          f"K={args.prototypes}; stage 1 resident={args.resident}")  # fmt: skip
     if "kmeans" in args.parts:
         print(f"\nk-means initialisation, grid {GRID}")
         print(
-            "| entries | cache GB | method | peak RSS MB | over baseline MB | file-backed at end MB | seconds |"
+            "| entries | cache GB | method | peak RSS MB | over baseline MB | file-backed at end MB "
+            "| GPU max allocated MB | seconds |"
         )
-        print("|---|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|---|")
         for entries in args.entries:
             kmeans_rows(entries, args)
     if {"stage1", "stage2"} & set(args.parts):
         print(f"\nstage 1 (K={args.prototypes}, init + 1 epoch) and stage 2 (K={args.head_prototypes}, "
               f"{args.head_epochs} epochs + top-k cut), grid {STAGE_GRID}, {CLASSES} classes")  # fmt: skip
         print("| entries | run | scores table MB | peak RSS MB | over baseline MB | peak anon over baseline MB "
-              "| file-backed at end MB | seconds |")  # fmt: skip
-        print("|---|---|---|---|---|---|---|---|")
+              "| file-backed at end MB | GPU max allocated MB | seconds |")  # fmt: skip
+        print("|---|---|---|---|---|---|---|---|---|")
         for entries in args.entries:
             stage_rows(entries, args)
 
