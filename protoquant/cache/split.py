@@ -13,18 +13,15 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
+import protoquant
 from protoquant.cache.build import FeatureStore, build_cache, cache_folder, cache_key
 from protoquant.cache.manifest import read_manifest
 from protoquant.cache.verify import CacheIntegrityError
 from protoquant.data.base import ImageDataset
 from protoquant.paths import cache_root
-
-if TYPE_CHECKING:
-    from protoquant.model import ProtoQuant
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +54,9 @@ def _find_complete(dataset: ImageDataset, key: dict, root: Path) -> Path | None:
     return None
 
 
-def training_cache(model: ProtoQuant, dataset: ImageDataset, device: torch.device) -> FeatureStore | None:
+def training_cache(
+    model: protoquant.ProtoQuant, dataset: ImageDataset, device: torch.device
+) -> FeatureStore | None:
     """The `cache.train_views`-view cache of `dataset` when it exists and is complete, else None.
 
     Only looked up (manifests read, shards verified as every store is); nothing is computed unless
@@ -84,7 +83,7 @@ def training_cache(model: ProtoQuant, dataset: ImageDataset, device: torch.devic
     return store
 
 
-def split_store(model: ProtoQuant, dataset: ImageDataset, device: torch.device) -> FeatureStore:
+def split_store(model: protoquant.ProtoQuant, dataset: ImageDataset, device: torch.device) -> FeatureStore:
     """Cached view-0 features of `dataset`: the training cache when complete (see the module
     docstring), else a 1-view cache (built on first use, then read from disk)."""
     reused = training_cache(model, dataset, device)
