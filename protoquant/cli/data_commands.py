@@ -36,7 +36,8 @@ def data_resize(args: argparse.Namespace) -> int:
     text = (
         f"{args.out}: {report.resized} images resized to a shorter side of {args.shorter_side} px, "
         f"{report.copied} copied (already that small), {report.other_files} other files copied, "
-        f"{report.kept} kept from an earlier run"
+        f"{report.kept} kept from an earlier run, "
+        f"{report.annotations} annotation files rewritten in the copy's pixels"
     )
     emit(args, text, {"root": args.root, "out": args.out, **asdict(report)})
     return 0

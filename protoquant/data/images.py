@@ -141,8 +141,8 @@ def parse_number(text: str, kind: type, where: str, what: str) -> int | float:
     return value
 
 
-def load_mat(path: Path) -> dict:
-    """A MATLAB (v5) file as scipy loads it with squeeze_me=True.
+def load_mat(path: Path, *, squeeze: bool = True) -> dict:
+    """A MATLAB (v5) file as scipy loads it (with `squeeze_me=squeeze`).
 
     Raises:
         FileNotFoundError: the file is missing. DataError: it is not a readable MATLAB file.
@@ -150,7 +150,7 @@ def load_mat(path: Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"annotation file {path} not found")
     try:
-        return scipy.io.loadmat(str(path), squeeze_me=True)
+        return scipy.io.loadmat(str(path), squeeze_me=squeeze)
     except (scipy.io.matlab.MatReadError, NotImplementedError, *DECODE_ERRORS) as err:
         raise DataError(f"cannot read MATLAB file {path}: {type(err).__name__}: {err}") from err
 

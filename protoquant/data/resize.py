@@ -11,8 +11,10 @@ Every file of the copy is written atomically, so an interrupted run leaves whole
 ones, which the next run removes); run again, it keeps each one that is at least as new as its source and does the rest.
 
 The copy is another dataset: its files differ, so its fingerprint and its feature caches
-differ too. Annotations given in pixel coordinates (the CUB and Stanford Cars boxes and parts)
-are not rescaled: use the copy with layouts that have none (image folders, ImageNet).
+differ too. Annotations in pixels follow the images (`protoquant.data.resize_layouts`): the CUB
+boxes and part centres and the Stanford Cars boxes are rescaled image by image, and FunnyBirds'
+colour-coded part maps are resized by nearest neighbour, so the copy loads, crops and scores
+like the original.
 """
 
 from __future__ import annotations
@@ -30,11 +32,13 @@ from PIL import Image
 from protoquant import progress
 from protoquant.atomic import clean_leftovers, write_bytes_atomic, write_file_atomic
 from protoquant.data.images import DECODE_ERRORS, is_image_file, to_rgb
+from protoquant.data.resize_layouts import layout_rules
 from protoquant.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
 
 RESAMPLE = Image.Resampling.LANCZOS  # downscaling filter: the sharpest of Pillow's antialiased ones
+LABEL_RESAMPLE = Image.Resampling.NEAREST  # label maps (part colours): every pixel keeps a label
 QUALITY_RANGE = (1, 100)  # Pillow's JPEG / WebP quality scale
 QUALITY_FORMATS = ("JPEG", "WEBP")  # formats saved at `quality`; the others are lossless
 NEAREST_ONLY_MODES = ("1", "P", "PA")  # modes Pillow resizes only by nearest neighbour: made RGB first
@@ -44,12 +48,14 @@ SETTINGS_FILE = ".protoquant-resize.json"  # in the copy's folder: what it was w
 @dataclass(frozen=True)
 class ResizeReport:
     """What `resize_dataset` did: images resized, images copied as they were, other files copied,
-    and files kept from an earlier run (already written and at least as new as their source)."""
+    files kept from an earlier run (already written and at least as new as their source), and
+    annotation files rewritten in the copy's pixels."""
 
     resized: int
     copied: int
     other_files: int
     kept: int = 0
+    annotations: int = 0
 
 
 def resized_size(width: int, height: int, shorter_side: int) -> tuple[int, int]:
@@ -60,8 +66,12 @@ def resized_size(width: int, height: int, shorter_side: int) -> tuple[int, int]:
     return int(shorter_side * width / height), shorter_side
 
 
-def resize_file(src: Path, dst: Path, shorter_side: int, quality: int) -> bool:
+def resize_file(
+    src: Path, dst: Path, shorter_side: int, quality: int, resample: Image.Resampling = RESAMPLE
+) -> bool:
     """Write `src` to `dst` with its shorter side at most `shorter_side`; True if it was resized.
+
+    `resample` is the filter (`LABEL_RESAMPLE` for label maps, which are resized in their own mode).
 
     Raises:
         DataError: `src` is not a readable image (the message names it).
@@ -73,8 +83,9 @@ def resize_file(src: Path, dst: Path, shorter_side: int, quality: int) -> bool:
                 return False
             image.load()
             fmt, info = image.format, image.info
-            source = to_rgb(image, src) if image.mode in NEAREST_ONLY_MODES else image
-            resized = source.resize(resized_size(*image.size, shorter_side), RESAMPLE)
+            nearest_only = image.mode in NEAREST_ONLY_MODES and resample != LABEL_RESAMPLE
+            source = to_rgb(image, src) if nearest_only else image
+            resized = source.resize(resized_size(*image.size, shorter_side), resample)
     except DataError:
         raise
     except DECODE_ERRORS as err:
@@ -127,10 +138,34 @@ def _check(src: Path, dst: Path, shorter_side: int, quality: int) -> None:
         raise ConfigError(f"resize: destination {dst} must lie outside the source folder {src}")
 
 
+def _plan(src: Path, dst: Path, skip: frozenset[Path]) -> tuple[list[Path], list[Path], int]:
+    """(images to write, other files to copy, files kept) of the tree `src`, paths relative to it;
+    `skip` (annotation files the layout rewrites) are left out."""
+    images, others, kept = [], [], 0
+    for parent, dirs, names in os.walk(src):
+        dirs.sort()
+        target = dst / Path(parent).relative_to(src)
+        if target.is_dir():
+            clean_leftovers(target)  # partial files of a run that was killed
+        for name in sorted(names):
+            rel = (Path(parent) / name).relative_to(src)
+            if rel in skip:
+                continue
+            if is_done(src / rel, dst / rel):
+                kept += 1
+                continue
+            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+            (images if is_image_file(name) else others).append(rel)
+    return images, others, kept
+
+
 def resize_dataset(
     src: str | Path, dst: str | Path, shorter_side: int, quality: int = 90, *, threads: int = 4
 ) -> ResizeReport:
     """Copy the tree `src` to `dst` (same relative paths) with large images downscaled.
+
+    Annotations in pixels are rewritten for the copy once every image is written (see
+    `protoquant.data.resize_layouts`); until then the copy has none, never stale ones.
 
     Args:
         src: the dataset folder.
@@ -148,26 +183,26 @@ def resize_dataset(
     src, dst = Path(src), Path(dst)
     _check(src, dst, shorter_side, quality)
     _claim(dst, shorter_side, quality)
-    images, others, kept = [], [], 0
-    for parent, dirs, names in os.walk(src):
-        dirs.sort()
-        target = dst / Path(parent).relative_to(src)
-        if target.is_dir():
-            clean_leftovers(target)  # partial files of a run that was killed
-        for name in sorted(names):
-            rel = (Path(parent) / name).relative_to(src)
-            if is_done(src / rel, dst / rel):
-                kept += 1
-                continue
-            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
-            (images if is_image_file(name) else others).append(rel)
+    rules = layout_rules(src)
+    for rel in rules.rewritten:
+        (dst / rel).unlink(missing_ok=True)  # rewritten below, from the images as they will be
+    images, others, kept = _plan(src, dst, rules.rewritten)
     for rel in others:
         copy_file(src / rel, dst / rel)
+
+    def one(rel: Path) -> bool:
+        resample = LABEL_RESAMPLE if rules.label_image(rel) else RESAMPLE
+        return resize_file(src / rel, dst / rel, shorter_side, quality, resample)
+
     with ThreadPoolExecutor(max(1, threads)) as pool:
-        jobs = pool.map(lambda rel: resize_file(src / rel, dst / rel, shorter_side, quality), images)
+        jobs = pool.map(one, images)
         resized = sum(progress.bar(jobs, total=len(images), desc=f"resizing {src.name}", unit="img"))
-    report = ResizeReport(resized, len(images) - resized, len(others), kept)
+    rules.rewrite(src, dst)
+    report = ResizeReport(resized, len(images) - resized, len(others), kept, len(rules.rewritten))
     logger.info(
-        "%s -> %s: %d images resized, %d copied, %d other files, %d kept", src, dst, *vars(report).values()
+        "%s -> %s: %d images resized, %d copied, %d other files, %d kept, %d annotation files rewritten",
+        src,
+        dst,
+        *vars(report).values(),
     )
     return report

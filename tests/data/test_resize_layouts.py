@@ -1,0 +1,151 @@
+"""A downscaled copy keeps its annotations on the same pixels (protoquant.data.resize_layouts)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from protoquant.config import DataConfig
+from protoquant.data.cars import StanfordCars
+from protoquant.data.check import check_dataset
+from protoquant.data.cub import CUB200
+from protoquant.data.funnybirds import FunnyBirds
+from protoquant.data.resize import resize_dataset, resized_size
+from protoquant.data.resize_layouts import _scaled_line
+from tests.data.layouts import (
+    CARS_SIZE,
+    CARS_TRAIN,
+    CUB_BEAK_OF_IMAGE_1,
+    write_cars,
+    write_cub,
+    write_funnybirds,
+)
+
+CUB_SHORTER = 20  # every fixture image of CUB is larger: all are resized
+CARS_SHORTER = 16  # 48 x 32 -> 24 x 16: scale one half on both axes
+
+
+def _scale(old: CUB200, new: CUB200, index: int) -> np.ndarray:
+    """(new width / old width, new height / old height) of image `index`."""
+    with Image.open(old.image_path(index)) as before, Image.open(new.image_path(index)) as after:
+        assert after.size == resized_size(*before.size, CUB_SHORTER)
+        return np.array(after.size, dtype=np.float64) / np.array(before.size, dtype=np.float64)
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_cub_boxes_and_parts_follow_the_images(tmp_path, split) -> None:
+    src = write_cub(tmp_path / "src")
+    report = resize_dataset(src, tmp_path / "dst", CUB_SHORTER)
+    assert report.annotations == 2 and report.resized == 7
+    old, new = CUB200(src, split), CUB200(tmp_path / "dst", split)
+    assert new.files == old.files and np.array_equal(new.labels, old.labels)
+    for index in range(len(old)):
+        scale = _scale(old, new, index)
+        assert np.allclose(new.boxes[index], old.boxes[index] * np.tile(scale, 2), atol=0.006)
+        assert np.array_equal(new.part_visible[index], old.part_visible[index])
+        visible = old.part_visible[index]
+        assert np.allclose(new.part_xy[index][visible], old.part_xy[index][visible] * scale, atol=0.006)
+        assert np.array_equal(new.part_xy[index][~visible], old.part_xy[index][~visible])  # (0, 0) stays
+        cropped = CUB200(tmp_path / "dst", split, crop_to_box=True).load_image(index)  # the box fits
+        assert abs(cropped.width - old.boxes[index][2] * scale[0]) < 2
+    for name in ("images.txt", "classes.txt", "train_test_split.txt", "parts/parts.txt"):
+        assert (tmp_path / "dst" / name).read_bytes() == (src / name).read_bytes()
+    for crop in (False, True):  # every box of the copy lies inside its image
+        assert (
+            check_dataset(DataConfig(dataset="cub", root=str(tmp_path / "dst"), crop_to_box=crop))["problems"]
+            == []
+        )
+
+
+def test_a_hand_computed_cub_part(tmp_path) -> None:
+    src = write_cub(tmp_path / "src")
+    resize_dataset(src, tmp_path / "dst", CUB_SHORTER)
+    image_1 = CUB200(tmp_path / "dst", "train")  # image 1 is 60 x 40 -> 30 x 20: half on both axes
+    beak = image_1.part_names.index("beak")
+    assert tuple(image_1.part_xy[0, beak]) == pytest.approx((CUB_BEAK_OF_IMAGE_1[0] / 2, 6.12), abs=1e-4)
+    assert tuple(image_1.boxes[0]) == pytest.approx((5.35, 2.6, 15.45, 10.25), abs=1e-6)
+
+
+def test_a_second_run_does_not_rescale_twice(tmp_path) -> None:
+    src = write_cub(tmp_path / "src")
+    resize_dataset(src, tmp_path / "dst", CUB_SHORTER)
+    first = (tmp_path / "dst/parts/part_locs.txt").read_bytes()
+    again = resize_dataset(src, tmp_path / "dst", CUB_SHORTER)
+    assert again.resized == 0 and again.annotations == 2
+    assert (tmp_path / "dst/parts/part_locs.txt").read_bytes() == first
+
+
+def test_a_stopped_copy_has_no_annotations_rather_than_wrong_ones(tmp_path, monkeypatch) -> None:
+    src = write_cub(tmp_path / "src")
+    resize_dataset(src, tmp_path / "dst", CUB_SHORTER)  # a finished copy, then its source changes
+    real, calls = Image.Image.save, []
+
+    def failing_save(image, fp, *args, **kwargs):
+        calls.append(fp)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(image, fp, *args, **kwargs)
+
+    for path in sorted((src / "images").rglob("*.jpg"))[:3]:
+        Image.new("RGB", (80, 40), "red").save(path)  # newer and larger than their copies
+    monkeypatch.setattr(Image.Image, "save", failing_save)
+    with pytest.raises(KeyboardInterrupt):
+        resize_dataset(src, tmp_path / "dst", CUB_SHORTER, threads=1)
+    monkeypatch.undo()
+    assert not (tmp_path / "dst/bounding_boxes.txt").exists()
+    assert not (tmp_path / "dst/parts/part_locs.txt").exists()
+    with pytest.raises(FileNotFoundError, match="bounding_boxes.txt"):
+        CUB200(tmp_path / "dst", "train")
+    resize_dataset(src, tmp_path / "dst", CUB_SHORTER)
+    resize_dataset(src, tmp_path / "fresh", CUB_SHORTER)
+    for name in ("bounding_boxes.txt", "parts/part_locs.txt"):
+        assert (tmp_path / "dst" / name).read_bytes() == (tmp_path / "fresh" / name).read_bytes()
+
+
+@pytest.mark.parametrize("layout", ["devkit", "torchvision"])
+def test_cars_boxes_follow_the_images(tmp_path, layout) -> None:
+    src = write_cars(tmp_path / "src", layout=layout)
+    report = resize_dataset(src, tmp_path / "dst", CARS_SHORTER)
+    assert report.annotations == 2
+    for split in ("train", "test"):
+        old, new = StanfordCars(src, split), StanfordCars(tmp_path / "dst", split)
+        assert new.files == old.files and new.classes == old.classes
+        assert np.array_equal(new.labels, old.labels)
+        assert np.abs(new.boxes - old.boxes / 2).max() <= 0.5  # rounded to whole pixels
+        width, height = (side // 2 for side in CARS_SIZE)
+        assert (new.boxes[:, 2] <= width).all() and (new.boxes[:, 3] <= height).all()
+        cropped = StanfordCars(tmp_path / "dst", split, crop_to_box=True)
+        for index in range(len(new)):
+            x1, y1, x2, y2 = new.boxes[index]
+            assert cropped.load_image(index).size == (x2 - x1, y2 - y1)
+    config = DataConfig(dataset="cars", root=str(tmp_path / "dst"), crop_to_box=True)
+    assert check_dataset(config)["problems"] == []
+    train = StanfordCars(tmp_path / "dst", "train")
+    assert tuple(train.boxes[1]) == (0, 0, 24, 16)  # CARS_TRAIN[1]: the whole 48 x 32 image
+    assert CARS_TRAIN[1][2] == (0, 0, 48, 32)
+
+
+def test_funnybirds_part_maps_keep_exact_colours(tmp_path) -> None:
+    src = write_funnybirds(tmp_path / "src")
+    report = resize_dataset(src, tmp_path / "dst", 128)
+    assert report.annotations == 0 and report.resized > 0
+    old, new = FunnyBirds(src, "test"), FunnyBirds(tmp_path / "dst", "test")
+    before, after = old.part_map(0), new.part_map(0)
+    assert after.shape == (128, 128, 3)
+    colours = lambda pixels: set(map(tuple, pixels.reshape(-1, 3).tolist()))  # noqa: E731
+    assert colours(after) <= colours(before)  # no blended colour: every pixel keeps a part
+    nearest = np.asarray(Image.fromarray(before).resize((128, 128), Image.Resampling.NEAREST))
+    assert np.array_equal(after, nearest)
+    old_parts, new_parts = old.annotations(0), new.annotations(0)
+    assert (new_parts.visible <= old_parts.visible).all()  # a one-pixel part may fall between samples
+    assert new_parts.visible[old.part_names.index("beak")]
+    with Image.open(new.image_path(0)) as image:
+        assert image.size == (128, 128)
+
+
+def test_unreadable_lines_are_left_for_the_loader() -> None:
+    assert _scaled_line("1 a 2 3 4", (0.5, 0.5), {1: 0, 2: 1, 3: 0, 4: 1}) == "1 a 2 3 4"
+    assert _scaled_line("1 2 3", (0.5, 0.5), {1: 0, 2: 1, 3: 0, 4: 1}) == "1 2 3"
+    assert _scaled_line("1 2 3 4 5", None, {1: 0}) == "1 2 3 4 5"
+    assert _scaled_line("7 4 10 8 1", (0.5, 0.25), {2: 0, 3: 1}) == "7 4 5.00 2.00 1"
