@@ -13,7 +13,8 @@ Clean images are read from the feature cache; re-renders go through `ProtoQuant.
 cache's own feature function) once per distinct removal set, `batch_size` at a time, and the
 head turns each batch into logits at once, so memory is that of one batch (a shared memo keeps
 features within its bound). Before the run, the interventions of the first images are planned
-and one batch of their re-renders is timed (`protoquant.metrics.cost`), giving the estimate.
+and the run's second batch of re-renders is timed after its first (both kept for the run;
+`protoquant.metrics.cost`), giving the estimate.
 """
 
 from __future__ import annotations
@@ -30,14 +31,21 @@ from protoquant.data.base import ImageDataset
 from protoquant.data.synthetic import minimal_sufficient_sets
 from protoquant.metrics.common import part_groups
 from protoquant.metrics.context import EvalContext
-from protoquant.metrics.cost import CostEstimate, announce
-from protoquant.metrics.funnybirds_renders import base_dataset, intervention_logits, renders_estimate
+from protoquant.metrics.cost import CostEstimate, ReadyBatches, announce
+from protoquant.metrics.funnybirds_renders import (
+    base_dataset,
+    batches,
+    intervention_logits,
+    memo_keys,
+    renders_estimate,
+)
 from protoquant.metrics.maps import UPSAMPLING, quantile_box, upsample
 from protoquant.metrics.result import MetricResult
 from protoquant.metrics.sample import ImageSample, choose_images
 from protoquant.metrics.settings import BOX_VARIANT_QUANTILE, FB_TS_DISTANCE, fb_thresholds
 
 IMAGES_PER_CHUNK = 4  # images planned together (their interventions share backbone batches)
+ESTIMATE_IMAGES = 16  # images planned ahead to count the interventions per image
 
 
 def _check(dataset: ImageDataset, upsampling: str) -> ImageDataset:
@@ -173,14 +181,23 @@ def _chunk(ctx: EvalContext, entries: np.ndarray, base, thresholds, desc: str = 
         yield images, [_plan(ctx, image, base, thresholds) for image in images]
 
 
-def _estimate(ctx: EvalContext, sample: ImageSample, entries: np.ndarray, base, thresholds) -> CostEstimate:
-    """Re-renders ahead: planned for the first images and scaled to the sample; one batch of them
-    timed, and the planning of those first images (loading, attribution maps) as the per-image work."""
-    first, keys, started = entries[:IMAGES_PER_CHUNK], [], time.perf_counter()
-    for images, plans in _chunk(ctx, first, base, thresholds, desc="metrics: funnybirds planning"):
-        keys += [("fb", image.index, *key) for image, plan in zip(images, plans) for key in plan["keys"]]
+def _estimate(
+    ctx: EvalContext, sample: ImageSample, entries: np.ndarray, base, thresholds
+) -> tuple[CostEstimate, ReadyBatches | None]:
+    """Re-renders ahead: planned for the first `ESTIMATE_IMAGES` images and scaled to the sample;
+    the run's second backbone batch timed after its first (both kept for the run); the planning of
+    those images (loading, attribution maps) is the per-image work."""
+    first, images, plans, started = entries[:ESTIMATE_IMAGES], [], [], time.perf_counter()
+    for chunk_images, chunk_plans in _chunk(
+        ctx, first, base, thresholds, desc="metrics: funnybirds planning"
+    ):
+        images, plans = images + chunk_images, plans + chunk_plans
     planning = (time.perf_counter() - started) / max(1, len(first))  # every image is planned so
-    return renders_estimate(ctx, len(sample.indices), keys, len(first), planning)
+    size, runs = ctx.settings.batch_size, []  # the run's backbone batches, chunk by chunk
+    for start in range(0, len(images), IMAGES_PER_CHUNK):
+        end = start + IMAGES_PER_CHUNK
+        runs += batches(images[start:end], plans[start:end], size)
+    return renders_estimate(ctx, len(sample.indices), memo_keys(images, plans), len(first), planning, runs)
 
 
 def _score(
@@ -239,12 +256,12 @@ def run_funnybirds(ctx: EvalContext) -> MetricResult:
         ctx.labels, settings.funnybirds_images, seed=settings.seed, rule=settings.sample_rule
     )
     entries = ctx.entries_of(sample.indices)
-    estimate = _estimate(ctx, sample, entries, base, thresholds)
+    estimate, ready = _estimate(ctx, sample, entries, base, thresholds)
     tally, rendered = fb.Tally(), 0
     desc = f"metrics: funnybirds ({announce(estimate)})"
     for start in progress.bar(range(0, len(entries), IMAGES_PER_CHUNK), desc=desc, unit="chunk"):
         for images, plans in _chunk(ctx, entries[start : start + IMAGES_PER_CHUNK], base, thresholds):
-            logits = intervention_logits(ctx, images, plans)
+            logits = intervention_logits(ctx, images, plans, ready)
             rendered += len(logits)
             for image, plan in zip(images, plans):
                 _score(ctx, image, plan, logits, tally, base, thresholds)

@@ -2,8 +2,9 @@
 
 Clean features come from the cache; each image's noisy copy goes through the backbone once (in
 batches of `batch_size`, unless a shared memo already holds it). Before it starts, the runner
-counts the noisy copies and times one batch of them (load, noise, forward) and the scoring of that
-batch (head, part hits, score changes; `protoquant.metrics.cost`).
+counts the noisy copies and times the second batch of them after the first (load, noise, forward;
+the run reuses both) and the scoring of a few images (head, part hits, score changes;
+`protoquant.metrics.cost`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,15 @@ import torch
 
 import protoquant.metrics.consistency as cons
 from protoquant.metrics.context import EvalContext
-from protoquant.metrics.cost import CALIBRATION_IMAGES, CostEstimate, PassCount, announce, seconds_per_image
+from protoquant.metrics.cost import (
+    CALIBRATION_IMAGES,
+    CostEstimate,
+    PassCount,
+    ReadyBatches,
+    announce,
+    first_batches,
+    seconds_per_image,
+)
 from protoquant.metrics.maps import argmax_row_major
 from protoquant.metrics.result import MetricResult
 from protoquant.metrics.run_consistency import _image_hits, _protocol, _slots
@@ -55,32 +64,40 @@ def _noisy_features(
     return ctx.memo_features([(*tag, int(i)) for i in indices], _noisy_images(ctx, indices, noise))
 
 
-def _estimate(ctx: EvalContext, sample: ImageSample, tag: tuple, slots, with_parts: bool) -> CostEstimate:
-    """The noisy copies still to featurise, priced by timing one small batch of them, plus the
-    scoring of that batch (once, so that reading its annotations counts)."""
+def _estimate(
+    ctx: EvalContext, sample: ImageSample, tag: tuple, slots, with_parts: bool, generator: torch.Generator
+) -> tuple[CostEstimate, ReadyBatches | None]:
+    """The noisy copies still to featurise, priced by timing the run's second batch of them after
+    its first (their noise drawn from the run's `generator`, their features handed to the run),
+    plus the scoring of a few images (once, so that reading their annotations counts)."""
     missing = ctx.missing_features([(*tag, int(i)) for i in sample.indices])
-    count = min(CALIBRATION_IMAGES, ctx.settings.batch_size, len(sample.indices))
-    seconds = scoring = spent = 0.0
-    if count:
-        chosen = sample.indices[:count]
-        make = _noisy_images(ctx, chosen, _draw_noise(ctx, count, torch.Generator().manual_seed(0)))
-        keys = [(int(i),) for i in chosen]
-        seconds, spent = seconds_per_image(lambda: ctx.features(make(keys)), count, ctx.device)
-        noisy = ctx.features(make(keys))
-        entries = ctx.entries_of(chosen)
+    size = ctx.settings.batch_size
+    if not len(sample.indices):
+        return CostEstimate("stability", 0, "0 noisy copies", (PassCount(0, "forward", 0.0),), 0, 0.0), None
+    batches = []
+    for start in range(0, min(2 * size, len(sample.indices)), size):
+        chosen = sample.indices[start : start + size]
+        noise = _draw_noise(ctx, len(chosen), generator)  # in the run's order: the same stream
+        batches.append(([(*tag, int(i)) for i in chosen], _noisy_images(ctx, chosen, noise)))
+    ready = first_batches(ctx, batches, later=missing)
+    noisy = next(iter(ready.features.values()))[:CALIBRATION_IMAGES]  # of the first batch
+    count = len(noisy)
+    chosen = sample.indices[:count]
+    entries = ctx.entries_of(chosen)
 
-        def score() -> None:
-            outputs = (ctx.head_output(ctx.store.get(entries).float()), ctx.head_output(noisy))
-            for row, index in enumerate(chosen.tolist()):
-                slot_ids = slots.of_class(int(ctx.labels[index]))
-                if len(slot_ids):
-                    _stability_image(ctx, slots, slot_ids, index, (outputs, row), with_parts)
+    def score() -> None:
+        outputs = (ctx.head_output(ctx.store.get(entries).float()), ctx.head_output(noisy))
+        for row, index in enumerate(chosen.tolist()):
+            slot_ids = slots.of_class(int(ctx.labels[index]))
+            if len(slot_ids):
+                _stability_image(ctx, slots, slot_ids, index, (outputs, row), with_parts)
 
-        scoring, spent_scoring = seconds_per_image(score, count, ctx.device, repeats=1, warm_up=False)
-        spent += spent_scoring
+    scoring, spent_scoring = seconds_per_image(score, count, ctx.device, repeats=1, warm_up=False)
     work = f"{len(sample.indices):,} noisy copies ({len(sample.indices) - missing:,} already in the memo)"
-    passes = (PassCount(missing, "forward", seconds),)
-    return CostEstimate("stability", len(sample.indices), work, passes, count, spent, scoring)
+    passes = (PassCount(missing, "forward", ready.seconds_each),)
+    calibrated = max(ready.computed, count)
+    spent = ready.spent + spent_scoring
+    return CostEstimate("stability", len(sample.indices), work, passes, calibrated, spent, scoring), ready
 
 
 def _stability_image(ctx, slots, slot_ids, index, outputs, with_parts: bool) -> tuple:
@@ -108,13 +125,16 @@ def run_stability(ctx: EvalContext) -> MetricResult:
     )
     tag = _tag(ctx, sample)
     slots, with_parts = _slots(ctx), ctx.dataset.has_parts
-    estimate = _estimate(ctx, sample, tag, slots, with_parts)
+    generator = torch.Generator().manual_seed(settings.seed)
+    estimate, ready = _estimate(ctx, sample, tag, slots, with_parts, generator)
     same, seen = np.zeros(len(slots.classes)), np.zeros(len(slots.classes))
     score_change, cell_same = [], []
-    generator = torch.Generator().manual_seed(settings.seed)
     desc = f"metrics: stability ({announce(estimate)})"
     for indices, clean in ctx.head_batches(ctx.entries_of(sample.indices), desc=desc):
-        noisy = ctx.head_output(_noisy_features(ctx, indices, generator, tag))
+        features = ready.take([(*tag, int(i)) for i in indices]) if ready else None  # made by the estimate
+        if features is None:
+            features = _noisy_features(ctx, indices, generator, tag)
+        noisy = ctx.head_output(features)
         for row, index in enumerate(indices.tolist()):
             slot_ids = slots.of_class(int(ctx.labels[index]))
             if not len(slot_ids):
