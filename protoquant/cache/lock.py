@@ -3,7 +3,8 @@
 `ShardLocks` claims a shard with `fcntl.flock` on `locks/shard-NNNNN.lock` before its batches
 are produced and lets go once the shard is written; a lock dies with its process, so the claim
 of a killed run frees itself. Lock files are never deleted: deleting a lock file that another
-process has open would let two processes hold "the same" lock.
+process has open would let two processes hold "the same" lock. `try_flock` is the same lock on
+any file (the fine-tuning folder's, for instance).
 """
 
 from __future__ import annotations
@@ -15,6 +16,18 @@ import threading
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
+
+
+def try_flock(path: Path, *, wait: bool = False) -> int | None:
+    """An open descriptor of `path` (created) holding its exclusive `flock`, or None when another
+    open file holds it (without `wait`). Closing the descriptor releases the lock."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
 
 
 class ShardLocks:
@@ -29,11 +42,8 @@ class ShardLocks:
 
     def claim(self, shard: int, *, wait: bool = False) -> bool:
         """Take the lock of `shard`; without `wait`, False when another process holds it."""
-        fd = os.open(self.folder / f"shard-{shard:05d}.lock", os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
+        fd = try_flock(self.folder / f"shard-{shard:05d}.lock", wait=wait)
+        if fd is None:
             return False
         with self._mutex:
             self._held[shard] = fd

@@ -35,6 +35,7 @@ from protoquant.finetuning.files import (
     finetune_key,
     read_finished,
     read_resume,
+    training_lock,
     write_outputs,
     write_resume,
 )
@@ -126,10 +127,11 @@ def finetune(config: RunConfig, device: str | torch.device | None = None) -> Fin
     if finished is not None:
         logger.info("fine-tuned weights already in %s", folder)
         return finished
-    if ctx.is_main:
-        folder.mkdir(parents=True, exist_ok=True)
-    distributed.barrier()
-    return _train(built.net, splits, config, transform, key, folder, device)
+    with training_lock(folder, key) as finished:  # another job of this key may have just finished
+        if finished is not None:
+            logger.info("fine-tuned weights written meanwhile by another process in %s", folder)
+            return finished
+        return _train(built.net, splits, config, transform, key, folder, device)
 
 
 def _train(

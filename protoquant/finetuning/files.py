@@ -6,6 +6,12 @@ trained with it), and `finetune.json` (what was trained and how it went), writte
 presence means finished. While training, `resume.pt` holds the state after the last completed
 epoch (written atomically after each one, removed at the end). The default folder is
 `<cache root>/finetune/<key>`, the key hashing everything the result depends on.
+
+One job trains into a folder at a time: its rank 0 holds `flock` on `.finetune.lock` while it
+trains (`training_lock`). A second job of the same key (another run sharing the cache root)
+logs that it waits, polls every `LOCK_POLL_SECONDS` (all its ranks together, so none sits in a
+long collective), and once the lock is free takes the finished result, or resumes from
+`resume.pt` if the first job died. A lock dies with its process.
 """
 
 from __future__ import annotations
@@ -13,13 +19,19 @@ from __future__ import annotations
 import io
 import logging
 import math
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
+from protoquant import distributed
 from protoquant.atomic import sha256_file, write_bytes_atomic, write_file_atomic, write_json_atomic
+from protoquant.cache.lock import try_flock
 from protoquant.config import RunConfig
 from protoquant.data.base import ImageDataset, stable_hash
 from protoquant.errors import ConfigError
@@ -32,6 +44,8 @@ WEIGHTS_FILE = "backbone.safetensors"
 CLASSIFIER_FILE = "classifier.safetensors"
 RESULT_FILE = "finetune.json"
 RESUME_FILE = "resume.pt"
+LOCK_FILE = ".finetune.lock"
+LOCK_POLL_SECONDS = 10.0  # how often a waiting job looks at a busy folder's lock again
 FOLDER_SUBDIR = "finetune"  # under the cache root
 KEY_CHARS = 16  # digest characters in a default folder's name
 UNKEYED_FIELDS = ("enabled", "out", "num_workers")  # finetune fields the result does not depend on
@@ -162,3 +176,26 @@ def is_finetuned_file(path: str | Path) -> bool:
     """Whether `path` is the weights file of a finished fine-tuning folder."""
     path = Path(path)
     return path.name == WEIGHTS_FILE and (path.parent / RESULT_FILE).is_file()
+
+
+@contextmanager
+def training_lock(folder: Path, key: dict) -> Iterator[FinetuneResult | None]:
+    """Hold `folder`'s lock for this job (rank 0 takes it, every rank waits together) and yield
+    the folder's finished result for `key` as it is once the lock is held: None means train."""
+    ctx = distributed.context()
+    if ctx.is_main:
+        folder.mkdir(parents=True, exist_ok=True)
+    fd, told = None, False
+    while True:
+        fd = try_flock(folder / LOCK_FILE) if ctx.is_main else None
+        if distributed.broadcast_object(fd is not None, ctx):  # rank 0's answer on every rank
+            break
+        if not told:
+            logger.warning("%s: another process is fine-tuning into this folder; waiting for it", folder)
+            told = True
+        time.sleep(LOCK_POLL_SECONDS)
+    try:
+        yield read_finished(folder, key)
+    finally:
+        if fd is not None:
+            os.close(fd)
