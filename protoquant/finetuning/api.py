@@ -67,11 +67,10 @@ def check_batches(config: RunConfig, splits: Splits, world_size: int) -> None:
             f"config field 'finetune.batch_size' ({batch}) gives {local} images per process; Mixup / "
             "CutMix pair the images of a batch, so it must be even (or set finetune.mix_prob 0)"
         )
-    per_process = -(-len(splits.train) // world_size)
-    if per_process < local:
+    if len(splits.train) < batch:
         raise ConfigError(
             f"config field 'finetune.batch_size' ({batch}) exceeds the {len(splits.train)} training "
-            f"images ({per_process} per process): no full batch to train on"
+            "images: no full global batch to train on"
         )
     if section.patience > 0 and len(splits.val) == 0:
         raise ConfigError(
@@ -167,11 +166,9 @@ def _train(
 
 
 def _epoch_data(splits: Splits, config: RunConfig, transform: ViewTransform) -> loop.EpochData:
-    ctx = distributed.context()
     train = loop.ImageLabels(splits.train, transform, augment=True)
     val = loop.ImageLabels(splits.val, transform, augment=False)
-    local = config.finetune.batch_size // ctx.world_size
-    workers = loader_workers(config, len(train) // ctx.world_size // local)
+    workers = loader_workers(config, len(train) // config.finetune.batch_size)
     loader, sampler = loop.train_loader(train, config.finetune, config.seed, workers)
     return loop.EpochData(loader, sampler, train, val, transform, config.seed, workers)
 

@@ -4,7 +4,10 @@ Every epoch draws its randomness from (seed, epoch, rank) alone (the global RNGs
 inside a fork and restored afterwards): the sampler order, the crops (view `1 + epoch` of
 `ViewTransform`), Mixup / CutMix and dropout. A run resumed after epoch e therefore takes the
 same steps as one that never stopped. Under torchrun the model is wrapped in DDP and each
-process trains on its `DistributedSampler` share of every global batch.
+process trains on its share of every global batch (`GlobalBatches`): the global batches are the
+same images on any number of processes, so a run resumed on another process count keeps its
+data order. What still depends on the count: BatchNorm statistics (per process), Mixup / CutMix
+pairs and dropout (drawn per rank), and float summation order.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from protoquant import distributed
 from protoquant import progress as bars
@@ -150,15 +153,37 @@ def accuracy(trainer: Trainer, val: ImageLabels, transform: ViewTransform, batch
     return float(counts[0] / counts[1]) if counts[1] else math.nan
 
 
+class GlobalBatches(Sampler[list[int]]):
+    """This process's part of every global batch of an epoch, whatever the number of processes.
+
+    The epoch's order is a permutation of the `size` images seeded by (seed, epoch); global batch
+    b is order[b * batch_size : (b + 1) * batch_size] (an incomplete last one is dropped) and rank
+    r of n trains on its slice [r::n], batch_size / n images.
+    """
+
+    def __init__(self, size: int, batch_size: int, seed: int, ctx: distributed.Context) -> None:
+        self.size, self.batch_size, self.seed, self.ctx = size, batch_size, seed, ctx
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size // self.batch_size
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order = np.random.default_rng((self.seed, self.epoch)).permutation(self.size)
+        rank, world = self.ctx.rank, self.ctx.world_size
+        for start in range(0, len(self) * self.batch_size, self.batch_size):
+            yield order[start : start + self.batch_size][rank::world].tolist()
+
+
 def train_loader(
     train: ImageLabels, config: FinetuneConfig, seed: int, workers: int
-) -> tuple[DataLoader, DistributedSampler]:
-    """This process's loader of full batches (batch_size / processes images each)."""
-    ctx = distributed.context()
-    sampler = DistributedSampler(train, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=seed)
-    local = config.batch_size // ctx.world_size
-    loader = DataLoader(train, batch_size=local, sampler=sampler, num_workers=workers, drop_last=True)
-    return loader, sampler
+) -> tuple[DataLoader, GlobalBatches]:
+    """This process's loader of its share (batch_size / processes images) of every global batch."""
+    sampler = GlobalBatches(len(train), config.batch_size, seed, distributed.context())
+    return DataLoader(train, batch_sampler=sampler, num_workers=workers), sampler
 
 
 def stop_early(progress: Progress, patience: int) -> bool:
@@ -171,7 +196,7 @@ class EpochData:
     """The images of every epoch: the training loader and sampler, both splits, how they are read."""
 
     loader: DataLoader
-    sampler: DistributedSampler
+    sampler: GlobalBatches
     train: ImageLabels
     val: ImageLabels
     transform: ViewTransform
@@ -186,7 +211,8 @@ def run_epoch(trainer: Trainer, data: EpochData, progress: Progress) -> dict:
     data.train.epoch = epoch
     with epoch_rng(data.seed, epoch, distributed.context().rank, trainer.device):
         loss = train_epoch(trainer, data.loader, data.transform, progress)
-    val_accuracy = accuracy(trainer, data.val, data.transform, data.loader.batch_size, data.workers)
+    local = data.sampler.batch_size // distributed.context().world_size  # images per process
+    val_accuracy = accuracy(trainer, data.val, data.transform, local, data.workers)
     factor = lr_factor(max(0, progress.step - 1), trainer.warmup_steps, trainer.total_steps)  # last step's
     row = {
         "epoch": epoch,
