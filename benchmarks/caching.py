@@ -8,10 +8,12 @@ ratio of medians is reported, which is robust to the load of a shared machine. W
 `--bf16` it also caches under bf16 autocast and compares the features with fp32 (mean
 patch cosine, and linear-probe accuracy trained on each). With `--decode both` it caches the
 same images with the JPEG files decoded by PIL in the workers and decoded in batches on the
-device (`cache.decode`), side by side, and compares the two caches the same way.
+device (`cache.decode`), side by side, and compares the two caches the same way. With
+`--resized PX` it also writes a copy of the images with `protoquant data resize` (shorter side
+PX, timed once) and caches that copy (decoded in the workers) beside the originals.
 
     python benchmarks/caching.py [--images 256] [--rounds 3] [--workers 0,-1] [--device cuda] [--bf16]
-        [--decode workers|device|both]
+        [--decode workers|device|both] [--resized 256]
 """
 
 from __future__ import annotations
@@ -32,11 +34,13 @@ from protoquant.cache.view import CacheView
 from protoquant.config import BackboneConfig, CacheConfig, ProbeConfig
 from protoquant.data import SyntheticParts
 from protoquant.data.image_folder import ImageFolder
+from protoquant.data.resize import resize_dataset
 from protoquant.data.splits import stratified_split
 from protoquant.data.transforms import ViewTransform
 from protoquant.train.probe import evaluate_probe, train_probe
 
 CLASSES = 8
+RESIZED = "resized"  # the `decode` label of the cached downscaled copy (decoded in the workers)
 
 
 def write_jpegs(root: Path, count: int, size: tuple[int, int]) -> ImageFolder:
@@ -94,10 +98,11 @@ def report(
             precision = "bf16" if bf16 else "fp32"
             print(f"| {precision} | {shown} | {decode} | {bare:.1f} | {rate:.1f} | {rate / bare:.2f} |")
         for workers in dict.fromkeys(w for w, _ in settings):
-            if (workers, "device", bf16) in results and (workers, "workers", bf16) in results:
-                device = statistics.median(results[(workers, "device", bf16)])
-                host = statistics.median(results[(workers, "workers", bf16)])
-                print(f"decode device / workers caching rate, workers {workers}: {device / host:.2f}")
+            for other in ("device", RESIZED):
+                if (workers, other, bf16) in results and (workers, "workers", bf16) in results:
+                    rate = statistics.median(results[(workers, other, bf16)])
+                    host = statistics.median(results[(workers, "workers", bf16)])
+                    print(f"decode {other} / workers caching rate, workers {workers}: {rate / host:.2f}")
 
 
 def compare_bf16(fp32, bf16) -> None:
@@ -110,14 +115,35 @@ def compare_bf16(fp32, bf16) -> None:
     )
 
 
-def compare_decode(workers, device) -> None:
-    """Patch cosine between the caches decoded in the workers and on the device, and a probe on each."""
-    cosine = F.cosine_similarity(workers.get(workers.entries()), device.get(device.entries()), dim=1)
-    accuracy = probe_accuracy(workers), probe_accuracy(device)
+def compare_decode(workers, other, name: str = "device") -> None:
+    """Patch cosine between the caches decoded in the workers and another way (`name`), and a
+    probe on each."""
+    cosine = F.cosine_similarity(workers.get(workers.entries()), other.get(other.entries()), dim=1)
+    accuracy = probe_accuracy(workers), probe_accuracy(other)
     print(
-        f"device vs workers decode features: patch cosine min {cosine.min():.4f}, mean {cosine.mean():.5f}; "
-        f"probe held-out accuracy workers {accuracy[0]:.3f}, device {accuracy[1]:.3f}"
+        f"{name} vs workers decode features: patch cosine min {cosine.min():.4f}, mean {cosine.mean():.5f}; "
+        f"probe held-out accuracy workers {accuracy[0]:.3f}, {name} {accuracy[1]:.3f}"
     )
+
+
+def decode_rate(dataset, transform: ViewTransform) -> float:
+    """Images/s of reading, decoding and transforming `dataset` in this process (no backbone)."""
+    start = time.perf_counter()
+    for i in range(len(dataset)):
+        transform(dataset.load_image(i), i, 0)
+    return len(dataset) / (time.perf_counter() - start)
+
+
+def write_resized(images: Path, copy: Path, shorter_side: int) -> ImageFolder:
+    """The downscaled copy of `images` (timed: a one-time cost) as a dataset."""
+    start = time.perf_counter()
+    report = resize_dataset(images, copy, shorter_side)
+    seconds = time.perf_counter() - start
+    count = report.resized + report.copied
+    print(
+        f"data resize to {shorter_side} px: {count} images in {seconds:.1f} s ({count / seconds:.1f} img/s, once)"
+    )
+    return ImageFolder(copy, "train")
 
 
 def main() -> None:
@@ -131,6 +157,7 @@ def main() -> None:
     parser.add_argument("--bf16", action="store_true", help="also cache under bf16 autocast and compare")
     parser.add_argument("--decode", default="workers", choices=["workers", "device", "both"])
     parser.add_argument("--backbone", default="torchvision/mobilenet_v2", help="others use random weights")
+    parser.add_argument("--resized", type=int, default=0, help="also cache a copy at this shorter side (px)")
     args = parser.parse_args()
     device = torch.device(args.device)
     weights = "default" if args.backbone == "torchvision/mobilenet_v2" else "none"
@@ -138,11 +165,15 @@ def main() -> None:
     backbone = backbone.to(device).to(memory_format=torch.channels_last)
     transform = ViewTransform(224, 1.0, backbone.info.mean, backbone.info.std)
     decodes = ["workers", "device"] if args.decode == "both" else [args.decode]
+    decodes += [RESIZED] if args.resized else []
     settings = [(int(w), decode) for w in args.workers.split(",") for decode in decodes]
     precisions = (False, True) if args.bf16 else (False,)
     with tempfile.TemporaryDirectory() as tmp:
-        dataset = write_jpegs(Path(tmp), args.images, tuple(int(v) for v in args.size.split("x")))
+        dataset = write_jpegs(Path(tmp) / "images", args.images, tuple(int(v) for v in args.size.split("x")))
         print(f"machine: {machine()}; device {device}")
+        sources = {d: dataset for d in decodes}
+        if args.resized:
+            sources[RESIZED] = write_resized(Path(tmp) / "images", Path(tmp) / "resized", args.resized)
         print(
             f"{len(dataset)} JPEG files {args.size}, {args.backbone} 224 px, batch {args.batch}, {args.rounds} rounds"
         )
@@ -154,15 +185,33 @@ def main() -> None:
                 for workers, decode in settings:
                     root = f"{tmp}/cache-{round_}-{workers}-{decode}"
                     config = CacheConfig(
-                        root, num_workers=workers, batch_size=args.batch, autocast_bf16=bf16, decode=decode
+                        root,
+                        num_workers=workers,
+                        batch_size=args.batch,
+                        autocast_bf16=bf16,
+                        decode="workers" if decode == RESIZED else decode,
                     )
-                    rate, stores[(decode, bf16)] = cache_rate(dataset, backbone, transform, device, config)
+                    rate, stores[(decode, bf16)] = cache_rate(
+                        sources[decode], backbone, transform, device, config
+                    )
                     results.setdefault((workers, decode, bf16), []).append(rate)
         report(results, settings, precisions, len(dataset), args.batch)
+        if args.resized:
+            rates = {
+                d: [decode_rate(sources[d], transform) for _ in range(args.rounds)]
+                for d in ("workers", RESIZED)
+            }
+            original, copy = (statistics.median(rates[d]) for d in ("workers", RESIZED))
+            print(
+                f"decode + transform alone, one process: originals {original:.1f} img/s, copy at "
+                f"{args.resized} px {copy:.1f} img/s ({copy / original:.2f}x)"
+            )
         if args.bf16:
             compare_bf16(stores[(decodes[0], False)], stores[(decodes[0], True)])
         if args.decode == "both":
             compare_decode(stores[("workers", False)], stores[("device", False)])
+        if args.resized and ("workers", False) in stores:
+            compare_decode(stores[("workers", False)], stores[(RESIZED, False)], f"copy at {args.resized} px")
 
 
 if __name__ == "__main__":

@@ -38,8 +38,10 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 step device_check 90 "$py" benchmarks/device_check.py --device cuda
 step inference 120 "$py" benchmarks/inference.py --device cuda --repeats 51 --compile reduce-overhead
 for backbone in torchvision/mobilenet_v2 timm/convnext_tiny torchvision/resnet50; do
+    resized=()  # ResNet-50 also caches a `data resize` copy at 256 px beside the originals
+    [ "$backbone" = torchvision/resnet50 ] && resized=(--resized 256)
     step "caching-${backbone#*/}" 180 "$py" benchmarks/caching.py --device cuda --backbone "$backbone" \
-        --images 2048 --batch 128 --rounds 2 --workers -1 --bf16 --decode both
+        --images 2048 --batch 128 --rounds 2 --workers -1 --bf16 --decode both ${resized[@]+"${resized[@]}"}
 done
 step training_cost 120 "$py" benchmarks/training_cost.py --device cuda --images 2000
 step memory 240 "$py" benchmarks/memory.py --device cuda --entries 25000 50000 100000
