@@ -146,7 +146,7 @@ def write_resized(images: Path, copy: Path, shorter_side: int) -> ImageFolder:
     return ImageFolder(copy, "train")
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     parser.add_argument("--images", type=int, default=256)
     parser.add_argument("--size", default="500x375", help="JPEG width x height (CUB-like by default)")
@@ -158,7 +158,43 @@ def main() -> None:
     parser.add_argument("--decode", default="workers", choices=["workers", "device", "both"])
     parser.add_argument("--backbone", default="torchvision/mobilenet_v2", help="others use random weights")
     parser.add_argument("--resized", type=int, default=0, help="also cache a copy at this shorter side (px)")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def measure(args, tmp: str, sources: dict, backbone, transform, settings, precisions) -> tuple[dict, dict]:
+    """(rates, stores): bare and caching rates of every setting, `args.rounds` rounds alternating."""
+    device, results, stores = torch.device(args.device), {}, {}
+    for round_ in range(args.rounds):
+        for bf16 in precisions:
+            rate = bare_rate(backbone, args.images, args.batch, device, bf16)
+            results.setdefault(("bare", bf16), []).append(rate)
+            for workers, decode in settings:
+                config = CacheConfig(
+                    f"{tmp}/cache-{round_}-{workers}-{decode}",
+                    num_workers=workers,
+                    batch_size=args.batch,
+                    autocast_bf16=bf16,
+                    decode="workers" if decode == RESIZED else decode,
+                )
+                rate, stores[(decode, bf16)] = cache_rate(
+                    sources[decode], backbone, transform, device, config
+                )
+                results.setdefault((workers, decode, bf16), []).append(rate)
+    return results, stores
+
+
+def report_decoding(original, copy, transform: ViewTransform, rounds: int, shorter_side: int) -> None:
+    """Decoding alone from the originals and from the copy, median of `rounds` alternating."""
+    rates = [(decode_rate(original, transform), decode_rate(copy, transform)) for _ in range(rounds)]
+    before, after = (statistics.median(r[k] for r in rates) for k in (0, 1))
+    print(
+        f"decode + transform alone, one process: originals {before:.1f} img/s, copy at "
+        f"{shorter_side} px {after:.1f} img/s ({after / before:.2f}x)"
+    )
+
+
+def main() -> None:
+    args = parse_args()
     device = torch.device(args.device)
     weights = "default" if args.backbone == "torchvision/mobilenet_v2" else "none"
     backbone = create_backbone(BackboneConfig(name=args.backbone, weights=weights))
@@ -177,35 +213,10 @@ def main() -> None:
         print(
             f"{len(dataset)} JPEG files {args.size}, {args.backbone} 224 px, batch {args.batch}, {args.rounds} rounds"
         )
-        results, stores = {}, {}
-        for round_ in range(args.rounds):
-            for bf16 in precisions:
-                rate = bare_rate(backbone, len(dataset), args.batch, device, bf16)
-                results.setdefault(("bare", bf16), []).append(rate)
-                for workers, decode in settings:
-                    root = f"{tmp}/cache-{round_}-{workers}-{decode}"
-                    config = CacheConfig(
-                        root,
-                        num_workers=workers,
-                        batch_size=args.batch,
-                        autocast_bf16=bf16,
-                        decode="workers" if decode == RESIZED else decode,
-                    )
-                    rate, stores[(decode, bf16)] = cache_rate(
-                        sources[decode], backbone, transform, device, config
-                    )
-                    results.setdefault((workers, decode, bf16), []).append(rate)
+        results, stores = measure(args, tmp, sources, backbone, transform, settings, precisions)
         report(results, settings, precisions, len(dataset), args.batch)
         if args.resized:
-            rates = {
-                d: [decode_rate(sources[d], transform) for _ in range(args.rounds)]
-                for d in ("workers", RESIZED)
-            }
-            original, copy = (statistics.median(rates[d]) for d in ("workers", RESIZED))
-            print(
-                f"decode + transform alone, one process: originals {original:.1f} img/s, copy at "
-                f"{args.resized} px {copy:.1f} img/s ({copy / original:.2f}x)"
-            )
+            report_decoding(dataset, sources[RESIZED], transform, args.rounds, args.resized)
         if args.bf16:
             compare_bf16(stores[(decodes[0], False)], stores[(decodes[0], True)])
         if args.decode == "both":
