@@ -183,21 +183,23 @@ def _chunk(ctx: EvalContext, entries: np.ndarray, base, thresholds, desc: str = 
 
 def _estimate(
     ctx: EvalContext, sample: ImageSample, entries: np.ndarray, base, thresholds
-) -> tuple[CostEstimate, ReadyBatches | None]:
+) -> tuple[CostEstimate, ReadyBatches | None, dict[int, tuple[list, list]]]:
     """Re-renders ahead: planned for the first `ESTIMATE_IMAGES` images and scaled to the sample;
-    the run's second backbone batch timed after its first (both kept for the run); the planning of
-    those images (loading, attribution maps) is the per-image work."""
+    the run's second backbone batch timed after its first; the planning of those images (loading,
+    attribution maps) is the per-image work. Returns the estimate, the featurised batches and the
+    planned chunks ({first entry position: (images, plans)}), all kept for the run."""
     first, images, plans, started = entries[:ESTIMATE_IMAGES], [], [], time.perf_counter()
     for chunk_images, chunk_plans in _chunk(
         ctx, first, base, thresholds, desc="metrics: funnybirds planning"
     ):
         images, plans = images + chunk_images, plans + chunk_plans
     planning = (time.perf_counter() - started) / max(1, len(first))  # every image is planned so
-    size, runs = ctx.settings.batch_size, []  # the run's backbone batches, chunk by chunk
+    size, runs, planned = ctx.settings.batch_size, [], {}  # the run's backbone batches, chunk by chunk
     for start in range(0, len(images), IMAGES_PER_CHUNK):
-        end = start + IMAGES_PER_CHUNK
-        runs += batches(images[start:end], plans[start:end], size)
-    return renders_estimate(ctx, len(sample.indices), memo_keys(images, plans), len(first), planning, runs)
+        planned[start] = (images[start : start + IMAGES_PER_CHUNK], plans[start : start + IMAGES_PER_CHUNK])
+        runs += batches(*planned[start], size)
+    keys = memo_keys(images, plans)
+    return (*renders_estimate(ctx, len(sample.indices), keys, len(first), planning, runs), planned)
 
 
 def _score(
@@ -256,11 +258,14 @@ def run_funnybirds(ctx: EvalContext) -> MetricResult:
         ctx.labels, settings.funnybirds_images, seed=settings.seed, rule=settings.sample_rule
     )
     entries = ctx.entries_of(sample.indices)
-    estimate, ready = _estimate(ctx, sample, entries, base, thresholds)
+    estimate, ready, planned = _estimate(ctx, sample, entries, base, thresholds)
     tally, rendered = fb.Tally(), 0
     desc = f"metrics: funnybirds ({announce(estimate)})"
     for start in progress.bar(range(0, len(entries), IMAGES_PER_CHUNK), desc=desc, unit="chunk"):
-        for images, plans in _chunk(ctx, entries[start : start + IMAGES_PER_CHUNK], base, thresholds):
+        chunk = entries[start : start + IMAGES_PER_CHUNK]
+        for images, plans in (
+            [planned.pop(start)] if start in planned else _chunk(ctx, chunk, base, thresholds)
+        ):
             logits = intervention_logits(ctx, images, plans, ready)
             rendered += len(logits)
             for image, plan in zip(images, plans):
