@@ -97,7 +97,8 @@ def format_seconds(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def _synchronise(device: torch.device) -> None:
+def synchronise(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA), so that a timer reads finished work."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -121,12 +122,12 @@ def seconds_per_image(
     start = time.perf_counter()
     if warm_up:
         work()
-        _synchronise(device)
+        synchronise(device)
     best = float("inf")
     for _ in range(max(1, repeats)):
         timed = time.perf_counter()
         work()
-        _synchronise(device)
+        synchronise(device)
         best = min(best, time.perf_counter() - timed)
     return best / max(1, images), time.perf_counter() - start
 
@@ -167,10 +168,10 @@ def first_batches(ctx, batches: list[Batch], *, later: int = 0) -> ReadyBatches:
         features[tuple(keys)] = ctx.memo_features(keys, make)
     keys, make = batches[-1]
     computed = ctx.missing_features(keys)
-    _synchronise(ctx.device)
+    synchronise(ctx.device)
     timed = time.perf_counter()
     features[tuple(keys)] = ctx.memo_features(keys, make)
-    _synchronise(ctx.device)
+    synchronise(ctx.device)
     if computed:
         return ReadyBatches(features, computed, (time.perf_counter() - timed) / computed, 0.0)
     if not later:
