@@ -165,3 +165,26 @@ def test_the_timed_batches_are_the_runs_own(tiny_metrics_run, monkeypatch, image
         )  # stability: one per image
         assert sum(featurised) == done == cost["backbone_passes"]["forward"], name  # nothing extra
         assert max(featurised) <= FAST.batch_size and cost["seconds_per_pass"]["forward"] > 0
+
+
+def test_misalignment_attacks_each_row_once(tiny_metrics_run, monkeypatch):
+    import protoquant.metrics.misalignment as mis
+
+    result, attacked = tiny_metrics_run, []
+    real = mis.masked_pgd
+    monkeypatch.setattr(
+        mis,
+        "masked_pgd",
+        lambda fn, images, *a, **k: attacked.append(len(images)) or real(fn, images, *a, **k),
+    )
+    settings = replace(FAST, attack_target="class_each", misalignment_images=6, attack_batch_size=3)
+    out = evaluate_metrics(
+        result.model, result.splits.test, ["misalignment"], settings=settings, store=result.caches.test.store
+    )
+    rows = out["rows"]["misalignment"]
+    assert (
+        sum(attacked)
+        == len(rows)
+        == out["protocol"]["metrics"]["misalignment"]["cost"]["backbone_passes"]["forward"]
+    )
+    assert len(attacked) > 1  # the estimate's chunk, then the run's
