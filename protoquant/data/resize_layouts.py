@@ -6,6 +6,7 @@ A copy is only another dataset if its annotations still point at the same pixels
 |---|---|---|
 | `cub` | `bounding_boxes.txt` (x, y, w, h) and `parts/part_locs.txt` (x, y), stored pixels | every coordinate times its image's scale (x by new width / old width, y by new height / old height), two decimals |
 | `cars` | the `annotations` of `devkit/cars_train_annos.mat`, `cars_test_annos_withlabels.mat` (either place) and `devkit/cars_test_annos.mat`: integer boxes (x1, y1, x2, y2), stored pixels | scaled the same way, rounded, and kept inside the image |
+| `imagenet` | the Kaggle `LOC_val_solution.csv` / `LOC_train_solution.csv` boxes (`wnid x1 y1 x2 y2 ...` per image), stored pixels | scaled like the Cars boxes (the labels, read from the same file, are kept); the PASCAL VOC XML files of `Annotations/` are copied unchanged, with a warning (protoquant does not read them) |
 | `funnybirds` | colour-coded part maps `{split}_part_map/` | resized by nearest neighbour, so every pixel keeps an exact part colour (thin parts keep fewer pixels: on the shared FunnyBirds subset at 256 -> 128 px, part centroids moved by a median 0.25 % of the side, a foot by 3.5 % at worst) |
 | others | none in pixels | nothing |
 
@@ -18,7 +19,9 @@ A line or entry that cannot be read is copied unchanged for the dataset's loader
 
 from __future__ import annotations
 
+import csv
 import io
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,12 +36,18 @@ from protoquant.data.cars import IMAGE_DIRS as CARS_IMAGE_DIRS
 from protoquant.data.cars import find_cars_root
 from protoquant.data.cub import find_cub_root
 from protoquant.data.detect import detect_dataset
+from protoquant.data.imagenet import KAGGLE_SOLUTION, find_images_root, find_meta
 from protoquant.data.images import load_mat
+
+logger = logging.getLogger(__name__)
 
 CUB_BOXES = "bounding_boxes.txt"
 CUB_PARTS = "parts/part_locs.txt"
 CARS_UNLABELLED_TEST = "devkit/cars_test_annos.mat"  # the devkit's test boxes without classes
 CARS_BOX_FIELDS = ("bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2")
+IMAGENET_TRAIN_SOLUTION = "LOC_train_solution.csv"  # Kaggle: train boxes, same format as val
+IMAGENET_EXTENSION = ".JPEG"  # ImageId + this is the image file
+IMAGENET_XML = Path("ILSVRC") / "Annotations"  # Kaggle: PASCAL VOC boxes, not read by protoquant
 PART_MAP_SUFFIX = "_part_map"  # FunnyBirds: {split}_part_map/ holds colour-coded label images
 
 Scale = tuple[float, float]  # (new width / old width, new height / old height)
@@ -65,6 +74,8 @@ def layout_rules(src: Path) -> LayoutRules:
         return _cub_rules(src)
     if layout == "cars":
         return _cars_rules(src)
+    if layout == "imagenet":
+        return _imagenet_rules(src)
     if layout == "funnybirds":
         return LayoutRules(label_image=lambda rel: any(p.endswith(PART_MAP_SUFFIX) for p in rel.parts[:-1]))
     return LayoutRules()
@@ -190,3 +201,63 @@ def _rewrite_cars(src: Path, dst: Path, sizes: _Sizes) -> None:
     scipy.io.savemat(buffer, {k: v for k, v in mat.items() if not k.startswith("__")})
     dst.parent.mkdir(parents=True, exist_ok=True)
     write_bytes_atomic(dst, buffer.getvalue())
+
+
+# ---- ImageNet (Kaggle box files) ----------------------------------------------------------
+
+
+def _imagenet_rules(src: Path) -> LayoutRules:
+    if (src / IMAGENET_XML).is_dir():
+        logger.warning(
+            "resize: %s is copied unchanged; its boxes are in the original pixels", src / IMAGENET_XML
+        )
+    try:
+        images = find_images_root(src)
+    except FileNotFoundError:
+        return LayoutRules()  # no image folders: nothing to rescale against
+    files = {
+        path.relative_to(src): split
+        for name, split in ((KAGGLE_SOLUTION, "val"), (IMAGENET_TRAIN_SOLUTION, "train"))
+        if (path := find_meta(src, name)) is not None
+    }
+
+    def rewrite(src_root: Path, dst_root: Path) -> None:
+        folder = images.relative_to(src)
+        for rel, split in files.items():
+            sizes = _Sizes(src_root / folder / split, dst_root / folder / split)
+            _rewrite_solution(src_root / rel, dst_root / rel, sizes, split)
+
+    return LayoutRules(rewritten=frozenset(files), rewrite=rewrite)
+
+
+def _scaled_prediction(text: str, sizes) -> str:
+    """`wnid x1 y1 x2 y2 ...` with every box in the copy's pixels (rounded, inside the image)."""
+    fields = text.split()
+    if sizes is None or len(fields) % 5:
+        return text
+    (old_w, old_h), (new_w, new_h) = sizes
+    try:
+        for start in range(0, len(fields), 5):
+            for offset, (old, new) in zip(range(1, 5), ((old_w, new_w), (old_h, new_h)) * 2):
+                value = round(float(fields[start + offset]) * new / old)
+                fields[start + offset] = str(min(max(value, 0), new))
+    except ValueError:
+        return text
+    return " ".join(fields)
+
+
+def _rewrite_solution(src: Path, dst: Path, sizes: _Sizes, split: str) -> None:
+    """A Kaggle `ImageId,PredictionString` file with its boxes in the copy's pixels."""
+    with src.open(newline="", encoding="utf-8") as handle:
+        rows = list(csv.reader(handle))
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    for number, row in enumerate(rows):
+        if number and len(row) == 2:
+            image, wnid = row[0].strip(), (row[1].split() or [""])[0]
+            folder = image.split("_")[0] if split == "train" else wnid  # val: flat, or in class folders
+            found = sizes(image + IMAGENET_EXTENSION) or sizes(f"{folder}/{image}{IMAGENET_EXTENSION}")
+            row = [row[0], _scaled_prediction(row[1], found)]
+        writer.writerow(row)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    write_bytes_atomic(dst, out.getvalue().encode())

@@ -149,3 +149,20 @@ def test_unreadable_lines_are_left_for_the_loader() -> None:
     assert _scaled_line("1 2 3", (0.5, 0.5), {1: 0, 2: 1, 3: 0, 4: 1}) == "1 2 3"
     assert _scaled_line("1 2 3 4 5", None, {1: 0}) == "1 2 3 4 5"
     assert _scaled_line("7 4 10 8 1", (0.5, 0.25), {2: 0, 3: 1}) == "7 4 5.00 2.00 1"
+
+
+def test_imagenet_kaggle_boxes_follow_the_images(tmp_path, caplog) -> None:
+    from protoquant.data.imagenet import ImageNet
+    from tests.data.layouts import IMAGENET_VAL, write_imagenet
+
+    src = write_imagenet(tmp_path / "src", val="kaggle")
+    (src / "ILSVRC" / "Annotations" / "CLS-LOC").mkdir(parents=True)
+    with caplog.at_level("WARNING", logger="protoquant.data.resize_layouts"):
+        report = resize_dataset(src, tmp_path / "dst", 6)  # val images 12 x 16 -> 6 x 8: one half
+    assert report.annotations == 1 and "Annotations" in caplog.text  # XML boxes: copied, and said so
+    old, new = ImageNet(src, "test"), ImageNet(tmp_path / "dst", "test")
+    assert new.files == old.files and np.array_equal(new.labels, old.labels)  # labels read from the csv
+    lines = (tmp_path / "dst" / "LOC_val_solution.csv").read_text().splitlines()
+    assert lines[0] == "ImageId,PredictionString" and len(lines) == len(IMAGENET_VAL) + 1
+    wnid = IMAGENET_VAL[0]
+    assert f"ILSVRC2012_val_00000001,{wnid} 0 1 5 6 {wnid} 2 2 4 4" in lines  # 1 2 10 11, 3 4 8 9 halved
