@@ -23,7 +23,7 @@ import csv
 import io
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -64,7 +64,7 @@ class LayoutRules:
 
     rewritten: frozenset[Path] = frozenset()
     rewrite: Callable[[Path, Path], None] = lambda src, dst: None
-    label_image: Callable[[Path], bool] = field(default=lambda rel: False)
+    label_image: Callable[[Path], bool] = lambda rel: False
 
 
 def layout_rules(src: Path) -> LayoutRules:
@@ -105,6 +105,11 @@ class _Sizes:
         """Per-axis scale from the original of `rel` to its copy."""
         sizes = self(rel) if rel else None
         return None if sizes is None else (sizes[1][0] / sizes[0][0], sizes[1][1] / sizes[0][1])
+
+
+def _scaled_pixel(value: float, old: int, new: int) -> int:
+    """An integer box coordinate on an axis of `old` pixels moved to `new` pixels: rounded, inside."""
+    return min(max(round(value * new / old), 0), new)
 
 
 # ---- CUB-200-2011 -------------------------------------------------------------------------
@@ -183,7 +188,7 @@ def _scale_box(record: np.void, sizes: tuple[tuple[int, int], tuple[int, int]]) 
     (old_w, old_h), (new_w, new_h) = sizes
     for name, (old, new) in zip(CARS_BOX_FIELDS, ((old_w, new_w), (old_h, new_h)) * 2):
         stored = np.asarray(record[name])
-        value = min(max(round(float(stored.reshape(-1)[0]) * new / old), 0), new)
+        value = _scaled_pixel(float(stored.reshape(-1)[0]), old, new)
         record[name] = np.full(stored.shape, value, dtype=stored.dtype)
 
 
@@ -239,8 +244,7 @@ def _scaled_prediction(text: str, sizes) -> str:
     try:
         for start in range(0, len(fields), 5):
             for offset, (old, new) in zip(range(1, 5), ((old_w, new_w), (old_h, new_h)) * 2):
-                value = round(float(fields[start + offset]) * new / old)
-                fields[start + offset] = str(min(max(value, 0), new))
+                fields[start + offset] = str(_scaled_pixel(float(fields[start + offset]), old, new))
     except ValueError:
         return text
     return " ".join(fields)

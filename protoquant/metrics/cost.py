@@ -1,17 +1,17 @@
-"""What an expensive protocol will cost, stated before it starts.
+"""What an expensive protocol will cost, stated as it starts.
 
 Misalignment, FunnyBirds and stability run the backbone on changed images (attacks, re-renders,
 noisy copies). Before each starts, its runner counts the work (images, attacks / interventions /
 noisy copies, backbone passes) and times one batch of the very work it will repeat, at the
 batch size the run uses (the cost per image depends on it: on 2 CPU cores MobileNetV2 takes
-0.012 s per image in batches of 8 and 0.020 s in batches of 32 to 64). Misalignment times one
-PGD batch (forward+backward), the fastest of two calls after an untimed warm-up. Stability and
-FunnyBirds featurise the first two batches of the run itself (noisy copies; re-renders +
-forward), the first as the warm-up, the second timed, and hand both to the run, so measuring
-costs nothing (`first_batches`; a run of one batch times that one, first-call costs included).
-Where each image also costs work outside the backbone (stability
-scores part hits, FunnyBirds plans its interventions), that is timed once on the calibration
-images, without a warm-up (it loads annotations the first time, as the run does).
+0.012 s per image in batches of 8 and 0.020 s in batches of 32 to 64), and on work of the run
+itself, handed to the run, so measuring costs no extra pass. Misalignment times its first image
+batch (loading, clean forward) and its first attack chunk (the whole PGD, whose steps spread the
+backend's warm-up). Stability and FunnyBirds featurise the run's first two batches (noisy copies;
+re-renders + forward), the first as the warm-up, the second timed (`first_batches`; a run of one
+batch times that one, first-call costs included). Where each image also costs work outside the
+backbone (stability scores part hits, FunnyBirds plans its interventions), that is timed once on
+the calibration images, without a warm-up (it loads annotations the first time, as the run does).
 The estimate is those counts times the measured seconds, never a constant; it is logged, shown on
 the progress bar and recorded with the actual seconds.
 """

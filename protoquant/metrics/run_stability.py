@@ -56,12 +56,17 @@ def _tag(ctx: EvalContext, sample: ImageSample) -> tuple:
     )
 
 
+def _keys(tag: tuple, indices: np.ndarray) -> list[tuple]:
+    """Memo keys of the noisy copies of `indices`."""
+    return [(*tag, int(i)) for i in indices]
+
+
 def _noisy_features(
     ctx: EvalContext, indices: np.ndarray, generator: torch.Generator, tag: tuple
 ) -> torch.Tensor:
     """Features of the images plus seeded noise; the noise is drawn even when memoised (same stream)."""
     noise = _draw_noise(ctx, len(indices), generator)
-    return ctx.memo_features([(*tag, int(i)) for i in indices], _noisy_images(ctx, indices, noise))
+    return ctx.memo_features(_keys(tag, indices), _noisy_images(ctx, indices, noise))
 
 
 def _estimate(
@@ -70,7 +75,7 @@ def _estimate(
     """The noisy copies still to featurise, priced by timing the run's second batch of them after
     its first (their noise drawn from the run's `generator`, their features handed to the run),
     plus the scoring of a few images (once, so that reading their annotations counts)."""
-    missing = ctx.missing_features([(*tag, int(i)) for i in sample.indices])
+    missing = ctx.missing_features(_keys(tag, sample.indices))
     size = ctx.settings.batch_size
     if not len(sample.indices):
         return CostEstimate("stability", 0, "0 noisy copies", (PassCount(0, "forward", 0.0),), 0, 0.0), None
@@ -78,7 +83,7 @@ def _estimate(
     for start in range(0, min(2 * size, len(sample.indices)), size):
         chosen = sample.indices[start : start + size]
         noise = _draw_noise(ctx, len(chosen), generator)  # in the run's order: the same stream
-        batches.append(([(*tag, int(i)) for i in chosen], _noisy_images(ctx, chosen, noise)))
+        batches.append((_keys(tag, chosen), _noisy_images(ctx, chosen, noise)))
     ready = first_batches(ctx, batches, later=missing)
     noisy = next(iter(ready.features.values()))[:CALIBRATION_IMAGES]  # of the first batch
     count = len(noisy)
@@ -131,7 +136,7 @@ def run_stability(ctx: EvalContext) -> MetricResult:
     score_change, cell_same = [], []
     desc = f"metrics: stability ({announce(estimate)})"
     for indices, clean in ctx.head_batches(ctx.entries_of(sample.indices), desc=desc):
-        features = ready.take([(*tag, int(i)) for i in indices]) if ready else None  # made by the estimate
+        features = ready.take(_keys(tag, indices)) if ready else None  # made by the estimate
         if features is None:
             features = _noisy_features(ctx, indices, generator, tag)
         noisy = ctx.head_output(features)
