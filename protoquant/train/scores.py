@@ -137,8 +137,9 @@ class ScoresInMemory(TrainingScores):
 class ScoresOnDisk(TrainingScores):
     """(N, K) rows in files, one per rank: row i is row i // W of file i % W (W = len(paths)).
 
-    Every read is a positioned read into a buffer allocated for it (no memory map, whose
-    neighbouring pages would count in RSS), so memory is O(B * K) whatever N.
+    Every read is a positioned read into a buffer allocated for it, so memory is O(B * K)
+    whatever N. A memory map is slower or larger: the page cache holds these files in large
+    folios, which a fault maps whole (BENCHMARKS.md, "Stage 2 from scratch files").
     """
 
     def __init__(self, paths: list[Path], labels: torch.Tensor, prototypes: int, dtype: torch.dtype) -> None:
@@ -174,14 +175,16 @@ class ScoresOnDisk(TrainingScores):
         return out
 
     def _read(self, part: int, local: np.ndarray, positions: np.ndarray, out: np.ndarray) -> None:
-        """Rows `local` of file `part` into out[positions]: one preadv per run of adjacent rows."""
-        starts = np.flatnonzero(np.diff(local, prepend=-2) != 1)  # where a run of adjacent rows begins
-        for first, stop in zip(starts.tolist(), [*starts[1:].tolist(), len(local)]):
-            for begin in range(first, stop, IOV_MAX):
-                buffers = [out[p] for p in positions[begin : min(stop, begin + IOV_MAX)].tolist()]
-                offset = int(local[begin]) * self.row_bytes
-                if os.preadv(self.files[part].fileno(), buffers, offset) != len(buffers) * self.row_bytes:
-                    raise CacheError(f"{self.paths[part]}: ended before byte {offset}; it changed while read")
+        """Rows `local` (ascending) of file `part` into out[positions]: one preadv per run of
+        adjacent rows (at most IOV_MAX long); the Python work per row is one list item."""
+        starts = run_starts(local)
+        stops = [*starts[1:].tolist(), len(local)]
+        offsets = (local[starts] * self.row_bytes).tolist()
+        views = [out[p] for p in positions.tolist()]  # (K,) views of the batch buffer
+        fd = self.files[part].fileno()
+        for first, stop, offset in zip(starts.tolist(), stops, offsets):
+            if os.preadv(fd, views[first:stop], offset) != (stop - first) * self.row_bytes:
+                raise CacheError(f"{self.paths[part]}: ended before byte {offset}; it changed while read")
 
     def class_means(self, num_classes: int) -> torch.Tensor:
         sums = torch.zeros(num_classes, self.prototypes, dtype=torch.float64)  # (C, K)
@@ -195,6 +198,14 @@ class ScoresOnDisk(TrainingScores):
     def close(self) -> None:
         for file in self.files:
             file.close()
+
+
+def run_starts(local: np.ndarray) -> np.ndarray:
+    """Where runs of consecutive values begin in ascending `local`, a run cut every IOV_MAX items."""
+    new_run = np.diff(local, prepend=local[:1] - 2) != 1  # (B,) True where a run begins
+    run_id = np.cumsum(new_run) - 1
+    first_of_run = np.flatnonzero(new_run)[run_id]  # (B,) index where each item's run begins
+    return np.flatnonzero(new_run | ((np.arange(len(local)) - first_of_run) % IOV_MAX == 0))
 
 
 def as_training_scores(train: TrainingScores | tuple[torch.Tensor, torch.Tensor]) -> TrainingScores:

@@ -27,7 +27,7 @@ from protoquant.errors import CacheError
 from protoquant.train import head as stage2
 from protoquant.train.baseline import train_baseline_head
 from protoquant.train.prune import class_mean_scores
-from protoquant.train.scores import ScoresOnDisk, ScoresSource
+from protoquant.train.scores import IOV_MAX, ScoresOnDisk, ScoresSource, run_starts
 
 CPU = torch.device("cpu")
 ENTRIES, VAL, CLASSES, GRID, CHANNELS, PROTOTYPES = 1300, 200, 4, (3, 3), 256, 256  # tables of 1.07 MiB
@@ -188,6 +188,26 @@ def test_scores_on_disk_read_any_rows_of_strided_files(tmp_path, world) -> None:
         table.class_means(5), class_mean_scores(scores, labels, 5), rtol=1e-6, atol=1e-7
     )
     assert torch.equal(table.class_means(5)[4], torch.zeros(7))  # a class without rows
+    table.close()
+
+
+def test_runs_of_adjacent_rows_begin_where_a_gap_is_and_every_iov_max_rows() -> None:
+    local = np.array([0, 1, 2, 5, 6, 9, *range(20, 20 + 2 * IOV_MAX + 3), 5000])
+    expected, length = [], 0
+    for index, value in enumerate(local.tolist()):  # one item at a time, as a reader would cut them
+        length = length + 1 if index and value == local[index - 1] + 1 and length < IOV_MAX else 1
+        if length == 1:
+            expected.append(index)
+    assert run_starts(local).tolist() == expected
+    assert expected == [0, 3, 5, 6, 6 + IOV_MAX, 6 + 2 * IOV_MAX, 9 + 2 * IOV_MAX]
+
+
+def test_a_run_longer_than_one_preadv_reads_back_whole(tmp_path) -> None:
+    rows = 3 * IOV_MAX + 5
+    scores, labels = torch.rand(rows, 2), torch.zeros(rows, dtype=torch.long)
+    table = ScoresOnDisk(write_parts(tmp_path, scores, 1), labels, 2, torch.float32)
+    order = np.arange(rows)[::-1].copy()  # one run in file order, given backwards
+    assert torch.equal(table.batch(order)[0], scores[torch.from_numpy(order)])
     table.close()
 
 
