@@ -12,8 +12,8 @@ ones, which the next run removes); run again, it keeps each one that is at least
 
 The copy is another dataset: its files differ, so its fingerprint and its feature caches
 differ too. Annotations in pixels follow the images (`protoquant.data.resize_layouts`): the CUB
-boxes and part centres, the Stanford Cars boxes and ImageNet's Kaggle box files are rescaled image
-by image, and FunnyBirds' colour-coded part maps are resized by nearest neighbour, so the copy
+boxes and part centres, the Stanford Cars boxes, ImageNet's Kaggle box files and its VOC XML files
+are rescaled image by image, and FunnyBirds' colour-coded part maps are resized by nearest neighbour, so the copy
 loads, crops and scores like the original.
 """
 
@@ -32,7 +32,7 @@ from PIL import Image
 from protoquant import progress
 from protoquant.atomic import clean_leftovers, write_bytes_atomic, write_file_atomic
 from protoquant.data.images import DECODE_ERRORS, is_image_file, to_rgb
-from protoquant.data.resize_layouts import layout_rules
+from protoquant.data.resize_layouts import LayoutRules, image_sizes, layout_rules
 from protoquant.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
@@ -138,10 +138,22 @@ def _check(src: Path, dst: Path, shorter_side: int, quality: int) -> None:
         raise ConfigError(f"resize: destination {dst} must lie outside the source folder {src}")
 
 
-def _plan(src: Path, dst: Path, skip: frozenset[Path]) -> tuple[list[Path], list[Path], int]:
-    """(images to write, other files to copy, files kept) of the tree `src`, paths relative to it;
-    `skip` (annotation files the layout rewrites) are left out."""
-    images, others, kept = [], [], 0
+@dataclass
+class _Plan:
+    """What a run writes, paths relative to the source: images, other files copied as they are,
+    and per-image annotation files (with the image each annotates); how many files it keeps."""
+
+    images: list[Path]
+    others: list[Path]
+    annotations: dict[Path, Path]
+    kept: int
+
+
+def _plan(src: Path, dst: Path, rules: LayoutRules) -> _Plan:
+    """What to write of the tree `src`; the annotation files the layout rewrites as a whole are left
+    out, and a per-image one is kept only when newer than its source and its image's copy, and that
+    image is kept too."""
+    images, others, annotations, kept = [], [], {}, 0
     for parent, dirs, names in os.walk(src):
         dirs.sort()
         target = dst / Path(parent).relative_to(src)
@@ -149,14 +161,21 @@ def _plan(src: Path, dst: Path, skip: frozenset[Path]) -> tuple[list[Path], list
             clean_leftovers(target)  # partial files of a run that was killed
         for name in sorted(names):
             rel = (Path(parent) / name).relative_to(src)
-            if rel in skip:
+            if rel in rules.rewritten:
                 continue
-            if is_done(src / rel, dst / rel):
+            if (image := rules.annotates(rel)) is not None:
+                annotations[rel] = image
+            elif is_done(src / rel, dst / rel):
                 kept += 1
-                continue
-            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
-            (images if is_image_file(name) else others).append(rel)
-    return images, others, kept
+            else:
+                (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+                (images if is_image_file(name) else others).append(rel)
+    written = set(images)
+    for rel, image in list(annotations.items()):
+        if image not in written and is_done(src / rel, dst / rel) and is_done(dst / image, dst / rel):
+            del annotations[rel]
+            kept += 1
+    return _Plan(images, others, annotations, kept)
 
 
 def resize_dataset(
@@ -186,19 +205,33 @@ def resize_dataset(
     rules = layout_rules(src)
     for rel in rules.rewritten:
         (dst / rel).unlink(missing_ok=True)  # rewritten below, from the images as they will be
-    images, others, kept = _plan(src, dst, rules.rewritten)
-    for rel in others:
+    plan = _plan(src, dst, rules)
+    for rel in plan.others:
         copy_file(src / rel, dst / rel)
 
     def one(rel: Path) -> bool:
         resample = LABEL_RESAMPLE if rules.label_image(rel) else RESAMPLE
         return resize_file(src / rel, dst / rel, shorter_side, quality, resample)
 
+    def annotation(item: tuple[Path, Path]) -> None:
+        rel, image = item
+        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+        rules.rewrite_one(src / rel, dst / rel, image_sizes(src / image, dst / image))
+
     with ThreadPoolExecutor(max(1, threads)) as pool:
-        jobs = pool.map(one, images)
-        resized = sum(progress.bar(jobs, total=len(images), desc=f"resizing {src.name}", unit="img"))
+        jobs = pool.map(one, plan.images)
+        resized = sum(progress.bar(jobs, total=len(plan.images), desc=f"resizing {src.name}", unit="img"))
+        steps = pool.map(annotation, plan.annotations.items())
+        for _ in progress.bar(steps, total=len(plan.annotations), desc="annotations", unit="file"):
+            pass
     rules.rewrite(src, dst)
-    report = ResizeReport(resized, len(images) - resized, len(others), kept, len(rules.rewritten))
+    report = ResizeReport(
+        resized,
+        len(plan.images) - resized,
+        len(plan.others),
+        plan.kept,
+        len(rules.rewritten) + len(plan.annotations),
+    )
     logger.info(
         "%s -> %s: %d images resized, %d copied, %d other files, %d kept, %d annotation files rewritten",
         src,

@@ -6,7 +6,8 @@ A copy is only another dataset if its annotations still point at the same pixels
 |---|---|---|
 | `cub` | `bounding_boxes.txt` (x, y, w, h) and `parts/part_locs.txt` (x, y), stored pixels | every coordinate times its image's scale (x by new width / old width, y by new height / old height), two decimals |
 | `cars` | the `annotations` of `devkit/cars_train_annos.mat`, `cars_test_annos_withlabels.mat` (either place) and `devkit/cars_test_annos.mat`: integer boxes (x1, y1, x2, y2), stored pixels | scaled the same way, rounded, and kept inside the image |
-| `imagenet` | the Kaggle `LOC_val_solution.csv` / `LOC_train_solution.csv` boxes (`wnid x1 y1 x2 y2 ...` per image), stored pixels | scaled like the Cars boxes (the labels, read from the same file, are kept); the PASCAL VOC XML files of `Annotations/` are copied unchanged, with a warning (protoquant does not read them) |
+| `imagenet` | the Kaggle `LOC_val_solution.csv` / `LOC_train_solution.csv` boxes (`wnid x1 y1 x2 y2 ...` per image), stored pixels | scaled like the Cars boxes (the labels, read from the same file, are kept) |
+| `imagenet` | the PASCAL VOC XML files of `ILSVRC/Annotations/CLS-LOC/` (one per image: `<size>` and the `<bndbox>` of each object), stored pixels | each file after its image (same relative path under `ILSVRC/Data/CLS-LOC/`): `<size>` becomes the copy's, the boxes are scaled like the Cars boxes; every other element and its text as read |
 | `funnybirds` | colour-coded part maps `{split}_part_map/` | resized by nearest neighbour, so every pixel keeps an exact part colour (thin parts keep fewer pixels: on the shared FunnyBirds subset at 256 -> 128 px, part centroids moved by a median 0.25 % of the side, a foot by 3.5 % at worst) |
 | others | none in pixels | nothing |
 
@@ -14,7 +15,10 @@ The scale of each image is read from the headers of its original and its copy, s
 run, whose images were written by an earlier one, rescales the same way. The rewritten
 annotation files are never copied as they are: they are written, atomically, once every image
 is, so a copy that a crash stopped part-way has no annotation file rather than a wrong one.
-A line or entry that cannot be read is copied unchanged for the dataset's loader to report.
+Per-image annotation files (ImageNet's XML) are written once every image is too, each after its
+image, and count as done only when newer than both their source and their image's copy.
+A line or entry that cannot be read is copied unchanged for the dataset's loader to report (an
+XML file that does not parse, or whose image is missing, as it is).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import xml.etree.ElementTree as ElementTree
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +35,7 @@ import numpy as np
 import scipy.io
 from PIL import Image
 
-from protoquant.atomic import write_bytes_atomic
+from protoquant.atomic import write_bytes_atomic, write_file_atomic
 from protoquant.data.cars import ANNOTATION_FILES as CARS_ANNOTATION_FILES
 from protoquant.data.cars import IMAGE_DIRS as CARS_IMAGE_DIRS
 from protoquant.data.cars import find_cars_root
@@ -47,10 +52,12 @@ CARS_UNLABELLED_TEST = "devkit/cars_test_annos.mat"  # the devkit's test boxes w
 CARS_BOX_FIELDS = ("bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2")
 IMAGENET_TRAIN_SOLUTION = "LOC_train_solution.csv"  # Kaggle: train boxes, same format as val
 IMAGENET_EXTENSION = ".JPEG"  # ImageId + this is the image file
-IMAGENET_XML = Path("ILSVRC") / "Annotations"  # Kaggle: PASCAL VOC boxes, not read by protoquant
+IMAGENET_XML = ".xml"  # Kaggle: Annotations/CLS-LOC/<path>.xml: boxes of Data/CLS-LOC/<path>.JPEG
+VOC_BOX = (("xmin", 0), ("ymin", 1), ("xmax", 0), ("ymax", 1))  # <bndbox> children and their axis
 PART_MAP_SUFFIX = "_part_map"  # FunnyBirds: {split}_part_map/ holds colour-coded label images
 
 Scale = tuple[float, float]  # (new width / old width, new height / old height)
+Sizes = tuple[tuple[int, int], tuple[int, int]]  # (width, height) of an image and of its copy
 
 
 @dataclass(frozen=True)
@@ -59,12 +66,16 @@ class LayoutRules:
 
     `rewritten`: paths (relative to the source) written by `rewrite(src, dst)` after the images,
     never copied; `label_image(rel)`: whether an image is a label map (resized by nearest
-    neighbour).
+    neighbour); `annotates(rel)`: for a file of one image's annotations, that image (relative to
+    the source; None for other files), the file then written by `rewrite_one(src file, dst file,
+    sizes of the image and its copy, or None)` after the images.
     """
 
     rewritten: frozenset[Path] = frozenset()
     rewrite: Callable[[Path, Path], None] = lambda src, dst: None
     label_image: Callable[[Path], bool] = lambda rel: False
+    annotates: Callable[[Path], Path | None] = lambda rel: None
+    rewrite_one: Callable[[Path, Path, Sizes | None], None] = lambda src, dst, sizes: None
 
 
 def layout_rules(src: Path) -> LayoutRules:
@@ -81,7 +92,7 @@ def layout_rules(src: Path) -> LayoutRules:
     return LayoutRules()
 
 
-def image_sizes(old: Path, new: Path) -> tuple[tuple[int, int], tuple[int, int]] | None:
+def image_sizes(old: Path, new: Path) -> Sizes | None:
     """(width, height) of `old` and of its copy `new` (stored pixels); None if either cannot be read."""
     try:
         with Image.open(old) as before, Image.open(new) as after:
@@ -96,7 +107,7 @@ class _Sizes:
     def __init__(self, src_images: Path, dst_images: Path) -> None:
         self.src, self.dst, self.known = src_images, dst_images, {}
 
-    def __call__(self, rel: str) -> tuple[tuple[int, int], tuple[int, int]] | None:
+    def __call__(self, rel: str) -> Sizes | None:
         if rel not in self.known:
             self.known[rel] = image_sizes(self.src / rel, self.dst / rel)
         return self.known[rel]
@@ -183,7 +194,7 @@ def _cars_rules(src: Path) -> LayoutRules:
     return LayoutRules(rewritten=frozenset(base / name for name in files), rewrite=rewrite)
 
 
-def _scale_box(record: np.void, sizes: tuple[tuple[int, int], tuple[int, int]]) -> None:
+def _scale_box(record: np.void, sizes: Sizes) -> None:
     """Scale the box fields of one `annotations` record in place: rounded, inside the copy."""
     (old_w, old_h), (new_w, new_h) = sizes
     for name, (old, new) in zip(CARS_BOX_FIELDS, ((old_w, new_w), (old_h, new_h)) * 2):
@@ -212,10 +223,6 @@ def _rewrite_cars(src: Path, dst: Path, sizes: _Sizes) -> None:
 
 
 def _imagenet_rules(src: Path) -> LayoutRules:
-    if (src / IMAGENET_XML).is_dir():
-        logger.warning(
-            "resize: %s is copied unchanged; its boxes are in the original pixels", src / IMAGENET_XML
-        )
     try:
         images = find_images_root(src)
     except FileNotFoundError:
@@ -232,7 +239,46 @@ def _imagenet_rules(src: Path) -> LayoutRules:
             sizes = _Sizes(src_root / folder / split, dst_root / folder / split)
             _rewrite_solution(src_root / rel, dst_root / rel, sizes, split)
 
-    return LayoutRules(rewritten=frozenset(files), rewrite=rewrite)
+    data = images.relative_to(src)  # ILSVRC/Data/CLS-LOC in the Kaggle layout
+    xml = data.parents[1] / "Annotations" / data.name if data.parent.name == "Data" else None
+
+    def annotates(rel: Path) -> Path | None:
+        if xml is None or rel.suffix != IMAGENET_XML or not rel.is_relative_to(xml):
+            return None
+        return (data / rel.relative_to(xml)).with_suffix(IMAGENET_EXTENSION)
+
+    return LayoutRules(
+        rewritten=frozenset(files), rewrite=rewrite, annotates=annotates, rewrite_one=_rewrite_voc
+    )
+
+
+def _rewrite_voc(src: Path, dst: Path, sizes: Sizes | None) -> None:
+    """A PASCAL VOC XML file with `<size>` and every `<bndbox>` in the copy's pixels.
+
+    The numbers are scaled like the Kaggle boxes (`_scaled_pixel`), so both files of the copy
+    agree as they do in the original; a file that does not parse, or has no image, is copied.
+    """
+    data = src.read_bytes()
+    try:
+        root = ElementTree.fromstring(data)
+    except ElementTree.ParseError:
+        root = None
+    if root is not None and sizes is not None:
+        for tag, value in zip(("size/width", "size/height"), sizes[1]):
+            if (element := root.find(tag)) is not None:
+                element.text = str(value)
+        for box in root.iter("bndbox"):
+            for tag, axis in VOC_BOX:
+                element = box.find(tag)
+                try:
+                    scaled = _scaled_pixel(float(element.text), sizes[0][axis], sizes[1][axis])  # type: ignore[union-attr, arg-type]
+                except (AttributeError, TypeError, ValueError):
+                    continue  # missing or not a number: left for whoever reads the file
+                element.text = str(scaled)  # type: ignore[union-attr]
+        declared = data.lstrip().startswith(b"<?xml")
+        data = ElementTree.tostring(root, encoding="utf-8", xml_declaration=declared)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    write_file_atomic(dst, lambda tmp: tmp.write_bytes(data), durable=False)
 
 
 def _scaled_prediction(text: str, sizes) -> str:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import xml.etree.ElementTree as ElementTree
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -151,18 +154,104 @@ def test_unreadable_lines_are_left_for_the_loader() -> None:
     assert _scaled_line("7 4 10 8 1", (0.5, 0.25), {2: 0, 3: 1}) == "7 4 5.00 2.00 1"
 
 
-def test_imagenet_kaggle_boxes_follow_the_images(tmp_path, caplog) -> None:
+def test_imagenet_kaggle_boxes_follow_the_images(tmp_path) -> None:
     from protoquant.data.imagenet import ImageNet
     from tests.data.layouts import IMAGENET_VAL, write_imagenet
 
     src = write_imagenet(tmp_path / "src", val="kaggle")
-    (src / "ILSVRC" / "Annotations" / "CLS-LOC").mkdir(parents=True)
-    with caplog.at_level("WARNING", logger="protoquant.data.resize_layouts"):
-        report = resize_dataset(src, tmp_path / "dst", 6)  # val images 12 x 16 -> 6 x 8: one half
-    assert report.annotations == 1 and "Annotations" in caplog.text  # XML boxes: copied, and said so
+    report = resize_dataset(src, tmp_path / "dst", 6)  # val images 12 x 16 -> 6 x 8: one half
+    assert report.annotations == 1
     old, new = ImageNet(src, "test"), ImageNet(tmp_path / "dst", "test")
     assert new.files == old.files and np.array_equal(new.labels, old.labels)  # labels read from the csv
     lines = (tmp_path / "dst" / "LOC_val_solution.csv").read_text().splitlines()
     assert lines[0] == "ImageId,PredictionString" and len(lines) == len(IMAGENET_VAL) + 1
     wnid = IMAGENET_VAL[0]
     assert f"ILSVRC2012_val_00000001,{wnid} 0 1 5 6 {wnid} 2 2 4 4" in lines  # 1 2 10 11, 3 4 8 9 halved
+
+
+VOC = """<annotation>
+	<folder>{folder}</folder>
+	<filename>{name}</filename>
+	<size>
+		<width>{width}</width>
+		<height>{height}</height>
+		<depth>3</depth>
+	</size>
+	<object>
+		<name>{folder}</name>
+		<bndbox><xmin>1</xmin><ymin>2</ymin><xmax>10</xmax><ymax>11</ymax></bndbox>
+	</object>
+	<object>
+		<name>{folder}</name>
+		<bndbox><xmin>3</xmin><ymin>4</ymin><xmax>oops</xmax><ymax>9</ymax></bndbox>
+	</object>
+</annotation>
+"""
+
+
+def _voc(path, width: int, height: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(VOC.format(folder=path.parent.name, name=path.stem, width=width, height=height))
+
+
+def _voc_numbers(path) -> tuple[list[str], list[list[str]]]:
+    """The <size> (width, height) and each object's box (xmin, ymin, xmax, ymax) as text."""
+    root = ElementTree.parse(path).getroot()
+    size = [root.findtext(f"size/{tag}") for tag in ("width", "height")]
+    boxes = [[box.findtext(tag) for tag in ("xmin", "ymin", "xmax", "ymax")] for box in root.iter("bndbox")]
+    return size, boxes
+
+
+def test_imagenet_voc_xml_boxes_follow_their_images(tmp_path) -> None:
+    from tests.data.layouts import write_imagenet
+
+    src = write_imagenet(tmp_path / "src", val="kaggle")
+    xml = src / "ILSVRC" / "Annotations" / "CLS-LOC"
+    _voc(xml / "val" / "ILSVRC2012_val_00000001.xml", 12, 16)  # val: 12 x 16 -> 6 x 8
+    _voc(xml / "train" / "n01440764" / "n01440764_1000.xml", 16, 12)  # train: 16 x 12 -> 8 x 6
+    _voc(xml / "val" / "ILSVRC2012_val_00000099.xml", 12, 16)  # no such image: copied as it is
+    (xml / "val" / "broken.xml").write_text("<annotation><size>")  # does not parse: copied
+    dst = tmp_path / "dst"
+    report = resize_dataset(src, dst, 6)
+    assert report.annotations == 1 + 4  # the csv, and every XML file (two of them as they were)
+    out = dst / "ILSVRC" / "Annotations" / "CLS-LOC"
+    # 1 2 10 11 halved and rounded like the Kaggle csv; the unreadable xmax is left alone
+    assert _voc_numbers(out / "val" / "ILSVRC2012_val_00000001.xml") == (
+        ["6", "8"],
+        [["0", "1", "5", "6"], ["2", "2", "oops", "4"]],
+    )
+    assert _voc_numbers(out / "train" / "n01440764" / "n01440764_1000.xml")[0] == ["8", "6"]
+    for name in ("ILSVRC2012_val_00000099.xml", "broken.xml"):
+        assert (out / "val" / name).read_bytes() == (xml / "val" / name).read_bytes()
+    kept = (out / "val" / "ILSVRC2012_val_00000001.xml").read_text()
+    assert "<folder>val</folder>" in kept and "<depth>3</depth>" in kept  # the rest as read
+    csv_line = next(
+        line for line in (dst / "LOC_val_solution.csv").read_text().splitlines() if "_00000001," in line
+    )
+    assert csv_line.split(",")[1].split()[1:5] == ["0", "1", "5", "6"]  # both files of the copy agree
+
+
+def test_a_second_run_keeps_the_xml_files_until_their_image_changes(tmp_path) -> None:
+    from tests.data.layouts import write_imagenet
+
+    src = write_imagenet(tmp_path / "src", val="kaggle")
+    xml = src / "ILSVRC" / "Annotations" / "CLS-LOC" / "val"
+    for n in (1, 2):
+        _voc(xml / f"ILSVRC2012_val_0000000{n}.xml", 12, 16)
+    dst = tmp_path / "dst"
+    resize_dataset(src, dst, 6)
+    again = resize_dataset(src, dst, 6)
+    assert again.resized == 0 and again.annotations == 1  # the csv only: both XML files kept
+    assert _voc_numbers(dst / "ILSVRC/Annotations/CLS-LOC/val/ILSVRC2012_val_00000001.xml")[1][0] == [
+        "0", "1", "5", "6",
+    ]  # fmt: skip  # not halved twice
+    image = src / "ILSVRC" / "Data" / "CLS-LOC" / "val" / "ILSVRC2012_val_00000002.JPEG"
+    Image.new("RGB", (24, 32)).save(image)  # the original changes: its copy and its XML are redone
+    later = image.stat().st_mtime_ns + 10**9
+    os.utime(image, ns=(later, later))
+    third = resize_dataset(src, dst, 6)
+    assert third.resized == 1 and third.annotations == 1 + 1
+    assert _voc_numbers(dst / "ILSVRC/Annotations/CLS-LOC/val/ILSVRC2012_val_00000002.xml") == (
+        ["6", "8"],
+        [["0", "0", "2", "3"], ["1", "1", "oops", "2"]],  # scaled by 6 / 24 and 8 / 32
+    )
