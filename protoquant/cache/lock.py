@@ -4,18 +4,24 @@
 are produced and lets go once the shard is written; a lock dies with its process, so the claim
 of a killed run frees itself. Lock files are never deleted: deleting a lock file that another
 process has open would let two processes hold "the same" lock. `try_flock` is the same lock on
-any file (the fine-tuning folder's, for instance).
+any file (the fine-tuning folder's, for instance). A filesystem that refuses locks gets a
+CacheError naming the file, not a run whose processes could build the same shard at once.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import logging
 import os
 import threading
 from pathlib import Path
 
+from protoquant.errors import CacheError
+
 logger = logging.getLogger(__name__)
+
+NO_LOCKS = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}  # flock(2): not supported here
 
 
 def try_flock(path: Path, *, wait: bool = False) -> int | None:
@@ -27,6 +33,16 @@ def try_flock(path: Path, *, wait: bool = False) -> int | None:
     except BlockingIOError:
         os.close(fd)
         return None
+    except OSError as error:
+        os.close(fd)
+        if error.errno not in NO_LOCKS:
+            raise
+        raise CacheError(
+            f"{path}: the filesystem there does not support file locks ({error.strerror}), which "
+            "protoquant takes so that processes sharing the folder do not write the same files at "
+            "once; put the folder on a local disk or a filesystem with flock (NFSv4, Lustre mounted "
+            "with -o flock)"
+        ) from error
     return fd
 
 

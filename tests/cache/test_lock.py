@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import subprocess
@@ -11,10 +12,13 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
+from protoquant.cache import lock
 from protoquant.cache.build import FeatureStore, build_cache
 from protoquant.cache.lock import ShardLocks
+from protoquant.errors import CacheError
 from tests.cache import lock_job
 from tests.cache.test_build import CountingBackbone, _transform
 
@@ -96,3 +100,25 @@ def test_a_lock_is_exclusive_between_processes_and_freed_on_release(tmp_path) ->
     assert other_process_sees() == "held"
     locks.release(3)
     assert len(locks) == 0 and other_process_sees() == "free"
+
+
+def test_a_filesystem_without_locks_names_the_lock_file(tmp_path, monkeypatch) -> None:
+    def refuse(fd: int, operation: int) -> None:
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(lock.fcntl, "flock", refuse)
+    locks = ShardLocks(tmp_path)
+    open_before = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(
+        CacheError, match=r"shard-00003\.lock: the filesystem there does not support file locks"
+    ):
+        locks.claim(3)
+    assert len(os.listdir("/proc/self/fd")) == open_before and len(locks) == 0  # nothing left open
+
+    def broken(fd: int, operation: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(lock.fcntl, "flock", broken)
+    with pytest.raises(OSError, match="Input/output error") as raised:
+        locks.claim(3)
+    assert not isinstance(raised.value, CacheError)  # other failures are not called "no locks"
