@@ -8,9 +8,11 @@ libjpeg on the CPU), crops, resizes with antialiasing and flips on the device.
 
 Only plain JPEG files go this way (`ImageDataset.image_file` gives one): baseline or progressive,
 grayscale or RGB, without an EXIF rotation that `load_image` would apply, ending in the JPEG end
-marker. Every other image (PNG, CMYK, a rotated phone photo, a box crop, an in-memory image, a
-file the decoder refuses) is decoded by PIL exactly as with decode = 'workers', in the worker or,
-when the device decoder refuses it, in the main process; one batch may mix both kinds.
+marker. Every other image (PNG, CMYK, an Adobe-marked RGB file, a rotated phone photo, a box crop,
+an in-memory image, a file the decoder refuses) is decoded by PIL exactly as with decode =
+'workers', in the worker or, when the device decoder refuses it, in the main process; one batch
+may mix both kinds. A batch whose every file the device decoder refuses is logged as a warning
+(once): the run is then correct but decodes with PIL on one main-process thread.
 """
 
 from __future__ import annotations
@@ -121,8 +123,10 @@ def collate_views(items: list[DecodedView | EncodedView]) -> ViewBatch:
 def jpeg_size(data: bytes, orient: bool) -> tuple[int, int] | None:
     """(width, height) of a JPEG the device decoder takes as `load_image` would read it, else None.
 
-    None for anything else: not a complete JPEG, CMYK, or rotated by an EXIF tag that `orient`
-    says `load_image` applies. Only the header is parsed.
+    None for anything else: not a complete JPEG, CMYK, three channels under an Adobe marker that
+    says they are not YCbCr (libjpeg and PIL read such files in their own ways, nvJPEG in its
+    own), or rotated by an EXIF tag that `orient` says `load_image` applies. Only the header is
+    parsed.
     """
     if not data.startswith(JPEG_START) or not data.endswith(JPEG_END):
         return None
@@ -130,6 +134,9 @@ def jpeg_size(data: bytes, orient: bool) -> tuple[int, int] | None:
         with Image.open(io.BytesIO(data)) as image:
             if image.format != "JPEG" or image.mode not in DEVICE_MODES:
                 return None
+            if image.info.get("adobe_transform") == 0 and image.mode == "RGB":
+                return None  # an Adobe marker without colour transform: decoders differ on it
+
             if orient and image.getexif().get(ORIENTATION_TAG, 1) != 1:
                 return None
             return image.size
@@ -155,6 +162,7 @@ class DeviceDecodeViews(Dataset):
 
     def __init__(self, dataset: ImageDataset, transform: ViewTransform, views: int) -> None:
         self.dataset, self.transform, self.views = dataset, transform, views
+        self.warned = False  # whether a batch refused whole was logged (once per run)
 
     def __len__(self) -> int:
         return len(self.dataset) * self.views
@@ -180,12 +188,21 @@ class DeviceDecodeViews(Dataset):
         if batch.decoded_rows:
             out[list(batch.decoded_rows)] = batch.pixels.to(device, non_blocking=True)
         images = decode_jpegs([item.data for item in batch.encoded], device)
+        refused = 0
         for row, item, image in zip(batch.encoded_rows, batch.encoded, images):
             if image is None or tuple(image.shape) != (3, item.height, item.width):
                 logger.debug("entry %d: the device decoder refused it; decoding it with PIL", item.entry)
                 out[row] = self.pil_pixels(item.entry).to(device)
+                refused += 1
             else:
                 out[row] = apply_geometry(image, item.geometry, self.transform.mode)
+        if refused and refused == len(batch.encoded) and not self.warned:
+            logger.warning(
+                "the %s JPEG decoder refused all %d files of a batch (e.g. entry %d); they are decoded "
+                "by PIL in the main process, one at a time: set cache.decode workers if this goes on",
+                device.type, refused, batch.encoded[0].entry,
+            )  # fmt: skip
+            self.warned = True
         return out
 
 

@@ -1,11 +1,15 @@
-"""Decoding JPEG files on the device (cache.decode = 'device'), here with libjpeg on the CPU.
+"""Decoding JPEG files on the device (cache.decode = 'device'): libjpeg on the CPU, and nvJPEG too
+where CUDA is present (the tests marked with DEVICES; `benchmarks/gpu.sh` runs them there).
 
-The device path decodes with the same libjpeg as PIL (identical pixels before resizing), so
-what differs is PIL's resize against torchvision's antialiased tensor resize.
+On the CPU the device path decodes with the same libjpeg as PIL (identical pixels before
+resizing), so what differs is PIL's resize against torchvision's antialiased tensor resize. On
+CUDA the same bounds are asked of nvJPEG, whose chroma upsampling is its own.
 """
 
 from __future__ import annotations
 
+import io
+import struct
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from protoquant.cache import decode
 from protoquant.cache.build import FeatureStore, ImageViews, build_cache, cache_key
 from protoquant.cache.decode import (
     DecodedView,
@@ -34,6 +39,7 @@ from protoquant.errors import ConfigError
 from tests.data.layouts import write_cars, write_cub
 
 CPU = torch.device("cpu")
+DEVICES = [CPU, *([torch.device("cuda")] if torch.cuda.is_available() else [])]
 # Bounds over the device-decoded views of this fixture, in uint8 levels: PIL's resize against
 # torchvision's antialiased tensor resize of identically decoded pixels. Measured: mean 0.12-0.16,
 # max 1 (bilinear) and 8 (bicubic); patch cosine of a tiny random backbone >= 0.9993.
@@ -87,11 +93,14 @@ def _transform(backbone, **changes) -> ViewTransform:
     return replace(ViewTransform(64, 1.0, info.mean, info.std, min_crop_scale=0.3, seed=5), **changes)
 
 
-def _both_paths(dataset, transform, views: int) -> tuple[torch.Tensor, torch.Tensor, list]:
-    """(E, 3, S, S) uint8 pixels of every entry by the workers path and by the device path, and the items."""
+def _both_paths(
+    dataset, transform, views: int, on: torch.device = CPU
+) -> tuple[torch.Tensor, torch.Tensor, list]:
+    """(E, 3, S, S) uint8 pixels of every entry by the workers path and by the device path (decoded
+    on `on`, returned on the CPU), and the items."""
     source = DeviceDecodeViews(dataset, transform, views)
     items = [source[e] for e in range(len(source))]
-    device = source.device_pixels(collate_views(items), CPU)  # one mixed batch
+    device = source.device_pixels(collate_views(items), on).cpu()  # one mixed batch
     workers = torch.stack([ImageViews(dataset, transform, views)[e] for e in range(len(source))])
     return workers, device, items
 
@@ -116,16 +125,19 @@ def test_plain_jpegs_go_to_the_device_and_the_others_to_pil(folder, convnext) ->
     assert {n for n, k in kinds.items() if k is DecodedView} == set(FILES) - DEVICE_DECODED
 
 
+@pytest.mark.parametrize("on", DEVICES, ids=str)
 @pytest.mark.parametrize("crop_ratio", [1.0, 0.875])
-def test_view_0_is_close_to_the_workers_path(folder, convnext, crop_ratio) -> None:
-    workers, device, items = _both_paths(folder, _transform(convnext, crop_ratio=crop_ratio), 1)
+def test_view_0_is_close_to_the_workers_path(folder, convnext, crop_ratio, on) -> None:
+    workers, device, items = _both_paths(folder, _transform(convnext, crop_ratio=crop_ratio), 1, on)
     _assert_close_views(workers, device, items, "bilinear")
 
 
+@pytest.mark.parametrize("on", DEVICES, ids=str)
 @pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
-def test_augmented_views_crop_the_same_region(folder, convnext, interpolation) -> None:
+def test_augmented_views_crop_the_same_region(folder, convnext, interpolation, on) -> None:
     views, side = 4, 64
-    workers, device, items = _both_paths(folder, _transform(convnext, interpolation=interpolation), views)
+    transform = _transform(convnext, interpolation=interpolation)
+    workers, device, items = _both_paths(folder, transform, views, on)
     _assert_close_views(workers, device, items, interpolation)
     # Another view of the same image is far off, so the bounds above tell one region from another.
     per_image = workers.view(len(folder), views, 3, side, side)  # (N, views, 3, S, S)
@@ -133,9 +145,10 @@ def test_augmented_views_crop_the_same_region(folder, convnext, interpolation) -
     assert any(isinstance(i, EncodedView) and i.geometry.flip for i in items)  # flips are exercised
 
 
-def test_features_of_both_paths_agree(folder, convnext) -> None:
+@pytest.mark.parametrize("on", DEVICES, ids=str)
+def test_features_of_both_paths_agree(folder, convnext, on) -> None:
     transform = _transform(convnext)
-    workers, device, _ = _both_paths(folder, transform, 3)
+    workers, device, _ = _both_paths(folder, transform, 3, on)
     with torch.inference_mode():
         a, b = (convnext(transform.normalise(p)) for p in (workers, device))  # (E, D, H, W)
     assert F.cosine_similarity(a, b, dim=1).min() >= MIN_PATCH_COSINE
@@ -162,7 +175,8 @@ def test_geometry_with_pil_is_exactly_the_workers_pixels(convnext) -> None:
                 assert torch.equal(torch.from_numpy(np.array(view_image)).permute(2, 0, 1), expected)
 
 
-def test_rotated_truncated_and_refused_files_fall_back_to_pil(tmp_path, convnext) -> None:
+@pytest.mark.parametrize("on", DEVICES, ids=str)
+def test_rotated_truncated_and_refused_files_fall_back_to_pil(tmp_path, convnext, on) -> None:
     picture = _picture(80, 60, 1)
     exif = Image.Exif()
     exif[ORIENTATION_TAG] = 6  # stored sideways: load_image turns it upright
@@ -176,8 +190,36 @@ def test_rotated_truncated_and_refused_files_fall_back_to_pil(tmp_path, convnext
     first = source[0]
     assert isinstance(first, EncodedView)
     broken = replace(first, data=torch.frombuffer(bytearray(corrupt), dtype=torch.uint8))
-    pixels = source.device_pixels(collate_views([broken, source[1]]), CPU)
+    pixels = source.device_pixels(collate_views([broken, source[1]]), on).cpu()
     assert torch.equal(pixels[0], source.pil_pixels(first.entry))
+
+
+def test_an_adobe_marked_rgb_jpeg_goes_to_pil(tmp_path) -> None:
+    buffer = io.BytesIO()
+    _picture(24, 16, 3).save(buffer, "JPEG")
+    plain = buffer.getvalue()
+    for transform, expected in ((0, None), (1, (24, 16))):  # 0: "not YCbCr"; 1: YCbCr, as JFIF
+        segment = b"Adobe" + struct.pack(">HHHB", 100, 0, 0, transform)
+        marked = plain[:2] + b"\xff\xee" + struct.pack(">H", len(segment) + 2) + segment + plain[2:]
+        assert jpeg_size(marked, orient=True) == expected
+    assert jpeg_size(plain, orient=True) == (24, 16)
+
+
+def test_a_batch_the_decoder_refuses_whole_is_pil_decoded_and_said_once(
+    folder, convnext, monkeypatch, caplog
+) -> None:
+    def refuse(data, device):
+        raise RuntimeError("nvjpeg: not available")
+
+    monkeypatch.setattr(decode, "_decode", refuse)
+    source = DeviceDecodeViews(folder, _transform(convnext), 1)
+    encoded = [item for item in (source[e] for e in range(len(source))) if isinstance(item, EncodedView)]
+    with caplog.at_level("WARNING", logger="protoquant.cache.decode"):
+        for _ in range(2):
+            pixels = source.device_pixels(collate_views(encoded), CPU)
+    assert torch.equal(pixels, torch.stack([source.pil_pixels(item.entry) for item in encoded]))
+    warnings = [r for r in caplog.records if "refused all" in r.getMessage()]
+    assert len(warnings) == 1 and f"refused all {len(encoded)} files" in warnings[0].getMessage()
 
 
 def test_a_device_decoded_cache_has_its_own_key_and_is_complete(folder, convnext, cache_config) -> None:
@@ -213,12 +255,13 @@ def test_in_memory_and_png_datasets_decode_in_the_workers(tiny_synthetic, folder
         decode_site("gpu", CPU, tiny_synthetic)
 
 
-def test_a_batch_of_pil_views_only_and_of_device_views_only(folder, convnext) -> None:
+@pytest.mark.parametrize("on", DEVICES, ids=str)
+def test_a_batch_of_pil_views_only_and_of_device_views_only(folder, convnext, on) -> None:
     source = DeviceDecodeViews(folder, _transform(convnext), 1)
     items = [source[e] for e in range(len(source))]
     for kind in (DecodedView, EncodedView):
         chosen = [i for i in items if isinstance(i, kind)]
-        pixels = source.device_pixels(collate_views(chosen), CPU)
+        pixels = source.device_pixels(collate_views(chosen), on).cpu()
         expected = torch.stack([source.pil_pixels(i.entry) for i in chosen])
         assert pixels.shape == expected.shape and _levels(pixels, expected).mean() <= MEAN_LEVELS
 
