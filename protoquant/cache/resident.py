@@ -227,9 +227,16 @@ def decide(
     return "device" if on_cuda and maps_nbytes <= (1.0 - margin) * free_nbytes else "stream"
 
 
+def free_cuda_bytes(device: torch.device) -> int:
+    """Bytes this process can still allocate on a CUDA device: the driver's free memory plus what
+    PyTorch's caching allocator holds reserved but unused (which the driver counts as taken)."""
+    idle = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return int(torch.cuda.mem_get_info(device)[0]) + max(int(idle), 0)
+
+
 def placement_for(view: CacheView, mode: str, margin: float, device: torch.device) -> Placement:
     """`decide` for this view on `device`, with the CUDA device's free memory; logs the decision."""
-    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+    free = free_cuda_bytes(device) if device.type == "cuda" else None
     chosen = decide(mode, view.maps_nbytes, free, margin, device.type)
     free_text = f"{free / GIB:.2f} GiB free on {device}" if free is not None else f"device {device}"
     logger.info(

@@ -18,6 +18,7 @@ from protoquant.train.codebook import evaluate_quantized, init_codebook, prototy
 from protoquant.train.probe import new_probe
 
 CPU = torch.device("cpu")
+DEVICES = [CPU, *([torch.device("cuda")] if torch.cuda.is_available() else [])]  # gpu.sh runs the CUDA cases
 GRID, CHANNELS, CLASSES, ENTRIES, SHARD = (3, 3), 8, 3, 30, 7  # 5 shards, the last one partial
 GIB = 2**30
 
@@ -42,15 +43,17 @@ def views(store):
     return CacheView(store, np.sort(order[:20])), CacheView(store, order[20:])  # val: not in file order
 
 
-def test_both_sources_give_the_stored_maps_as_float32(views) -> None:
+@pytest.mark.parametrize("device", DEVICES, ids=str)
+def test_both_sources_give_the_stored_maps_as_float32(views, device) -> None:
     view = views[1]
     asked = np.random.default_rng(2).choice(view.entries, size=12)  # any order, with repeats
     expected = view.store.get(asked)
-    for source in (ResidentSource(view, CPU), StreamedSource(view, CPU)):
+    for source in (ResidentSource(view, device), StreamedSource(view, device)):
         features, labels = source.get(asked)
-        assert features.dtype == torch.float32 and features.shape == (12, CHANNELS, *GRID)
-        assert torch.equal(features, expected) and features.stride() == expected.stride()
-        assert torch.equal(labels, torch.from_numpy(view.store.labels[asked]))
+        assert features.device.type == device.type and features.dtype == torch.float32
+        assert features.shape == (12, CHANNELS, *GRID) and features.stride() == expected.stride()
+        assert torch.equal(features.cpu(), expected)
+        assert torch.equal(labels.cpu(), torch.from_numpy(view.store.labels[asked]))
 
 
 def test_resident_maps_are_the_views_entries_in_its_order(views) -> None:
@@ -76,12 +79,28 @@ def test_resident_loading_holds_one_shard_at_a_time(views, monkeypatch) -> None:
     assert sorted(np.concatenate(reads).tolist()) == sorted(view.entries.tolist())
 
 
-def test_batches_cover_the_entries_in_order(views) -> None:
+@pytest.mark.parametrize("device", DEVICES, ids=str)
+def test_batches_cover_the_entries_in_order(views, device) -> None:
     view = views[0]
-    for source in (ResidentSource(view, CPU), StreamedSource(view, CPU)):
-        labels = torch.cat([labels for _, labels in source.batches(view.entries, 6)])
+    for source in (ResidentSource(view, device), StreamedSource(view, device)):
+        labels = torch.cat([labels.cpu() for _, labels in source.batches(view.entries, 6)])
         sizes = [len(labels) for _, labels in source.batches(view.entries, 6)]
         assert sizes == [6, 6, 6, 2] and torch.equal(labels, view.labels)
+
+
+@pytest.mark.parametrize("device", DEVICES, ids=str)
+def test_every_batch_is_the_stored_maps_while_the_next_is_staged(views, device) -> None:
+    """On CUDA the streamed batches come through the side-stream prefetcher, two pinned buffers
+    alternating: each batch is still whole when the consumer's kernels read it after the next
+    one was staged (a missing wait or a buffer reused too early shows as a wrong batch)."""
+    view = views[0]
+    order = np.random.default_rng(4).permutation(view.entries)
+    chunks = [order[i : i + 3] for i in range(0, len(order), 3)]
+    for source in (StreamedSource(view, device), ResidentSource(view, device)):
+        got = [(features * 1.0, labels) for features, labels in source.iterate(iter(chunks))]
+        for chunk, (features, labels) in zip(chunks, got, strict=True):
+            assert torch.equal(features.cpu(), view.store.get(chunk))
+            assert torch.equal(labels.cpu(), torch.from_numpy(view.store.labels[chunk]))
 
 
 def test_entries_outside_the_view_are_refused(views) -> None:
@@ -143,6 +162,10 @@ def test_placement_reads_free_cuda_memory_and_logs_the_sizes(views, monkeypatch,
     free = view.maps_nbytes - 1
     with pytest.raises(CacheError):
         placement_for(view, "device", 0.2, cuda)
+    # Blocks the caching allocator reserved and no tensor uses count as free for this process.
+    monkeypatch.setattr(resident.torch.cuda, "memory_reserved", lambda device=None: 5 * view.maps_nbytes)
+    monkeypatch.setattr(resident.torch.cuda, "memory_allocated", lambda device=None: 4 * view.maps_nbytes)
+    assert placement_for(view, "auto", 0.2, cuda) == "device"  # (1 - 0.2) * (N - 1 + N) >= N
 
 
 def test_choose_on_the_cpu(views) -> None:
