@@ -212,6 +212,17 @@ def gpu(memory: dict) -> str:
     return "-" if memory.get("gpu_peak") is None else f"{memory['gpu_peak']:.0f}"
 
 
+def check_same(a: torch.Tensor, b: torch.Tensor, what: str, args: argparse.Namespace) -> None:
+    """Bit-identical on the CPU; on CUDA, whose atomic float sums (index_add_) are not ordered, equal
+    to float tolerance (the largest difference printed)."""
+    if torch.equal(a, b):
+        return
+    if args.device == "cuda" and torch.allclose(a, b, rtol=1e-4, atol=1e-6):
+        print(f"{what}: equal to float tolerance on CUDA (max |difference| {(a - b).abs().max().item():.2e})")
+        return
+    raise SystemExit(f"{what} differ (max |difference| {(a - b).abs().max().item():.2e})")
+
+
 def kmeans_rows(entries: int, args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as tmp:
         folder = Path(tmp)
@@ -222,8 +233,9 @@ def kmeans_rows(entries: int, args: argparse.Namespace) -> None:
             peak, baseline = memory["after"]["VmHWM"], memory["before"]["VmHWM"]
             print(f"| {entries} | {size:.1f} | {method} | {peak:.0f} | {peak - baseline:.0f} | "
                   f"{memory['after']['RssFile']:.0f} | {gpu(memory)} | {memory['seconds']:.1f} |")  # fmt: skip
-        if not torch.equal(results["old"][1], results["new"][1]):
-            raise SystemExit(f"{entries} entries: the old and new codebooks differ")
+        check_same(
+            results["old"][1], results["new"][1], f"{entries} entries: the old and new codebooks", args
+        )
 
 
 def stage_rows(entries: int, args: argparse.Namespace) -> None:
@@ -241,8 +253,13 @@ def stage_rows(entries: int, args: argparse.Namespace) -> None:
             print(f"| {entries} | {method} | {table} | {peak:.0f} | {peak - baseline:.0f} | "
                   f"{memory['peak_anon'] - memory['before']['RssAnon']:.0f} | "
                   f"{memory['after']['RssFile']:.0f} | {gpu(memory)} | {memory['seconds']:.1f} |")  # fmt: skip
-        if "stage2" in args.parts and not torch.equal(results["memory"][1], results["file"][1]):
-            raise SystemExit(f"{entries} entries: the class weights of the memory and file paths differ")
+        if "stage2" in args.parts:
+            check_same(
+                results["memory"][1],
+                results["file"][1],
+                f"{entries} entries: the class weights of memory and file",
+                args,
+            )
         if any(p.name.startswith(".scores") for p in folder.iterdir()):
             raise SystemExit(f"{entries} entries: stage 2 left its scratch scores in {folder}")
 
