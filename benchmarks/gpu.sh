@@ -1,32 +1,52 @@
 #!/usr/bin/env bash
-# GPU checks and benchmarks in one go (one CUDA device): device agreement with the CPU, then
-# benchmarks 2 (reference, fast and compiled head), 3 (three backbones, JPEG decoding in the workers and
-# on the GPU), 1 (cache.resident stream vs device), the memory table with its GPU max-allocated column,
-# one fine-tuning epoch with autocast, and 5 with --device cuda; then the decode, resident and k-means
-# tests (their GPU cases run where CUDA is present); benchmark 5 on the CPU cores on request.
+# GPU checks and benchmarks (one CUDA device), in order of what they settle, in two groups:
+#   first:  caching against the bare forward pass (ResNet-50 with its `data resize` copy, ConvNeXt-T;
+#           fp32 and bf16; JPEG decoding in the workers and on the GPU), training from the cache against
+#           re-running the backbone, the head's share of inference (reference, fast, CUDA graphs), then
+#           caching with MobileNetV2;
+#   second: the GPU cases of the decode, batch-source and k-means tests, the memory table with its GPU
+#           max-allocated column, device agreement with the CPU, one fine-tuning epoch with autocast,
+#           and benchmark 5 with --device cuda (benchmark 5 on the CPU cores on request).
 # Each step has its own time limit and writes OUT/<step>.log; a failing step does not stop the rest.
-# STEPS (space-separated step names, or prefixes such as "caching") runs only those, e.g. to split
-# the run across two calls of a machine that limits one command's time.
+# STEPS (space-separated group or step names, or prefixes such as "caching") runs only those. BUDGET
+# (seconds) skips every step whose limit would end past it, so that one call returns, with its logs,
+# inside the time a machine gives one command. Missing packages travel as wheels in .whl/ (made here by
+# `bash benchmarks/gpu_wheels.sh`, installed into /tmp/site at the start).
 #
 #     bash benchmarks/gpu.sh [OUT]     # logs in OUT (default runs/gpu), runs in $WORK (runs/gpu-work)
-#     STEPS="device_check inference caching" bash benchmarks/gpu.sh; STEPS="training_cost memory finetune_amp distributed gpu_tests" bash benchmarks/gpu.sh
+#     STEPS=first BUDGET=480 bash benchmarks/gpu.sh "$OUT"; STEPS=second BUDGET=360 bash benchmarks/gpu.sh "$OUT"
 set -u
 out=${1:-runs/gpu}
+case $out in /*) ;; *) out=$PWD/$out ;; esac
+cd "$(dirname "$0")/.."
 work=${WORK:-runs/gpu-work}  # training runs and their caches (kept out of OUT)
 mkdir -p "$out"
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TQDM_DISABLE=1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # protoquant from this checkout
 py=${PYTHON:-python3}
-cd "$(dirname "$0")/.."
-wanted() {  # wanted NAME: whether STEPS (when set) names NAME or a prefix of it
+if compgen -G ".whl/*.whl" >/dev/null; then
+    "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
+budget=${BUDGET:-0}  # 0: no budget
+group_of() {  # group_of NAME: the group a step belongs to
+    case $1 in caching-* | training_cost | inference) echo first ;; *) echo second ;; esac
+}
+wanted() {  # wanted NAME: whether STEPS (when set) names NAME, its group, or a prefix of it
     [ -z "${STEPS:-}" ] && return 0
-    local s
-    for s in $STEPS; do [[ $1 == "$s"* ]] && return 0; done
+    local s group
+    group=$(group_of "$1")
+    for s in $STEPS; do [[ $1 == "$s"* || $s == "$group" ]] && return 0; done
     return 1
 }
 step() {  # step NAME SECONDS COMMAND...
     local name=$1 limit=$2
     shift 2
     wanted "$name" || return 0
+    if [ "$budget" -gt 0 ] && [ $((SECONDS + limit)) -gt "$budget" ]; then
+        echo "== $name: skipped, its $limit s would end past BUDGET=$budget (at $SECONDS s)"
+        return 0
+    fi
     echo "== $name: $*"
     local start=$SECONDS
     timeout "$limit" "$@" >"$out/$name.log" 2>&1
@@ -35,21 +55,28 @@ step() {  # step NAME SECONDS COMMAND...
     echo "== $name: exit $rc after $((SECONDS - start)) s"
 }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-step device_check 90 "$py" benchmarks/device_check.py --device cuda
-step inference 120 "$py" benchmarks/inference.py --device cuda --repeats 51 --compile reduce-overhead
-for backbone in torchvision/mobilenet_v2 timm/convnext_tiny torchvision/resnet50; do
-    resized=()  # ResNet-50 also caches a `data resize` copy at 256 px beside the originals
-    [ "$backbone" = torchvision/resnet50 ] && resized=(--resized 256)
-    step "caching-${backbone#*/}" 180 "$py" benchmarks/caching.py --device cuda --backbone "$backbone" \
-        --images 2048 --batch 128 --rounds 2 --workers -1 --bf16 --decode both ${resized[@]+"${resized[@]}"}
-done
-step training_cost 120 "$py" benchmarks/training_cost.py --device cuda --images 2000
-step memory 240 "$py" benchmarks/memory.py --device cuda --entries 25000 50000 100000
-step finetune_amp 150 "$py" -m protoquant.cli finetune --device cuda --finetune.amp true --finetune.epochs 2 \
+"$py" -c "import torch, torchvision, timm, protoquant.cli; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'timm', timm.__version__, 'cuda', torch.cuda.is_available())" \
+    || echo "== setup: protoquant does not import (missing wheels? see benchmarks/gpu_wheels.sh)"
+# ---- first
+caching() {  # caching BACKBONE SECONDS [--resized PX]
+    local backbone=$1 limit=$2
+    shift 2
+    step "caching-${backbone#*/}" "$limit" "$py" benchmarks/caching.py --device cuda --backbone "$backbone" \
+        --images 2048 --batch 128 --rounds 2 --workers -1 --bf16 --decode both "$@"
+}
+caching torchvision/resnet50 150 --resized 256  # also caches a `data resize` copy at 256 px
+caching timm/convnext_tiny 120
+step training_cost 90 "$py" benchmarks/training_cost.py --device cuda --images 2000
+step inference 90 "$py" benchmarks/inference.py --device cuda --repeats 51 --compile reduce-overhead
+caching torchvision/mobilenet_v2 120
+# ---- second
+step gpu_tests 90 "$py" -m pytest -q -p no:cacheprovider tests/cache/test_device_decode.py tests/train/test_resident.py tests/train/test_kmeans_sampling.py
+step memory 180 "$py" benchmarks/memory.py --device cuda --entries 25000 50000 100000
+step device_check 60 "$py" benchmarks/device_check.py --device cuda
+step finetune_amp 90 "$py" -m protoquant.cli finetune --device cuda --finetune.amp true --finetune.epochs 2 \
     --finetune.batch_size 64 --data.synthetic_train_per_class 200 --cache.root "$work/cache" \
     --finetune.out "$work/finetune" --json
-step distributed_cuda 150 "$py" benchmarks/distributed.py --device cuda --processes 1 --out "$work/dist-cuda"
+step distributed_cuda 90 "$py" benchmarks/distributed.py --device cuda --processes 1 --out "$work/dist-cuda"
 if [ "${CPU_PROCESSES:-}" ]; then  # e.g. CPU_PROCESSES=1,2: benchmark 5 on the CPU cores as well
     step distributed_cpu 300 "$py" benchmarks/distributed.py --device cpu --processes "$CPU_PROCESSES" --out "$work/dist-cpu"
 fi
-step gpu_tests 180 "$py" -m pytest -q -p no:cacheprovider tests/cache/test_device_decode.py tests/train/test_resident.py tests/train/test_kmeans_sampling.py
