@@ -159,8 +159,9 @@ def resolve_device(name: str) -> torch.device:
     process's own GPU: cuda:LOCAL_RANK under torchrun (one GPU per process), cuda:0 otherwise.
 
     Raises:
-        ConfigError: the device is not available here (no GPU / driver), or names a GPU this
-            process cannot see.
+        ConfigError: the device is not available here (no GPU / driver), names a GPU this
+            process cannot see, or, with several processes on a node, names a GPU other than
+            cuda:LOCAL_RANK (NCCL refuses two ranks on one GPU).
     """
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
@@ -170,6 +171,16 @@ def resolve_device(name: str) -> torch.device:
     device = torch.device(name)
     if device.type != "cuda":
         return device
+    local_world, local_rank = (
+        int(os.environ.get("LOCAL_WORLD_SIZE", "1")),
+        int(os.environ.get("LOCAL_RANK", "0")),
+    )
+    if device.index is not None and local_world > 1 and device.index != local_rank:
+        raise ConfigError(
+            f"device {name!r}: the {local_world} processes on this node would not have a GPU each "
+            f"(this one, LOCAL_RANK {local_rank}, would compute on GPU {device.index}); give the "
+            "device without an index ('cuda') and each process takes cuda:LOCAL_RANK"
+        )
     if device.index is None:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     visible = torch.cuda.device_count()

@@ -173,6 +173,18 @@ def test_each_torchrun_process_gets_its_own_gpu(monkeypatch, local_rank, name, e
     assert chosen == [torch.device("cuda", expected)]
 
 
+def test_one_gpu_named_for_several_processes_on_a_node_is_a_clear_error(monkeypatch) -> None:
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    with pytest.raises(ConfigError, match=r"this one, LOCAL_RANK 0, would compute on GPU 1\)"):
+        resolve_device("cuda:1")
+    assert resolve_device("cuda") == torch.device("cuda", 0)  # without an index: cuda:LOCAL_RANK
+    assert resolve_device("cuda:0") == torch.device("cuda", 0)  # its own GPU, named
+
+
 def test_more_processes_than_gpus_is_a_clear_error(monkeypatch) -> None:
     monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)

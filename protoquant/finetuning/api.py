@@ -111,7 +111,8 @@ def finetune(config: RunConfig, device: str | torch.device | None = None) -> Fin
         ConfigError: a batch size the processes cannot share, early stopping without validation
             images, or a `finetune.out` folder that holds another fine-tuning.
     """
-    device = distributed.resolve_device(config.device if device is None else str(device))
+    # A given device was resolved by the caller (under torchrun: cuda:LOCAL_RANK, already set).
+    device = distributed.resolve_device(config.device) if device is None else torch.device(device)
     ctx = distributed.init(device)
     config = _resolved(config)
     splits = load_splits(config.data, config.seed)
