@@ -44,7 +44,6 @@ from protoquant.train.head import fit_class_layer
 from protoquant.train.scores import ScoresInMemory, ScoresOnDisk, write_rows
 
 IOV_MAX = 1024  # <limits.h>: buffers one preadv may fill
-Reader = Callable[[np.ndarray], np.ndarray]  # global rows -> (B, K) float16 rows
 
 
 def resident_mb() -> float:
@@ -64,10 +63,11 @@ class Watch:
         self.peak = max(self.peak, resident_mb() - self.start)
 
 
-class OldPreadv:
-    """The former `ScoresOnDisk` read: os.preadv into rows of the batch buffer, built run by run."""
+class FileRows:
+    """Rows of the strided files (row i is row i // W of file i % W), gathered file by file in
+    file order by `_part`; the watch looks after each batch."""
 
-    def __init__(self, paths: list[Path], prototypes: int, watch: Watch | None = None) -> None:
+    def __init__(self, paths: list[Path], prototypes: int, watch: Watch | None) -> None:
         self.files = [open(path, "rb", buffering=0) for path in paths]
         self.prototypes, self.row_bytes, self.watch = prototypes, prototypes * 2, watch
 
@@ -77,51 +77,55 @@ class OldPreadv:
         for part in np.unique(part_of).tolist():
             positions = np.flatnonzero(part_of == part)
             positions = positions[np.argsort(local[positions], kind="stable")]
-            self._read(part, local[positions], positions, out)
+            self._part(part, local[positions], positions, out)
         if self.watch:
             self.watch.look()
         return out
 
-    def _read(self, part: int, local: np.ndarray, positions: np.ndarray, out: np.ndarray) -> None:
-        starts = np.flatnonzero(np.diff(local, prepend=-2) != 1)
-        for first, stop in zip(starts.tolist(), [*starts[1:].tolist(), len(local)]):
-            for begin in range(first, stop, IOV_MAX):
-                buffers = [out[p] for p in positions[begin : min(stop, begin + IOV_MAX)].tolist()]
-                os.preadv(self.files[part].fileno(), buffers, int(local[begin]) * self.row_bytes)
+    def _part(self, part: int, local: np.ndarray, positions: np.ndarray, out: np.ndarray) -> None:
+        raise NotImplementedError
 
     def close(self) -> None:
         for file in self.files:
             file.close()
 
 
-class Mapped:
-    """Read-only memory maps of the files, one fancy-index gather per file per batch."""
+class OldPreadv(FileRows):
+    """The former `ScoresOnDisk` read: os.preadv into rows of the batch buffer, built run by run."""
 
-    def __init__(self, paths: list[Path], prototypes: int, drop: bool, watch: Watch | None = None) -> None:
-        self.files = [open(path, "rb") for path in paths]
+    def _part(self, part: int, local: np.ndarray, positions: np.ndarray, out: np.ndarray) -> None:
+        starts = np.flatnonzero(np.diff(local, prepend=-2) != 1)
+        for first, stop in zip(starts.tolist(), [*starts[1:].tolist(), len(local)]):
+            for begin in range(first, stop, IOV_MAX):
+                buffers = [out[p] for p in positions[begin : min(stop, begin + IOV_MAX)].tolist()]
+                os.preadv(self.files[part].fileno(), buffers, int(local[begin]) * self.row_bytes)
+
+
+class Mapped(FileRows):
+    """Read-only memory maps of the files, one fancy-index gather per file per batch; with `drop`
+    the mapped pages are dropped after every batch (after the watch looked)."""
+
+    def __init__(self, paths: list[Path], prototypes: int, watch: Watch | None, drop: bool) -> None:
+        super().__init__(paths, prototypes, watch)
         self.maps = [mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) for file in self.files]
         self.arrays = [np.frombuffer(m, np.float16).reshape(-1, prototypes) for m in self.maps]
-        self.prototypes, self.drop, self.watch = prototypes, drop, watch
+        self.drop = drop
 
     def rows(self, rows: np.ndarray) -> np.ndarray:
-        out = np.empty((len(rows), self.prototypes), dtype=np.float16)
-        part_of, local = np.remainder(rows, len(self.files)), rows // len(self.files)
-        for part in np.unique(part_of).tolist():
-            positions = np.flatnonzero(part_of == part)
-            positions = positions[np.argsort(local[positions], kind="stable")]
-            out[positions] = self.arrays[part][local[positions]]
-        if self.watch:
-            self.watch.look()
+        out = super().rows(rows)
         if self.drop:
-            for m in self.maps:
-                m.madvise(mmap.MADV_DONTNEED)
+            for mapped in self.maps:
+                mapped.madvise(mmap.MADV_DONTNEED)
         return out
 
+    def _part(self, part: int, local: np.ndarray, positions: np.ndarray, out: np.ndarray) -> None:
+        out[positions] = self.arrays[part][local]
+
     def close(self) -> None:
-        self.arrays.clear()
-        for m, file in zip(self.maps, self.files):
-            m.close()
-            file.close()
+        self.arrays.clear()  # the views go before the maps they look into
+        for mapped in self.maps:
+            mapped.close()
+        super().close()
 
 
 class WatchedDisk(ScoresOnDisk):
@@ -149,6 +153,67 @@ def write_table(table: torch.Tensor, folder: Path, ranks: int, batch: int) -> li
     return paths
 
 
+class Bench:
+    """One table of random scores, its labels and an epoch's order; readers of it by name."""
+
+    NAMES = ("memory", "preadv", "preadv, old", "mmap, dropped", "mmap, kept")
+
+    def __init__(self, args: argparse.Namespace, folder: Path) -> None:
+        torch.manual_seed(0)
+        self.args, self.folder = args, folder
+        self.table = torch.rand(args.rows, args.prototypes).half()  # (N, K)
+        self.labels = torch.randint(0, args.classes, (args.rows,))
+        self.order = np.random.default_rng(0).permutation(args.rows)
+
+    def reader(self, name: str, watch: Watch | None = None) -> ScoresInMemory | ScoresOnDisk | FileRows:
+        """Reader `name` on freshly written files (none for memory)."""
+        if name == "memory":
+            return ScoresInMemory(self.table, self.labels)
+        shutil.rmtree(self.folder, ignore_errors=True)
+        paths, k = (
+            write_table(self.table, self.folder, self.args.ranks, self.args.batch),
+            self.args.prototypes,
+        )
+        if name == "preadv":
+            reader = (WatchedDisk if watch else ScoresOnDisk)(paths, self.labels, k, torch.float16)
+            reader.watch = watch
+            return reader
+        if name == "preadv, old":
+            return OldPreadv(paths, k, watch)
+        return Mapped(paths, k, watch, drop=name == "mmap, dropped")
+
+    def batch_of(self, reader: object) -> Callable[[np.ndarray], tuple[torch.Tensor, torch.Tensor]]:
+        """`reader`'s batches as `TrainingScores.batch` delivers them: float32 scores and labels."""
+        if isinstance(reader, ScoresInMemory | ScoresOnDisk):
+            return reader.batch
+        return lambda rows: (torch.from_numpy(reader.rows(rows)).float(), self.labels[torch.from_numpy(rows)])
+
+    def measure(self, name: str) -> tuple[float, float]:
+        """(median s/epoch, peak resident MB of a watched epoch on fresh files) of reader `name`,
+        after checking one batch against the table."""
+        args, probe = self.args, self.order[: self.args.batch]
+        reader = self.reader(name)
+        batch = self.batch_of(reader)
+        scores, labels = batch(probe)
+        assert torch.equal(scores.half(), self.table[torch.from_numpy(probe)]), f"{name}: other rows"
+        assert torch.equal(labels, self.labels[torch.from_numpy(probe)]), f"{name}: other labels"
+        seconds = median_seconds(lambda: epoch(batch, self.order, args.batch), args.repeats)
+        reader.close()
+        watch = Watch()  # fresh files and maps: nothing of them is resident yet
+        reader = self.reader(name, watch)
+        epoch(self.batch_of(reader), self.order, args.batch)
+        reader.close()
+        held = self.table.numel() * 2 / 1e6 if name == "memory" else 0.0  # the table itself
+        return seconds, watch.peak + held
+
+    def fit_seconds(self, name: str) -> float:
+        """Median seconds of one class-layer epoch on reader `name`."""
+        reader = self.reader(name)
+        seconds = median_seconds(lambda: fit_epoch(reader, self.args), self.args.repeats)
+        reader.close()
+        return seconds
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=100_000)
@@ -158,66 +223,18 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--classes", type=int, default=200, help="of the class-layer epoch")
     args = parser.parse_args()
-    torch.manual_seed(0)
-    table = torch.rand(args.rows, args.prototypes).half()  # (N, K)
-    labels = torch.randint(0, args.classes, (args.rows,))
-    order = np.random.default_rng(0).permutation(args.rows)
-    k = args.prototypes
-
-    def as_batch(read: Reader) -> Callable[[np.ndarray], tuple[torch.Tensor, torch.Tensor]]:
-        """A row reader as `TrainingScores.batch` delivers: float32 scores and labels."""
-        return lambda rows: (torch.from_numpy(read(rows)).float(), labels[torch.from_numpy(rows)])
-
-    def disk(paths: list[Path], watch: Watch | None = None) -> ScoresOnDisk:
-        reader = (WatchedDisk if watch else ScoresOnDisk)(paths, labels, k, torch.float16)
-        reader.watch = watch
-        return reader
-
-    makers = {  # name -> (paths, watch) -> (batch function, closer)
-        "memory": lambda paths, watch: ScoresInMemory(table, labels),
-        "preadv": disk,
-        "preadv, old": lambda paths, watch: OldPreadv(paths, k, watch),
-        "mmap, dropped": lambda paths, watch: Mapped(paths, k, True, watch),
-        "mmap, kept": lambda paths, watch: Mapped(paths, k, False, watch),
-    }
     print(machine())
-    print(f"{args.rows} rows x K {k} float16 ({table.numel() * 2 / 2**20:.0f} MiB), batch "
-          f"{args.batch}, {args.ranks} file(s), median of {args.repeats} epochs in a random order")  # fmt: skip
-    probe = order[: args.batch]
-
-    def batch_of(reader: object) -> Callable[[np.ndarray], tuple[torch.Tensor, torch.Tensor]]:
-        return reader.batch if isinstance(reader, ScoresInMemory | ScoresOnDisk) else as_batch(reader.rows)
-
-    def run(name: str, make: Callable, folder: Path, watch: Watch | None) -> object:
-        """A reader on freshly written files (none for memory)."""
-        if name == "memory":
-            return make([], watch)
-        shutil.rmtree(folder, ignore_errors=True)
-        return make(write_table(table, folder, args.ranks, args.batch), watch)
-
+    print(f"{args.rows} rows x K {args.prototypes} float16 ({args.rows * args.prototypes * 2 / 2**20:.0f} MiB), "
+          f"batch {args.batch}, {args.ranks} file(s), median of {args.repeats} epochs in a random order")  # fmt: skip
     with tempfile.TemporaryDirectory() as scratch:
-        folder, base = Path(scratch) / "table", None
-        for name, make in makers.items():
-            reader = run(name, make, folder, None)
-            batch = batch_of(reader)
-            scores, got = batch(probe)
-            assert torch.equal(scores.half(), table[torch.from_numpy(probe)]), f"{name}: other rows"
-            assert torch.equal(got, labels[torch.from_numpy(probe)]), f"{name}: other labels"
-            seconds = median_seconds(lambda batch=batch: epoch(batch, order, args.batch), args.repeats)
-            reader.close()
+        bench, base = Bench(args, Path(scratch) / "table"), None
+        for name in Bench.NAMES:
+            seconds, resident = bench.measure(name)
             base = base or seconds
-            watch = Watch()  # fresh files and maps: nothing of them is resident yet
-            reader = run(name, make, folder, watch)
-            epoch(batch_of(reader), order, args.batch)
-            reader.close()
-            held = table.numel() * 2 / 1e6 if name == "memory" else 0.0  # the table itself
-            print(f"{name:14s} {seconds:6.3f} s/epoch  {seconds / base:5.2f}x memory  "
-                  f"resident +{watch.peak + held:5.0f} MB")  # fmt: skip
-        fits = {}
-        for name in ("memory", "preadv"):
-            reader = run(name, makers[name], folder, None)
-            fits[name] = median_seconds(lambda reader=reader: fit_epoch(reader, args), args.repeats)
-            reader.close()
+            print(
+                f"{name:14s} {seconds:6.3f} s/epoch  {seconds / base:5.2f}x memory  resident +{resident:5.0f} MB"
+            )
+        fits = {name: bench.fit_seconds(name) for name in ("memory", "preadv")}
         print(f"class layer, 1 epoch, {args.classes} classes: {fits['memory']:.3f} s in memory, "
               f"{fits['preadv']:.3f} s from the files ({fits['preadv'] / fits['memory']:.2f}x)")  # fmt: skip
 

@@ -178,6 +178,32 @@ def _plan(src: Path, dst: Path, rules: LayoutRules) -> _Plan:
     return _Plan(images, others, annotations, kept)
 
 
+def _write(
+    src: Path, dst: Path, plan: _Plan, rules: LayoutRules, shorter_side: int, quality: int, threads: int
+) -> int:
+    """Copy the plan's other files, then write its images and then its per-image annotation files
+    on `threads` threads; returns how many images were resized."""
+    for rel in plan.others:
+        copy_file(src / rel, dst / rel)
+
+    def one(rel: Path) -> bool:
+        resample = LABEL_RESAMPLE if rules.label_image(rel) else RESAMPLE
+        return resize_file(src / rel, dst / rel, shorter_side, quality, resample)
+
+    def annotation(item: tuple[Path, Path]) -> None:
+        rel, image = item
+        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+        rules.rewrite_one(src / rel, dst / rel, image_sizes(src / image, dst / image))
+
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        jobs = pool.map(one, plan.images)
+        resized = sum(progress.bar(jobs, total=len(plan.images), desc=f"resizing {src.name}", unit="img"))
+        steps = pool.map(annotation, plan.annotations.items())
+        for _ in progress.bar(steps, total=len(plan.annotations), desc="annotations", unit="file"):
+            pass
+    return resized
+
+
 def resize_dataset(
     src: str | Path, dst: str | Path, shorter_side: int, quality: int = 90, *, threads: int = 4
 ) -> ResizeReport:
@@ -206,24 +232,7 @@ def resize_dataset(
     for rel in rules.rewritten:
         (dst / rel).unlink(missing_ok=True)  # rewritten below, from the images as they will be
     plan = _plan(src, dst, rules)
-    for rel in plan.others:
-        copy_file(src / rel, dst / rel)
-
-    def one(rel: Path) -> bool:
-        resample = LABEL_RESAMPLE if rules.label_image(rel) else RESAMPLE
-        return resize_file(src / rel, dst / rel, shorter_side, quality, resample)
-
-    def annotation(item: tuple[Path, Path]) -> None:
-        rel, image = item
-        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
-        rules.rewrite_one(src / rel, dst / rel, image_sizes(src / image, dst / image))
-
-    with ThreadPoolExecutor(max(1, threads)) as pool:
-        jobs = pool.map(one, plan.images)
-        resized = sum(progress.bar(jobs, total=len(plan.images), desc=f"resizing {src.name}", unit="img"))
-        steps = pool.map(annotation, plan.annotations.items())
-        for _ in progress.bar(steps, total=len(plan.annotations), desc="annotations", unit="file"):
-            pass
+    resized = _write(src, dst, plan, rules, shorter_side, quality, threads)
     rules.rewrite(src, dst)
     report = ResizeReport(
         resized,
