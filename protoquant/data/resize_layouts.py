@@ -264,17 +264,18 @@ def _rewrite_voc(src: Path, dst: Path, sizes: Sizes | None) -> None:
     except ElementTree.ParseError:
         root = None
     if root is not None and sizes is not None:
-        for tag, value in zip(("size/width", "size/height"), sizes[1]):
+        for tag, side in zip(("size/width", "size/height"), sizes[1]):
             if (element := root.find(tag)) is not None:
-                element.text = str(value)
+                element.text = str(side)
         for box in root.iter("bndbox"):
             for tag, axis in VOC_BOX:
                 element = box.find(tag)
                 try:
-                    scaled = _scaled_pixel(float(element.text), sizes[0][axis], sizes[1][axis])  # type: ignore[union-attr, arg-type]
-                except (AttributeError, TypeError, ValueError):
-                    continue  # missing or not a number: left for whoever reads the file
-                element.text = str(scaled)  # type: ignore[union-attr]
+                    value = float(element.text) if element is not None and element.text else None
+                except ValueError:
+                    value = None
+                if value is not None:  # else missing or not a number: left for whoever reads it
+                    element.text = str(_scaled_pixel(value, sizes[0][axis], sizes[1][axis]))
         declared = data.lstrip().startswith(b"<?xml")
         data = ElementTree.tostring(root, encoding="utf-8", xml_declaration=declared)
     dst.parent.mkdir(parents=True, exist_ok=True)
