@@ -2,7 +2,8 @@
 
 A tiny `protoquant train` runs once to completion (the reference); then runs started over a
 folder that holds a complete earlier run are SIGKILLed at seeded random moments (caching, each
-stage, the final write), at the moment the staging folder appears and once it is fully written,
+stage, the final write), at the moment the staging folder appears, once it is fully written (paused
+there just before the swap, so the moment cannot be missed),
 and between the two renames of a folder replacement. After each kill the folder is checked
 (absent or complete: outputs.json hashes match, the model loads and has the recorded hash, the
 user's file survives), then a rerun must complete with the reference metrics. A reader polling
@@ -32,6 +33,7 @@ import timm  # noqa: F401  (imported here, like the two below: the forked runs s
 import protoquant.atomic as atomic
 import protoquant.demo  # noqa: F401  (the summary table; it imports matplotlib)
 import protoquant.pipeline  # noqa: F401
+import protoquant.run_folder as run_folder
 from protoquant.atomic import file_hashes, host_token, recover
 from protoquant.cli import main
 from protoquant.gallery_files import model_hash
@@ -238,17 +240,43 @@ def test_a_run_killed_at_a_random_moment_leaves_a_complete_folder(reference, tmp
     after_kill(reference, out, before, tmp_path / "cache")
 
 
-@pytest.mark.parametrize("written", [(), (OUTPUTS_FILE,)], ids=["staging-appears", "staging-complete"])
-def test_a_run_killed_inside_write_outputs_keeps_the_earlier_run(reference, tmp_path, written) -> None:
+def test_a_run_killed_as_its_staging_folder_appears_keeps_the_earlier_run(reference, tmp_path) -> None:
     out, before = over_earlier_run(reference, tmp_path)
     pid = fork_run(out, reference.cache)
     staging = out.with_name(f".{out.name}.tmp-{pid}-{host_token()}")
     deadline = time.monotonic() + RUN_TIMEOUT
-    while not (staging.is_dir() and all((staging / name).is_file() for name in written)):
+    while not staging.is_dir():
         assert time.monotonic() < deadline and not os.waitpid(pid, os.WNOHANG)[0], "no staging seen"
         time.sleep(POLL / 5)
     kill(pid)
     assert staging.is_dir() and run_entries(out) == before  # killed before the swap
+    after_kill(reference, out, before, reference.cache)
+
+
+def pause_before_swap() -> None:
+    """A patch for the forked child: once its staging folder is complete (outputs.json written
+    and flushed), the swap into place creates `.paused` beside it and sleeps until killed."""
+    real = run_folder.replace_folder
+
+    def paused(staged, target) -> None:
+        Path(staged).parent.joinpath(".paused").touch()
+        time.sleep(RUN_TIMEOUT)
+        real(staged, target)
+
+    run_folder.replace_folder = paused
+
+
+def test_a_run_killed_with_its_staging_folder_complete_keeps_the_earlier_run(reference, tmp_path) -> None:
+    out, before = over_earlier_run(reference, tmp_path)
+    pid = fork_run(out, reference.cache, pause_before_swap)
+    deadline = time.monotonic() + RUN_TIMEOUT
+    while not (tmp_path / ".paused").exists():
+        assert time.monotonic() < deadline and not os.waitpid(pid, os.WNOHANG)[0], "never paused"
+        time.sleep(POLL)
+    kill(pid)
+    (tmp_path / ".paused").unlink()
+    staging = out.with_name(f".{out.name}.tmp-{pid}-{host_token()}")
+    assert (staging / OUTPUTS_FILE).is_file() and run_entries(out) == before  # killed before the swap
     after_kill(reference, out, before, reference.cache)
 
 
