@@ -2,9 +2,9 @@
 
 A tiny `protoquant train` runs once to completion (the reference); then runs started over a
 folder that holds a complete earlier run are SIGKILLed at seeded random moments (caching, each
-stage, the final write), at the moment the staging folder appears, once it is fully written (paused
-there just before the swap, so the moment cannot be missed),
-and between the two renames of a folder replacement. After each kill the folder is checked
+stage, the final write), at the moment the staging folder appears, once it is fully written
+(paused there just before the swap, so the moment cannot be missed), and between the two renames
+of a folder replacement. After each kill the folder is checked
 (absent or complete: outputs.json hashes match, the model loads and has the recorded hash, the
 user's file survives), then a rerun must complete with the reference metrics. A reader polling
 the folder during unkilled runs must never see a mixed or half-written state.
