@@ -253,6 +253,16 @@ def test_a_run_killed_as_its_staging_folder_appears_keeps_the_earlier_run(refere
     after_kill(reference, out, before, reference.cache)
 
 
+def kill_when_paused(pid: int, folder: Path) -> None:
+    """Kill child `pid` once it has created `folder/.paused` (a patch's pause), and remove the mark."""
+    deadline = time.monotonic() + RUN_TIMEOUT
+    while not (folder / ".paused").exists():
+        assert time.monotonic() < deadline and not os.waitpid(pid, os.WNOHANG)[0], "never paused"
+        time.sleep(POLL)
+    kill(pid)
+    (folder / ".paused").unlink()
+
+
 def pause_before_swap() -> None:
     """A patch for the forked child: once its staging folder is complete (outputs.json written
     and flushed), the swap into place creates `.paused` beside it and sleeps until killed."""
@@ -269,12 +279,7 @@ def pause_before_swap() -> None:
 def test_a_run_killed_with_its_staging_folder_complete_keeps_the_earlier_run(reference, tmp_path) -> None:
     out, before = over_earlier_run(reference, tmp_path)
     pid = fork_run(out, reference.cache, pause_before_swap)
-    deadline = time.monotonic() + RUN_TIMEOUT
-    while not (tmp_path / ".paused").exists():
-        assert time.monotonic() < deadline and not os.waitpid(pid, os.WNOHANG)[0], "never paused"
-        time.sleep(POLL)
-    kill(pid)
-    (tmp_path / ".paused").unlink()
+    kill_when_paused(pid, tmp_path)
     staging = out.with_name(f".{out.name}.tmp-{pid}-{host_token()}")
     assert (staging / OUTPUTS_FILE).is_file() and run_entries(out) == before  # killed before the swap
     after_kill(reference, out, before, reference.cache)
@@ -307,12 +312,7 @@ def pause_at(name: str):
 def test_a_run_killed_inside_replace_folder_is_recovered(reference, tmp_path, name) -> None:
     out, before = over_earlier_run(reference, tmp_path)
     pid = fork_run(out, reference.cache, pause_at(name))
-    deadline = time.monotonic() + RUN_TIMEOUT
-    while not (tmp_path / ".paused").exists():
-        assert time.monotonic() < deadline and not os.waitpid(pid, os.WNOHANG)[0], "never paused"
-        time.sleep(POLL)
-    kill(pid)
-    (tmp_path / ".paused").unlink()
+    kill_when_paused(pid, tmp_path)
     leftovers = {p.name for p in tmp_path.iterdir() if p.name.startswith(".out.")}
     tag = f"{pid}-{host_token()}"
     assert leftovers == {f".out.tmp-{tag}", *([f".out.old-{tag}"] if name == "rename" else [])}
