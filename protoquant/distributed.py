@@ -171,10 +171,8 @@ def resolve_device(name: str) -> torch.device:
     device = torch.device(name)
     if device.type != "cuda":
         return device
-    local_world, local_rank = (
-        int(os.environ.get("LOCAL_WORLD_SIZE", "1")),
-        int(os.environ.get("LOCAL_RANK", "0")),
-    )
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     if device.index is not None and local_world > 1 and device.index != local_rank:
         raise ConfigError(
             f"device {name!r}: the {local_world} processes on this node would not have a GPU each "
@@ -182,12 +180,12 @@ def resolve_device(name: str) -> torch.device:
             "device without an index ('cuda') and each process takes cuda:LOCAL_RANK"
         )
     if device.index is None:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        device = torch.device("cuda", local_rank)
     visible = torch.cuda.device_count()
     if device.index >= visible:
         raise ConfigError(
             f"device {name!r} means GPU {device.index} for this process (LOCAL_RANK "
-            f"{os.environ.get('LOCAL_RANK', '0')}), but {visible} GPU(s) are visible: start at most "
+            f"{local_rank}), but {visible} GPU(s) are visible: start at most "
             f"{visible} processes per node (torchrun --nproc_per_node {visible})"
         )
     torch.cuda.set_device(device)

@@ -136,7 +136,6 @@ def jpeg_size(data: bytes, orient: bool) -> tuple[int, int] | None:
                 return None
             if image.info.get("adobe_transform") == 0 and image.mode == "RGB":
                 return None  # an Adobe marker without colour transform: decoders differ on it
-
             if orient and image.getexif().get(ORIENTATION_TAG, 1) != 1:
                 return None
             return image.size
@@ -196,7 +195,7 @@ class DeviceDecodeViews(Dataset):
                 refused += 1
             else:
                 out[row] = apply_geometry(image, item.geometry, self.transform.mode)
-        if refused and refused == len(batch.encoded) and not self.warned:
+        if refused == len(batch.encoded) > 0 and not self.warned:
             logger.warning(
                 "the %s JPEG decoder refused all %d files of a batch (e.g. entry %d); they are decoded "
                 "by PIL in the main process, one at a time: set cache.decode workers if this goes on",

@@ -12,9 +12,9 @@ ones, which the next run removes); run again, it keeps each one that is at least
 
 The copy is another dataset: its files differ, so its fingerprint and its feature caches
 differ too. Annotations in pixels follow the images (`protoquant.data.resize_layouts`): the CUB
-boxes and part centres, the Stanford Cars boxes, ImageNet's Kaggle box files and its VOC XML files
-are rescaled image by image, and FunnyBirds' colour-coded part maps are resized by nearest neighbour, so the copy
-loads, crops and scores like the original.
+boxes and part centres, the Stanford Cars boxes, ImageNet's Kaggle box files and its VOC XML
+files are rescaled image by image, and FunnyBirds' colour-coded part maps are resized by nearest
+neighbour, so the copy loads, crops and scores like the original.
 """
 
 from __future__ import annotations

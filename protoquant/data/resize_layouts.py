@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import csv
 import io
-import logging
 import xml.etree.ElementTree as ElementTree
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -43,8 +42,6 @@ from protoquant.data.cub import find_cub_root
 from protoquant.data.detect import detect_dataset
 from protoquant.data.imagenet import KAGGLE_SOLUTION, find_images_root, find_meta
 from protoquant.data.images import load_mat
-
-logger = logging.getLogger(__name__)
 
 CUB_BOXES = "bounding_boxes.txt"
 CUB_PARTS = "parts/part_locs.txt"
