@@ -4,7 +4,8 @@ The DataLoader workers only read each view's file bytes and work out its geometr
 box in source pixels, resize, flip) with `ViewTransform.geometry`, the same seeded function
 `ViewTransform.pixels` follows, so both sites crop the same region of the same image. The main
 process then decodes the whole batch with `torchvision.io.decode_jpeg` (nvJPEG on CUDA,
-libjpeg on the CPU), crops, resizes with antialiasing and flips on the device.
+libjpeg on the CPU), crops, resizes with antialiasing and flips on the device; on CUDA it does so
+on a stream of its own, while the backbone runs over the previous batch.
 
 Only plain JPEG files go this way (`ImageDataset.image_file` gives one): baseline or progressive,
 grayscale or RGB, without an EXIF rotation that `load_image` would apply, ending in the JPEG end
@@ -17,6 +18,7 @@ may mix both kinds. A batch whose every file the device decoder refuses is logge
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import warnings
@@ -181,7 +183,22 @@ class DeviceDecodeViews(Dataset):
         return self.transform.pixels(self.dataset.load_image(index), index, view)
 
     def device_pixels(self, batch: ViewBatch, device: torch.device) -> torch.Tensor:
-        """(B, 3, S, S) uint8 pixels of a collated batch, on `device`."""
+        """(B, 3, S, S) uint8 pixels of a collated batch, on `device`.
+
+        On CUDA the batch is decoded on a stream of its own, so that its decoding overlaps the
+        backbone still running on the caller's stream over the previous batch; the caller's
+        stream waits for the pixels, and their memory is not reused before it has read them.
+        """
+        if device.type != "cuda":
+            return self._pixels(batch, device)
+        consumer, stream = torch.cuda.current_stream(device), decode_stream(device)
+        with torch.cuda.stream(stream):
+            out = self._pixels(batch, device)
+        consumer.wait_stream(stream)
+        out.record_stream(consumer)
+        return out
+
+    def _pixels(self, batch: ViewBatch, device: torch.device) -> torch.Tensor:
         side = self.transform.image_size
         out = torch.empty(len(batch.entries), 3, side, side, dtype=torch.uint8, device=device)
         if batch.decoded_rows:
@@ -222,11 +239,18 @@ def decode_jpegs(data: list[torch.Tensor], device: torch.device) -> list[torch.T
         return images
 
 
+@functools.cache
+def decode_stream(device: torch.device) -> torch.cuda.Stream:
+    """The stream `DeviceDecodeViews` decodes on, one per device (made in the main process only)."""
+    return torch.cuda.Stream(device)
+
+
 def _decode(data: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
     if device.type == "cuda":
         # torchvision's nvJPEG decoder writes its outputs on a private stream that does not wait
-        # for the caller's (pytorch/vision#9606): memory the queued backbone still reads could be
-        # handed to it and overwritten. Let the queued work finish first.
+        # for the caller's (pytorch/vision#9606): memory that work queued on the current stream
+        # still reads could be handed to it and overwritten. Let that work finish first; on the
+        # decode stream it is only the previous batch's crops and resizes, not the backbone.
         torch.cuda.current_stream(device).synchronize()
     with warnings.catch_warnings():  # the successor (TorchCodec) is no dependency of ours yet
         warnings.filterwarnings("ignore", message=DEPRECATION, category=DeprecationWarning)

@@ -8,6 +8,7 @@ CUDA the same bounds are asked of nvJPEG, whose chroma upsampling is its own.
 
 from __future__ import annotations
 
+import copy
 import io
 import struct
 from dataclasses import replace
@@ -222,11 +223,16 @@ def test_a_batch_the_decoder_refuses_whole_is_pil_decoded_and_said_once(
     assert len(warnings) == 1 and f"refused all {len(encoded)} files" in warnings[0].getMessage()
 
 
-def test_a_device_decoded_cache_has_its_own_key_and_is_complete(folder, convnext, cache_config) -> None:
+@pytest.mark.parametrize("on", DEVICES, ids=str)
+def test_a_device_decoded_cache_has_its_own_key_and_is_complete(folder, convnext, cache_config, on) -> None:
+    # 12 entries in batches of 4: on CUDA each batch is decoded on the decode stream while the
+    # backbone still runs over the one before
     transform = _transform(convnext)
     assert decode_site("auto", CPU, folder) == "workers" and decode_site("device", CPU, folder) == "device"
     workers = build_cache(folder, convnext, transform, views=2, config=cache_config)
-    device = build_cache(folder, convnext, transform, views=2, config=replace(cache_config, decode="device"))
+    config = replace(cache_config, decode="device")
+    moved = copy.deepcopy(convnext)  # build_cache moves the backbone it is given to `on`
+    device = build_cache(folder, moved, transform, views=2, config=config, device=on)
     assert workers.folder != device.folder and read_manifest(device.folder)["complete"]
     reopened = FeatureStore(device.folder, labels=folder.labels)  # verifies every shard
     assert len(reopened) == 2 * len(folder)
