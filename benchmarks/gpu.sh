@@ -14,7 +14,9 @@
 # `bash benchmarks/gpu_wheels.sh`, installed into /tmp/site at the start).
 #
 #     bash benchmarks/gpu.sh [OUT]     # logs in OUT (default runs/gpu), runs in $WORK (runs/gpu-work)
-#     STEPS=first BUDGET=480 bash benchmarks/gpu.sh "$OUT"; STEPS=second BUDGET=360 bash benchmarks/gpu.sh "$OUT"
+#     STEPS=first BUDGET=480 bash benchmarks/gpu.sh "$OUT"; STEPS=second BUDGET=B bash benchmarks/gpu.sh "$OUT"
+# On a lent machine the start (a minute or more) and the transfers count against the device time too:
+# give the second call B = the device time then left, less a minute.
 set -u
 out=${1:-runs/gpu}
 case $out in /*) ;; *) out=$PWD/$out ;; esac
