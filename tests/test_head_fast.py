@@ -254,6 +254,24 @@ def test_compiled_path_matches_reference() -> None:
     assert head._fast.compiled(torch.device("cpu")) is None
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")  # gpu.sh runs it
+def test_cuda_graph_path_matches_reference_across_replays() -> None:
+    head = _head(40).cuda()
+    batches = [_features(4, 7, 7, seed=s).cuda() for s in (1, 2)]
+    assert head.compile_logits("reduce-overhead") is True
+    with head.inference(), torch.inference_mode():
+        outputs = [head.forward_logits(f) for _ in range(3) for f in batches]  # recorded, then replayed
+        references = [head(f) for f in batches]
+    for i, fast in enumerate(outputs):  # an earlier result is not overwritten by a later replay
+        reference = references[i % len(batches)]
+        torch.testing.assert_close(fast.scores, reference.scores, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(fast.logits, reference.logits, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        head.codebook.mul_(-1.0)  # the graphs read the live tensors
+    with head.inference(), torch.inference_mode():
+        _assert_same(head, batches[0])
+
+
 @pytest.fixture(scope="module")
 def tiny_model(backbone_factory) -> ProtoQuant:
     backbone = backbone_factory("timm/test_convnext")
