@@ -41,7 +41,7 @@ from common import machine, median_seconds
 from protoquant.config import HeadConfig
 from protoquant.head import NonNegativeLinear
 from protoquant.train.head import fit_class_layer
-from protoquant.train.scores import ScoresInMemory, ScoresOnDisk, write_rows
+from protoquant.train.score_tables import ScoresInMemory, ScoresOnDisk, write_rows
 
 IOV_MAX = 1024  # <limits.h>: buffers one preadv may fill
 

@@ -22,15 +22,8 @@ from protoquant.config import HeadConfig
 from protoquant.head import NonNegativeLinear, ProtoQuantHead
 from protoquant.train.common import reduced_accuracy, wrap_ddp
 from protoquant.train.prune import margin_priority
-from protoquant.train.scores import (
-    SCORE_DTYPES,
-    ScoresSource,
-    TrainingScores,
-    all_scores,
-    as_training_scores,
-    compute_scores,
-    scores_dtype,
-)
+from protoquant.train.score_tables import TrainingScores, as_training_scores
+from protoquant.train.scores import SCORE_DTYPES, ScoresSource, all_scores, compute_scores, scores_dtype
 
 logger = logging.getLogger(__name__)
 

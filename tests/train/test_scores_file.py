@@ -27,7 +27,8 @@ from protoquant.errors import CacheError
 from protoquant.train import head as stage2
 from protoquant.train.baseline import train_baseline_head
 from protoquant.train.prune import class_mean_scores
-from protoquant.train.scores import IOV_MAX, ScoresOnDisk, ScoresSource, run_starts
+from protoquant.train.score_tables import IOV_MAX, ScoresOnDisk, run_starts
+from protoquant.train.scores import ScoresSource
 
 CPU = torch.device("cpu")
 ENTRIES, VAL, CLASSES, GRID, CHANNELS, PROTOTYPES = 1300, 200, 4, (3, 3), 256, 256  # tables of 1.07 MiB
