@@ -4,10 +4,11 @@
 #           fp32 and bf16; JPEG decoding in the workers and on the GPU), training from the cache against
 #           re-running the backbone, the head's share of inference (reference, fast, CUDA graphs), then
 #           caching with MobileNetV2;
-#   second: the GPU cases of the decode, batch-source, k-means and head tests, the memory table with
-#           its GPU max-allocated column, the decode and batch-source cases again under the CUDA
-#           stream sanitizer, device agreement with the CPU, one fine-tuning epoch with autocast,
-#           and benchmark 5 with --device cuda (benchmark 5 on the CPU cores on request).
+#   second: the GPU cases of the decode, view, batch-source, k-means and head tests, a decoded
+#           batch's views one by one against batched, the memory table with its GPU max-allocated
+#           column, the decode and batch-source cases again under the CUDA stream sanitizer,
+#           device agreement with the CPU, one fine-tuning epoch with autocast, and benchmark 5
+#           with --device cuda (benchmark 5 on the CPU cores on request).
 # Each step has its own time limit and writes OUT/<step>.log; a failing step does not stop the rest.
 # STEPS (space-separated group or step names, or prefixes such as "caching") runs only those. BUDGET
 # (seconds) skips every step whose limit would end past it, so that one call returns, with its logs,
@@ -73,8 +74,9 @@ step training_cost 90 "$py" benchmarks/training_cost.py --device cuda --images 2
 step inference 90 "$py" benchmarks/inference.py --device cuda --repeats 51 --compile reduce-overhead
 caching torchvision/mobilenet_v2 120
 # ---- second
-step gpu_tests 150 "$py" -m pytest -q -p no:cacheprovider tests/cache/test_device_decode.py tests/train/test_resident.py \
-    tests/train/test_kmeans_sampling.py tests/test_head_fast.py
+step gpu_tests 150 "$py" -m pytest -q -p no:cacheprovider tests/cache/test_device_decode.py tests/cache/test_resample.py \
+    tests/train/test_resident.py tests/train/test_kmeans_sampling.py tests/test_head_fast.py
+step view_geometry 60 "$py" benchmarks/view_geometry.py --device cuda
 step memory 180 "$py" benchmarks/memory.py --device cuda --entries 25000 50000 100000
 # the CUDA cases of the two tests that hand tensors between streams, under PyTorch's stream sanitizer
 # (CSAN), which stops at any kernel that reads or writes a tensor before the other stream's work on it

@@ -31,6 +31,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.io import ImageReadMode, decode_jpeg
 
+from protoquant.cache.resample import FILTERS, resample_views
 from protoquant.data.base import ImageDataset, ImageFile
 from protoquant.data.images import DECODE_ERRORS
 from protoquant.data.transforms import ViewGeometry, ViewTransform
@@ -204,14 +205,16 @@ class DeviceDecodeViews(Dataset):
         if batch.decoded_rows:
             out[list(batch.decoded_rows)] = batch.pixels.to(device, non_blocking=True)
         images = decode_jpegs([item.data for item in batch.encoded], device)
-        refused = 0
+        decoded: list[tuple[int, torch.Tensor, ViewGeometry]] = []  # (row, image, geometry)
         for row, item, image in zip(batch.encoded_rows, batch.encoded, images):
             if image is None or tuple(image.shape) != (3, item.height, item.width):
                 logger.debug("entry %d: the device decoder refused it; decoding it with PIL", item.entry)
                 out[row] = self.pil_pixels(item.entry).to(device)
-                refused += 1
             else:
-                out[row] = apply_geometry(image, item.geometry, self.transform.mode)
+                decoded.append((row, image, item.geometry))
+        if decoded:
+            self._views(decoded, out)
+        refused = len(batch.encoded) - len(decoded)
         if refused == len(batch.encoded) > 0 and not self.warned:
             logger.warning(
                 "the %s JPEG decoder refused all %d files of a batch (e.g. entry %d); they are decoded "
@@ -220,6 +223,23 @@ class DeviceDecodeViews(Dataset):
             )  # fmt: skip
             self.warned = True
         return out
+
+    def _views(self, decoded: list[tuple[int, torch.Tensor, ViewGeometry]], out: torch.Tensor) -> None:
+        """out[row] = the view of each decoded image: the whole batch at once on CUDA (a fixed
+        number of kernels, `resample_views`), one image at a time elsewhere, where the direct
+        resize costs less than the matrix products."""
+        rows, images, geometries = zip(*decoded)
+        interpolation = self.transform.interpolation
+        if batched_views(images[0].device) and interpolation in FILTERS:
+            out[list(rows)] = resample_views(images, geometries, interpolation)
+            return
+        for row, image, geometry in decoded:
+            out[row] = apply_geometry(image, geometry, self.transform.mode)
+
+
+def batched_views(device: torch.device) -> bool:
+    """Whether the views of a batch decoded on `device` are made together (`resample_views`)."""
+    return device.type == "cuda"
 
 
 def decode_jpegs(data: list[torch.Tensor], device: torch.device) -> list[torch.Tensor | None]:
