@@ -81,26 +81,44 @@ class DecodedView:
 
 
 @dataclass(frozen=True)
-class EncodedView:
-    """A view to decode on the device: the file's bytes ((N,) uint8) and where the view lies."""
+class FileView:
+    """A view to decode on the device, without the file's bytes: its entry, the file's size and
+    where the view lies in it."""
 
     entry: int
-    data: torch.Tensor
     width: int
     height: int
     geometry: ViewGeometry
 
 
 @dataclass(frozen=True)
+class EncodedView(FileView):
+    """A view to decode on the device with the file's bytes ((N,) uint8), as a worker returns it."""
+
+    data: torch.Tensor
+
+
+@dataclass(frozen=True)
 class ViewBatch:
-    """A collated batch of B entries: `pixels` ((n, 3, S, S) uint8) fill rows `decoded_rows`,
-    `encoded` (decoded on the device) fill rows `encoded_rows`."""
+    """A collated batch of B entries: `pixels` ((n, 3, S, S) uint8) fill rows `decoded_rows`, the
+    `encoded` views (decoded on the device) fill rows `encoded_rows`.
+
+    The bytes of every file to decode lie one after another in `files` ((N,) uint8), file i
+    ending at `ends[i]`: a batch then crosses from a worker to the main process as one tensor,
+    not as one shared-memory handle per file (`benchmarks/batch_transfer.py`).
+    """
 
     entries: tuple[int, ...]
     decoded_rows: tuple[int, ...]
     pixels: torch.Tensor
     encoded_rows: tuple[int, ...]
-    encoded: tuple[EncodedView, ...]
+    encoded: tuple[FileView, ...]
+    files: torch.Tensor
+    ends: tuple[int, ...]
+
+    def file_bytes(self) -> list[torch.Tensor]:
+        """(N_i,) uint8 bytes of each encoded view's file: views of `files`."""
+        return [self.files[start:end] for start, end in zip((0, *self.ends[:-1]), self.ends)]
 
     def pin_memory(self) -> ViewBatch:
         """The DataLoader's pin_memory hook: pins the decoded pixels (the bytes stay pageable)."""
@@ -111,15 +129,17 @@ def collate_views(items: list[DecodedView | EncodedView]) -> ViewBatch:
     """Collate mixed items into a `ViewBatch`, keeping their order as batch rows."""
     decoded = [(row, item) for row, item in enumerate(items) if isinstance(item, DecodedView)]
     encoded = [(row, item) for row, item in enumerate(items) if isinstance(item, EncodedView)]
-    pixels = (
-        torch.stack([item.pixels for _, item in decoded]) if decoded else torch.empty(0, dtype=torch.uint8)
-    )
+    empty = torch.empty(0, dtype=torch.uint8)
+    pixels = torch.stack([item.pixels for _, item in decoded]) if decoded else empty
+    files = torch.cat([item.data for _, item in encoded]) if encoded else empty
     return ViewBatch(
         tuple(item.entry for item in items),
         tuple(row for row, _ in decoded),
         pixels,
         tuple(row for row, _ in encoded),
-        tuple(item for _, item in encoded),
+        tuple(FileView(item.entry, item.width, item.height, item.geometry) for _, item in encoded),
+        files,
+        tuple(np.cumsum([len(item.data) for _, item in encoded]).tolist()),
     )
 
 
@@ -176,7 +196,7 @@ class DeviceDecodeViews(Dataset):
         if read is None:
             return DecodedView(entry, self.pil_pixels(entry))
         data, width, height = read
-        return EncodedView(entry, data, width, height, self.transform.geometry(width, height, index, view))
+        return EncodedView(entry, width, height, self.transform.geometry(width, height, index, view), data)
 
     def pil_pixels(self, entry: int) -> torch.Tensor:
         """(3, S, S) uint8 pixels of `entry` by the workers path (PIL)."""
@@ -204,7 +224,7 @@ class DeviceDecodeViews(Dataset):
         out = torch.empty(len(batch.entries), 3, side, side, dtype=torch.uint8, device=device)
         if batch.decoded_rows:
             out[list(batch.decoded_rows)] = batch.pixels.to(device, non_blocking=True)
-        images = decode_jpegs([item.data for item in batch.encoded], device)
+        images = decode_jpegs(batch.file_bytes(), device)
         decoded: list[tuple[int, torch.Tensor, ViewGeometry]] = []  # (row, image, geometry)
         for row, item, image in zip(batch.encoded_rows, batch.encoded, images):
             if image is None or tuple(image.shape) != (3, item.height, item.width):

@@ -19,6 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from torch.utils.data import DataLoader
 
 from protoquant.cache import decode
 from protoquant.cache.build import FeatureStore, ImageViews, build_cache, cache_key
@@ -204,6 +205,21 @@ def test_an_adobe_marked_rgb_jpeg_goes_to_pil(tmp_path) -> None:
         marked = plain[:2] + b"\xff\xee" + struct.pack(">H", len(segment) + 2) + segment + plain[2:]
         assert jpeg_size(marked, orient=True) == expected
     assert jpeg_size(plain, orient=True) == (24, 16)
+
+
+def test_a_batch_crosses_from_a_worker_with_one_tensor_of_bytes(folder, convnext) -> None:
+    source = DeviceDecodeViews(folder, _transform(convnext), 2)
+    items = [source[e] for e in range(len(source))]
+    batch = collate_views(items)
+    encoded = [item for item in items if isinstance(item, EncodedView)]
+    assert [bytes(b.numpy()) for b in batch.file_bytes()] == [bytes(item.data.numpy()) for item in encoded]
+    tensors = [name for name, value in vars(batch).items() if isinstance(value, torch.Tensor)]
+    assert tensors == ["pixels", "files"]  # the per-file records carry no tensor
+    assert not any(isinstance(v, torch.Tensor) for view in batch.encoded for v in vars(view).values())
+    loader = DataLoader(source, batch_size=len(source), num_workers=1, collate_fn=collate_views)
+    (crossed,) = list(loader)
+    assert crossed.ends == batch.ends and torch.equal(crossed.files, batch.files)
+    assert torch.equal(source.device_pixels(crossed, CPU), source.device_pixels(batch, CPU))
 
 
 def test_a_batch_the_decoder_refuses_whole_is_pil_decoded_and_said_once(
