@@ -1,6 +1,6 @@
 """Views of a decoded batch: one image at a time (`apply_geometry`) against the whole batch as matrix
-products (`resample_views`, what device decoding uses on CUDA; in full float32, and with TF32),
-side by side.
+products (`resample_views`, what device decoding uses on CUDA; in full float32, from TF32 products
+of split operands, and in plain TF32), side by side.
 
 A batch of `--batch` smooth random uint8 images, sizes drawn within 20 % of `--size`, already on
 the device (as the JPEG decoder leaves them), with the geometries of `ViewTransform` (view 0 and
@@ -10,6 +10,10 @@ and until the device has finished it, the tensor operations one batch dispatches
 difference between the two ways' pixels.
 
     python benchmarks/view_geometry.py [--device cuda] [--batch 128] [--size 500x375] [--side 224]
+        [--interpolation bicubic] [--emulate-tf32]
+
+`--emulate-tf32` makes every product act as TF32 hardware that truncates its operands, to measure
+the three ways' accuracy on a machine without TF32 (its times mean nothing).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from functools import partial
 
 import numpy as np
 import torch
@@ -24,7 +29,7 @@ import torch.nn.functional as F
 from common import machine, sync
 
 from protoquant.cache.decode import apply_geometry
-from protoquant.cache.resample import resample_views
+from protoquant.cache.resample import PRODUCTS, TF32_MASK, resample_views
 from protoquant.data.transforms import ViewTransform
 
 
@@ -82,6 +87,20 @@ def dispatched(fn, device: torch.device) -> str:
     return f"{calls} ({kernels} kernels)"
 
 
+def emulate_truncating_tf32() -> None:
+    """Make torch.bmm behave, wherever TF32 is allowed (float32 matmul precision below "highest"),
+    as TF32 hardware that truncates its operands to 10 mantissa bits (the worse of the two
+    roundings), to see the products' accuracy on a machine without TF32."""
+    bmm = torch.bmm
+
+    def truncated(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        if torch.get_float32_matmul_precision() == "highest":
+            return bmm(a, b)
+        return bmm(*[(t.contiguous().view(torch.int32) & TF32_MASK).view(torch.float32) for t in (a, b)])
+
+    torch.bmm = truncated
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
@@ -90,20 +109,25 @@ def main() -> None:
     parser.add_argument("--side", type=int, default=224)
     parser.add_argument("--interpolation", default="bilinear", choices=["bilinear", "bicubic"])
     parser.add_argument("--repeats", type=int, default=11)
+    parser.add_argument(
+        "--emulate-tf32",
+        action="store_true",
+        help="every bmm as truncating TF32 (accuracy only; times mean nothing)",
+    )
     args = parser.parse_args()
     device = torch.device(args.device)
+    if args.emulate_tf32:
+        emulate_truncating_tf32()
     images, geometries, transform = make_batch(args, device)
     print(f"machine: {machine()}; device {device}")
     print(
         f"batch {args.batch}, sources about {args.size}, side {args.side}, {args.interpolation}, median of {args.repeats}"
     )
-    ways = {
-        "one image at a time": lambda: one_by_one(images, geometries, transform),
-        "batch as matrix products": lambda: resample_views(images, geometries, args.interpolation),
-        "batch as matrix products, TF32": lambda: resample_views(
-            images, geometries, args.interpolation, exact=False
-        ),
-    }
+    ways = {"one image at a time": lambda: one_by_one(images, geometries, transform)}
+    for products in PRODUCTS:
+        ways[f"batch as matrix products, {products}"] = partial(
+            resample_views, images, geometries, args.interpolation, products=products
+        )
     results = {name: timed(fn, device, args.repeats) for name, fn in ways.items()}
     print(
         "| way | returns after (ms / batch) | done after (ms / batch) | us / image (done) | aten calls / batch |"

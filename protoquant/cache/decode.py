@@ -31,7 +31,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from protoquant.cache.resample import FILTERS, resample_views
+from protoquant.cache.resample import FILTERS, products_for, resample_views
 from protoquant.data.base import ImageDataset, ImageFile
 from protoquant.data.images import DECODE_ERRORS
 from protoquant.data.transforms import ViewGeometry, ViewTransform
@@ -250,8 +250,9 @@ class DeviceDecodeViews(Dataset):
         resize costs less than the matrix products."""
         rows, images, geometries = zip(*decoded)
         interpolation = self.transform.interpolation
-        if batched_views(images[0].device) and interpolation in FILTERS:
-            out[list(rows)] = resample_views(images, geometries, interpolation)
+        device = images[0].device
+        if batched_views(device) and interpolation in FILTERS:
+            out[list(rows)] = resample_views(images, geometries, interpolation, products=products_for(device))
             return
         for row, image, geometry in decoded:
             out[row] = apply_geometry(image, geometry, self.transform.mode)

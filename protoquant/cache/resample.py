@@ -26,6 +26,8 @@ import torch
 from protoquant.data.transforms import ViewGeometry
 
 CHUNK_BYTES = 256 * 2**20  # float32 image buffer per matrix product (a larger single image goes alone)
+PRODUCTS = ("float32", "tf32-split", "tf32")  # how the products run (`resample_views`)
+TF32_MASK = ~((1 << 13) - 1)  # keeps a float32's sign, exponent and the top 10 of its 23 mantissa bits
 
 
 def _triangle(x: torch.Tensor) -> torch.Tensor:
@@ -44,6 +46,14 @@ FILTERS: dict[str, tuple[float, Callable[[torch.Tensor], torch.Tensor]]] = {
     "bilinear": (1.0, _triangle),
     "bicubic": (2.0, _cubic),
 }
+
+
+def products_for(device: torch.device) -> str:
+    """How the products run on `device`: "tf32-split" where the GPU has TF32 (compute capability
+    8.0 and up; estimated about 3x faster than float32 there, BENCHMARKS.md), else "float32"."""
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0):
+        return "tf32-split"
+    return "float32"
 
 
 def axis_weights(
@@ -94,20 +104,25 @@ def resample_views(
     geometries: Sequence[ViewGeometry],
     interpolation: str,
     *,
-    exact: bool = True,
+    products: str = "float32",
 ) -> torch.Tensor:
     """(n, 3, S, S) uint8 views of (3, h, w) uint8 images, as `apply_geometry` makes them one by one.
 
-    Every geometry has the same side S, and the images are on one device. `exact` runs the
-    products in full float32 whatever the caller set; False lets them use TF32 where the GPU has
-    it (faster; taps rounded to 11 significant bits: `benchmarks/view_geometry.py` measures both).
+    Every geometry has the same side S, and the images are on one device. `products` (PRODUCTS):
+    "float32" runs the products in full float32 whatever the caller set; "tf32" lets them use
+    TF32 where the GPU has it (taps rounded to 11 significant bits); "tf32-split" uses TF32 on
+    operands split into a part TF32 holds exactly and the rest (pixels are exact already), which
+    keeps float32's accuracy in five TF32 products instead of two float32 ones.
+    `benchmarks/view_geometry.py` times all three.
     """
+    if products not in PRODUCTS:
+        raise ValueError(f"products must be one of {PRODUCTS}, got {products!r}")
     side = geometries[0].size
     device = images[0].device
     views = torch.empty(len(images), 3, side, side, dtype=torch.uint8, device=device)
     for rows in _chunks([tuple(image.shape[1:]) for image in images]):
         chunk = [images[i] for i in rows], [geometries[i] for i in rows]
-        views[rows] = _resample_chunk(*chunk, interpolation, exact)
+        views[rows] = _resample_chunk(*chunk, interpolation, products)
     return views
 
 
@@ -129,7 +144,7 @@ def _chunks(sizes: Sequence[tuple[int, int]]) -> Iterator[list[int]]:
 
 
 def _resample_chunk(
-    images: Sequence[torch.Tensor], geometries: Sequence[ViewGeometry], interpolation: str, exact: bool
+    images: Sequence[torch.Tensor], geometries: Sequence[ViewGeometry], interpolation: str, products: str
 ) -> torch.Tensor:
     side, device = geometries[0].size, images[0].device
     heights, widths = max(i.shape[1] for i in images), max(i.shape[2] for i in images)
@@ -145,11 +160,36 @@ def _resample_chunk(
     wy = axis_weights(top, height, resize_h, offset_h, no_flip, side, heights, interpolation)  # (n, S, Hp)
     wx = axis_weights(left, width, resize_w, offset_w, flip.bool(), side, widths, interpolation)  # (n, S, Wp)
     n = len(images)
-    with _matmul_precision("highest" if exact else "high"):
-        rows = torch.bmm(wy, padded.reshape(n, heights, 3 * widths))  # (n, S, 3 * Wp)
-        views = torch.bmm(rows.reshape(n, side * 3, widths), wx.transpose(1, 2))  # (n, S * 3, S)
+    with _matmul_precision("highest" if products == "float32" else "high"):
+        rows = _bmm(wy, padded.reshape(n, heights, 3 * widths), products, exact_right=True)  # (n, S, 3 * Wp)
+        views = _bmm(rows.reshape(n, side * 3, widths), wx.transpose(1, 2), products)  # (n, S * 3, S)
     views = views.reshape(n, side, 3, side).permute(0, 2, 1, 3)  # (n, 3, S, S)
     return views.clamp_(0.0, 255.0).round_().to(torch.uint8)
+
+
+def tf32_parts(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(high, low) float32 with high + low == values exactly and high held exactly by TF32 (its
+    mantissa cut to TF32's 10 bits); low is at most 2**-10 of the value."""
+    high = (values.contiguous().view(torch.int32) & TF32_MASK).view(torch.float32)
+    return high, values - high
+
+
+def _bmm(
+    left: torch.Tensor, right: torch.Tensor, products: str, *, exact_right: bool = False
+) -> torch.Tensor:
+    """left @ right, batched. With "tf32-split", to about float32 accuracy from TF32 products
+    however the hardware rounds: high @ high is exact, the cross terms lose at most 2**-20 of the
+    result, and low @ low (2**-20) is left out. `exact_right`: TF32 holds `right` exactly (uint8
+    pixels), so its low part is zero and two products do."""
+    if products != "tf32-split":
+        return torch.bmm(left, right)
+    left_high, left_low = tf32_parts(left)
+    if exact_right:
+        return torch.bmm(left_high, right) + torch.bmm(left_low, right)
+    right_high, right_low = tf32_parts(right)
+    return (
+        torch.bmm(left_high, right_high) + torch.bmm(left_high, right_low) + torch.bmm(left_low, right_high)
+    )
 
 
 def _padded(images: Sequence[torch.Tensor], heights: int, widths: int) -> torch.Tensor:

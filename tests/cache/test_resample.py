@@ -67,10 +67,9 @@ def test_batched_views_are_the_per_image_views(interpolation, crop_ratio, on) ->
     centre_crops = any(g.resize[0] > SIDE or g.resize[1] > SIDE for g in geometries)
     assert centre_crops == (crop_ratio < 1.0)  # view 0 is centre-cropped only below ratio 1
     expected = _one_by_one(images, geometries, interpolation)
-    _assert_float_close(resample_views(images, geometries, interpolation), expected)
-    assert (
-        _levels(resample_views(images, geometries, interpolation, exact=False), expected).max() <= 1
-    )  # TF32
+    for products in ("float32", "tf32-split"):
+        _assert_float_close(resample_views(images, geometries, interpolation, products=products), expected)
+    assert _levels(resample_views(images, geometries, interpolation, products="tf32"), expected).max() <= 1
 
 
 def test_a_flip_reverses_the_columns_exactly() -> None:
@@ -121,10 +120,50 @@ def test_the_products_run_at_their_own_precision_and_the_callers_is_kept(monkeyp
         monkeypatch.setattr(torch, "bmm", watched)
         resample_views(images[:3], geometries[:3], "bilinear")
         assert seen == ["highest"] * 2 and torch.get_float32_matmul_precision() == caller
-        resample_views(images[:3], geometries[:3], "bilinear", exact=False)
+        resample_views(images[:3], geometries[:3], "bilinear", products="tf32")
         assert seen[2:] == ["high"] * 2 and torch.get_float32_matmul_precision() == caller
     finally:
         torch.set_float32_matmul_precision(before)
+
+
+def _truncating_tf32_bmm(monkeypatch) -> None:
+    """torch.bmm, where TF32 is allowed, as TF32 hardware that truncates its operands to 10
+    mantissa bits (the worse of the two roundings), on the CPU."""
+    bmm = torch.bmm
+
+    def truncated(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        if torch.get_float32_matmul_precision() == "highest":  # TF32 not allowed
+            return bmm(a, b)
+        cut = [(t.contiguous().view(torch.int32) & resample.TF32_MASK).view(torch.float32) for t in (a, b)]
+        return bmm(*cut)
+
+    monkeypatch.setattr(torch, "bmm", truncated)
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+def test_split_tf32_products_keep_float32_accuracy_on_truncating_hardware(monkeypatch, interpolation) -> None:
+    images, geometries = _batch(interpolation, 0.875, seed=4)
+    expected = _one_by_one(images, geometries, interpolation)
+    _truncating_tf32_bmm(monkeypatch)
+    plain = _levels(resample_views(images, geometries, interpolation, products="tf32"), expected)
+    assert (plain > 0).float().mean() > 10 * MOST_DIFFERENT  # the emulation bites: plain TF32 is off
+    for products in ("tf32-split", "float32"):  # float32 does not allow TF32
+        _assert_float_close(resample_views(images, geometries, interpolation, products=products), expected)
+
+
+def test_tf32_parts_add_up_exactly_and_the_high_part_fits_tf32() -> None:
+    values = torch.randn(1000, generator=torch.Generator().manual_seed(0)) * 300
+    high, low = resample.tf32_parts(values)
+    assert torch.equal(high + low, values)
+    assert torch.all(high.view(torch.int32) & ~resample.TF32_MASK == 0)
+    assert torch.all(low.abs() <= values.abs() * 2**-10)
+
+
+def test_products_must_be_known() -> None:
+    images, geometries = _batch("bilinear", 1.0)
+    with pytest.raises(ValueError, match="products must be one of"):
+        resample_views(images[:1], geometries[:1], "bilinear", products="bf16")
+    assert resample.products_for(torch.device("cpu")) == "float32"
 
 
 @pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
