@@ -127,14 +127,21 @@ def resample_views(
 
 
 def _chunks(sizes: Sequence[tuple[int, int]]) -> Iterator[list[int]]:
-    """Rows of images of `sizes` (h, w) grouped, in order of area, so that each group's padded
-    float32 buffer stays within CHUNK_BYTES (an image larger than that alone)."""
-    order = sorted(range(len(sizes)), key=lambda i: sizes[i][0] * sizes[i][1])
+    """Rows of images of `sizes` (h, w) grouped so that each group's padded float32 buffer stays
+    within CHUNK_BYTES (an image larger than that alone). Landscape and portrait images go to
+    separate groups, each in order of area: padding a mix of both to its largest height and width
+    would cost up to a third more products."""
+
+    def portrait(i: int) -> bool:
+        return sizes[i][0] > sizes[i][1]
+
+    order = sorted(range(len(sizes)), key=lambda i: (portrait(i), sizes[i][0] * sizes[i][1]))
     rows: list[int] = []
     height = width = 0
     for i in order:
         grown = (max(height, sizes[i][0]), max(width, sizes[i][1]))
-        if rows and (len(rows) + 1) * 3 * grown[0] * grown[1] * 4 > CHUNK_BYTES:
+        too_big = (len(rows) + 1) * 3 * grown[0] * grown[1] * 4 > CHUNK_BYTES
+        if rows and (too_big or portrait(i) != portrait(rows[0])):
             yield rows
             rows, grown = [], sizes[i]
         rows.append(i)

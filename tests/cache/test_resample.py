@@ -91,6 +91,8 @@ def test_small_chunks_give_the_same_views(monkeypatch) -> None:
         height, width = max(sizes[i][0] for i in rows), max(sizes[i][1] for i in rows)
         assert len(rows) == 1 or len(rows) * 3 * height * width * 4 <= limit
     assert len(chunks) > 5 and any(len(rows) == 1 for rows in chunks)
+    for rows in chunks:
+        assert len({sizes[i][0] > sizes[i][1] for i in rows}) == 1  # landscape and portrait apart
     _assert_float_close(resample_views(images, geometries, "bicubic"), whole)
 
 
@@ -177,3 +179,8 @@ def test_device_decoding_with_batched_views_stays_within_the_pil_bounds(
     _, batched, _ = _both_paths(folder, transform, 4)
     _assert_close_views(workers, batched, items, interpolation)
     _assert_float_close(batched, one_by_one)
+
+
+def test_landscape_and_portrait_images_are_padded_apart() -> None:
+    sizes = [(10, 20), (20, 10), (12, 22), (30, 30)]  # (h, w): square counts as landscape
+    assert list(resample._chunks(sizes)) == [[0, 2, 3], [1]]
