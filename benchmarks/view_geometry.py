@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from common import machine, sync
 
 from protoquant.cache.decode import apply_geometry
-from protoquant.cache.resample import PRODUCTS, TF32_MASK, resample_views
+from protoquant.cache.resample import PRODUCTS, resample_views, tf32_parts
 from protoquant.data.transforms import ViewTransform
 
 
@@ -96,7 +96,7 @@ def emulate_truncating_tf32() -> None:
     def truncated(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         if torch.get_float32_matmul_precision() == "highest":
             return bmm(a, b)
-        return bmm(*[(t.contiguous().view(torch.int32) & TF32_MASK).view(torch.float32) for t in (a, b)])
+        return bmm(tf32_parts(a)[0], tf32_parts(b)[0])  # the part TF32 holds
 
     torch.bmm = truncated
 

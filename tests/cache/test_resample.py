@@ -136,8 +136,7 @@ def _truncating_tf32_bmm(monkeypatch) -> None:
     def truncated(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         if torch.get_float32_matmul_precision() == "highest":  # TF32 not allowed
             return bmm(a, b)
-        cut = [(t.contiguous().view(torch.int32) & resample.TF32_MASK).view(torch.float32) for t in (a, b)]
-        return bmm(*cut)
+        return bmm(resample.tf32_parts(a)[0], resample.tf32_parts(b)[0])  # the part TF32 holds
 
     monkeypatch.setattr(torch, "bmm", truncated)
 
