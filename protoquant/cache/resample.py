@@ -11,7 +11,8 @@ stretched by the downscale factor and normalised per output pixel), with the cro
 centre crop and the flip folded into the matrix rows and columns. The result agrees with
 `apply_geometry` to float rounding (the sums run in another order): at most one uint8 level
 apart, tested. On the CPU the products cost more than the direct resize (BENCHMARKS.md), so
-only CUDA uses them.
+only CUDA uses them; on GPUs with TF32 as split TF32 products, which keep float32's accuracy
+(`products_for`, `PRODUCTS`).
 
 Shapes: n views of side S; a chunk's buffer is (n, Hp, 3, Wp), Hp and Wp its largest image's.
 """
