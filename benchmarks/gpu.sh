@@ -6,7 +6,8 @@
 #           caching with MobileNetV2;
 #   second: the GPU cases of the decode, view, batch-source, k-means and head tests, a decoded
 #           batch's views one by one against batched, device decoding's batches crossing from 16
-#           workers as one tensor against one per file, the memory table with its GPU max-allocated
+#           workers as one tensor against one per file, shard writes on that machine's cores (4
+#           threads against the former 1), the memory table with its GPU max-allocated
 #           column, the decode and batch-source cases again under the CUDA stream sanitizer,
 #           device agreement with the CPU, one fine-tuning epoch with autocast, and benchmark 5
 #           with --device cuda (benchmark 5 on the CPU cores on request).
@@ -79,6 +80,7 @@ step gpu_tests 150 "$py" -m pytest -q -p no:cacheprovider tests/cache/test_devic
     tests/train/test_resident.py tests/train/test_kmeans_sampling.py tests/test_head_fast.py
 step view_geometry 60 "$py" benchmarks/view_geometry.py --device cuda
 step batch_transfer 60 "$py" benchmarks/batch_transfer.py --images 2048 --workers 16 --rounds 2
+step shard_writes 60 "$py" benchmarks/shard_writes.py --shards 16 --rounds 2
 step memory 180 "$py" benchmarks/memory.py --device cuda --entries 25000 50000 100000
 # the CUDA cases of the two tests that hand tensors between streams, under PyTorch's stream sanitizer
 # (CSAN), which stops at any kernel that reads or writes a tensor before the other stream's work on it

@@ -109,8 +109,8 @@ class _Assembler:
         first, count = self.plan.rows(shard)
         if sum(len(f) for f, _ in self.chunks) == count:
             audit = {"shard": shard, "first": first, "count": count} | self.who  # who wrote it
-            features = np.concatenate([f for f, _ in self.chunks])  # (count, H, W, D)
-            pooled = np.concatenate([p for _, p in self.chunks])  # (count, D)
+            features = [f for f, _ in self.chunks]  # row blocks of (count, H, W, D), joined by no one
+            pooled = [p for _, p in self.chunks]  # of (count, D)
             self.sampler.claimed.popleft()
             release = partial(self.sampler.locks.release, shard)
             self.writer.submit(self.plan.folder, shard, features, pooled, audit, done=release)

@@ -315,7 +315,7 @@ def test_a_crash_keeps_every_finished_shard_and_resume_does_the_rest(
 
 
 def test_a_failed_shard_write_is_raised(counting, tiny_synthetic, cache_config, monkeypatch) -> None:
-    def disk_full(path, array):
+    def disk_full(path, blocks):
         raise OSError(f"{path}: no space left on device")
 
     monkeypatch.setattr(shards, "atomic_save_npy", disk_full)
