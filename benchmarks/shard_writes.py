@@ -1,6 +1,7 @@
 """Writing cache shards as fast as a GPU makes them: now (row blocks written and hashed as they
-come, `WRITER_THREADS` writer threads) against before (blocks joined by the main process, one
-writer thread that saved the array and read the file back to hash it), side by side.
+come, `WRITER_THREADS` writer threads, the finite check made where the maps were computed)
+against before (blocks joined by the main process, one writer thread that checked the values,
+saved the array and read the file back to hash it), side by side.
 
 The maps are ResNet-50's shape at 224 px (7 x 7 x 2048 float16, 196 kB each) in batches of
 `--batch`, `--shard` maps per shard. Both ways write the same `--shards` shards into a fresh
@@ -52,7 +53,8 @@ def run_now(folder: Path, batches: list, args: argparse.Namespace) -> tuple[floa
         }
         begin = time.perf_counter()
         features, pooled = [f for f, _ in batches], [p for _, p in batches]
-        writer.submit(folder, shard, features, pooled, audit)
+        finite = [np.ones(len(f), dtype=bool) for f in features]  # caching checks on the device
+        writer.submit(folder, shard, features, pooled, audit, finite)
         handing += time.perf_counter() - begin
     writer.close()
     return time.perf_counter() - start, handing

@@ -72,19 +72,22 @@ def _launch(
     transform: ViewTransform,
     device: torch.device,
     config: CacheConfig,
-) -> tuple[torch.Tensor, torch.Tensor, torch.cuda.Event | None]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.cuda.Event | None]:
     """Start one batch: normalise on the device, run the backbone, start the copy back.
 
-    Returns (B, H, W, D) float16 features, their (B, D) float32 spatial mean, and on CUDA the
-    event after which both host tensors are filled (the copy runs while the next batch loads).
+    Returns (B, H, W, D) float16 features, their (B, D) float32 spatial mean, (B,) whether each
+    entry's values are all finite (checked on the device, where it costs nothing next to the
+    backbone, instead of by the shard writer), and on CUDA the event after which the host
+    tensors are filled (the copy runs while the next batch loads).
     """
     images = transform.normalise(pixels.to(device, non_blocking=True))
     features = patch_features(backbone, images, config, dtype=STORAGE_DTYPE)  # (B, D, H, W)
     stored = features.permute(0, 2, 3, 1).contiguous()  # (B, H, W, D) float16
     pooled = stored.float().mean(dim=(1, 2))  # (B, D): the mean of what is stored
+    finite = torch.isfinite(stored.flatten(1)).all(dim=1) & torch.isfinite(pooled).all(dim=1)  # (B,)
     if device.type != "cuda":
-        return stored, pooled, None
-    host = stored.to("cpu", non_blocking=True), pooled.to("cpu", non_blocking=True)
+        return stored, pooled, finite, None
+    host = tuple(t.to("cpu", non_blocking=True) for t in (stored, pooled, finite))
     event = torch.cuda.Event()
     event.record()
     return *host, event
@@ -98,22 +101,27 @@ class _Assembler:
         ctx = distributed.context()
         self.who = {"split": split, "rank": ctx.rank, "world": ctx.world_size}
         self.who |= {"pid": os.getpid(), "host": socket.gethostname()}
-        self.chunks: list[tuple[np.ndarray, np.ndarray]] = []
+        self.chunks: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (features, pooled, finite)
 
-    def add(self, features: torch.Tensor, pooled: torch.Tensor, event: torch.cuda.Event | None) -> None:
+    def add(
+        self,
+        features: torch.Tensor,
+        pooled: torch.Tensor,
+        finite: torch.Tensor,
+        event: torch.cuda.Event | None,
+    ) -> None:
         if event is not None:
             event.synchronize()
-        self.chunks.append((features.numpy(), pooled.numpy()))
+        self.chunks.append((features.numpy(), pooled.numpy(), finite.numpy()))
         self.bar.update(len(features))  # per batch, once its features are on the host
         shard = self.sampler.claimed[0]
         first, count = self.plan.rows(shard)
-        if sum(len(f) for f, _ in self.chunks) == count:
+        if sum(len(chunk[0]) for chunk in self.chunks) == count:
             audit = {"shard": shard, "first": first, "count": count} | self.who  # who wrote it
-            features = [f for f, _ in self.chunks]  # row blocks of (count, H, W, D), joined by no one
-            pooled = [p for _, p in self.chunks]  # of (count, D)
+            features, pooled, finite = (list(blocks) for blocks in zip(*self.chunks))  # row blocks, unjoined
             self.sampler.claimed.popleft()
             release = partial(self.sampler.locks.release, shard)
-            self.writer.submit(self.plan.folder, shard, features, pooled, audit, done=release)
+            self.writer.submit(self.plan.folder, shard, features, pooled, audit, finite, done=release)
             self.chunks = []
 
 

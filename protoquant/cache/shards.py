@@ -48,14 +48,22 @@ def read_record(folder: Path, shard: int) -> dict | None:
     return record if isinstance(record, dict) else None
 
 
-def check_finite(features: Sequence[np.ndarray], pooled: Sequence[np.ndarray], audit: dict) -> None:
+def check_finite(
+    features: Sequence[np.ndarray],
+    pooled: Sequence[np.ndarray],
+    audit: dict,
+    finite: Sequence[np.ndarray] | None = None,
+) -> None:
     """Raise ValueError naming the shard, its entries and the split if any value is NaN or inf.
 
     features: (n_i, H, W, D) row blocks; pooled: (n_i, D) row blocks; audit: the shard's audit
-    record (shard, first, split).
+    record (shard, first, split); finite: (n_i,) bool blocks, whether each entry's values are
+    all finite, when the caller checked them already (caching checks on the device).
     """
-    finite = np.concatenate([np.isfinite(f.reshape(len(f), -1)).all(axis=1) for f in features])
-    finite &= np.concatenate([np.isfinite(p).all(axis=1) for p in pooled])
+    if finite is None:
+        finite = [np.isfinite(f.reshape(len(f), -1)).all(axis=1) for f in features]
+        finite = [f & np.isfinite(p).all(axis=1) for f, p in zip(finite, pooled)]
+    finite = np.concatenate(finite)
     if finite.all():
         return
     bad = audit["first"] + np.flatnonzero(~finite)
@@ -86,16 +94,18 @@ def write_shard(
     features: np.ndarray | Sequence[np.ndarray],
     pooled: np.ndarray | Sequence[np.ndarray],
     audit: dict,
+    finite: Sequence[np.ndarray] | None = None,
 ) -> dict:
     """Save one shard's two files and its record, then append `audit` to this rank's log.
 
     features: (n, H, W, D) float16; pooled: (n, D) float32; either may also be given as row
     blocks in order (one per batch), which are written one after another and never joined.
-    audit: who wrote which entries (shard, first, count, split, rank, world, pid). Returns the
-    record. Raises ValueError (nothing written) when a value is not finite.
+    audit: who wrote which entries (shard, first, count, split, rank, world, pid). finite:
+    per-entry blocks from a check the caller made (`check_finite`), else checked here. Returns
+    the record. Raises ValueError (nothing written) when a value is not finite.
     """
     blocks = [[a] if isinstance(a, np.ndarray) else list(a) for a in (features, pooled)]
-    check_finite(*blocks, audit)
+    check_finite(*blocks, audit, finite)
     files = {}
     for path, parts in zip(shard_paths(folder, shard), blocks):
         files[path.name] = _file_entry(path, parts, atomic_save_npy(path, parts))

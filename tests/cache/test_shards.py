@@ -108,3 +108,12 @@ def test_the_first_failed_write_is_raised_once(tmp_path, monkeypatch) -> None:
         writer.close()
     writer.close()  # the later failures are logged, not raised again
     assert writer.failed and len(released) >= 1
+
+
+def test_a_check_the_caller_made_is_used_instead_of_a_second_pass(tmp_path) -> None:
+    features, pooled = _blocks(5)
+    finite = [np.ones(len(f), dtype=bool) for f in features]
+    finite[1][0] = False  # row 3, as caching's device-side check would report it
+    with pytest.raises(ValueError, match=r"1 entries, first 13, last 13"):
+        write_shard(tmp_path, 1, features, pooled, _audit(1, first=10), finite)
+    assert list(tmp_path.iterdir()) == []
