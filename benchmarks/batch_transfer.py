@@ -62,6 +62,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
+    if args.images < 2 * args.batch:  # the first batch only warms the workers up
+        parser.error(f"--images must be at least 2 x --batch = {2 * args.batch} (got {args.images})")
     with tempfile.TemporaryDirectory() as tmp:
         dataset = write_jpegs(Path(tmp), args.images)
         views = DeviceDecodeViews(dataset, ViewTransform(224, 0.875, (0.5,) * 3, (0.5,) * 3), views=1)

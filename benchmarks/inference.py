@@ -92,6 +92,20 @@ def run_backbone(name: str, weights: str, images: torch.Tensor, args: argparse.N
         )
 
 
+def choose_backbones(names: str, parser: argparse.ArgumentParser) -> list[tuple[str, str]]:
+    """The BACKBONES named in `names` (comma-separated, with or without the "library/" prefix); all
+    when empty. An unknown name is an error, not an empty table."""
+    if not names:
+        return list(BACKBONES)
+    known = {short: b for b in BACKBONES for short in (b[0], b[0].split("/")[1])}
+    unknown = [n for n in names.split(",") if n not in known]
+    if unknown:
+        parser.error(
+            f"--backbones: unknown {', '.join(unknown)}; choose from {', '.join(b[0] for b in BACKBONES)}"
+        )
+    return [b for b in BACKBONES if b in {known[n] for n in names.split(",")}]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--codes", type=int, default=2048)
@@ -102,7 +116,7 @@ def main() -> None:
     parser.add_argument("--backbones", default="", help="comma-separated subset of the names (default: all)")
     args = parser.parse_args()
     device = torch.device(args.device)
-    chosen = [b for b in BACKBONES if not args.backbones or b[0].split("/")[1] in args.backbones.split(",")]
+    chosen = choose_backbones(args.backbones, parser)
     print(f"machine: {machine()}; device {device}; batch {args.batch}, K={args.codes}, fp32, channels_last")
     print("| backbone | D x H x W | backbone img/s | head ms/batch | head overhead | end-to-end img/s |")
     print("|---|---|---|---|---|---|")

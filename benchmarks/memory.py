@@ -138,7 +138,9 @@ def measure(method: str, folder: Path, args: argparse.Namespace) -> tuple[dict, 
     ):
         command += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
     env = os.environ | {"OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, check=True, capture_output=True, text=True, env=env)
+    result = subprocess.run(command, capture_output=True, text=True, env=env)
+    if result.returncode:  # the child's own error, not only its exit status
+        sys.exit(f"memory.py: the '{method}' child failed ({result.returncode}):\n{result.stderr[-4000:]}")
     return json.loads(result.stdout.splitlines()[-1]), torch.load(out)
 
 
@@ -295,6 +297,10 @@ def main() -> None:
         return child(args.child, args.folder, config, out, torch.device(args.device))
     if args.child:
         return stage_child(args.child, args.folder, args, args.folder / f"codebook-{args.child}.pt")
+    cells = GRID[0] * GRID[1]
+    if "kmeans" in args.parts and min(args.entries) * cells < args.patches:
+        parser.error(f"--entries: k-means samples {args.patches} cells, more than {min(args.entries)} entries "
+                     f"of {cells} cells hold; use more entries or fewer --patches")  # fmt: skip
     print(f"machine: {machine()}; device {args.device}; D={args.channels}, {args.patches} patches, "
           f"K={args.prototypes}; stage 1 resident={args.resident}")  # fmt: skip
     if "kmeans" in args.parts:
