@@ -84,9 +84,14 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> None:
 
 
 def sha256_file(path: Path) -> str:
-    """sha256 hex digest of the file at `path`."""
-    with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
+    """sha256 hex digest of the file at `path`, read in 1 MiB blocks (what hashlib.file_digest
+    does, which needs Python 3.11)."""
+    digest, block = hashlib.sha256(), bytearray(1 << 20)
+    view = memoryview(block)
+    with open(path, "rb", buffering=0) as handle:
+        while size := handle.readinto(block):
+            digest.update(view[:size])
+    return digest.hexdigest()
 
 
 def write_json_atomic(path: str | Path, obj) -> None:

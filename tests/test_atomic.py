@@ -5,6 +5,7 @@ absolute paths a run records (its folder, the feature cache's)."""
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import math
 import multiprocessing
@@ -26,6 +27,7 @@ from protoquant.atomic import (
     file_hashes,
     recover,
     replace_folder,
+    sha256_file,
     write_bytes_atomic,
     write_json_atomic,
     write_jsonl_atomic,
@@ -67,6 +69,14 @@ def test_write_bytes_atomic_replaces_and_leaves_nothing_else(tmp_path) -> None:
     write_bytes_atomic(path, b"old")
     write_bytes_atomic(path, b"new")
     assert path.read_bytes() == b"new" and [p.name for p in tmp_path.iterdir()] == ["a.bin"]
+
+
+@pytest.mark.parametrize("size", [0, 1, 1 << 20, (1 << 20) + 1, 3 * (1 << 20) - 7])  # around the block
+def test_sha256_file_is_the_digest_of_the_whole_file(tmp_path, size) -> None:
+    data = torch.randint(0, 256, (size,), generator=torch.Generator().manual_seed(size)).byte().numpy()
+    path = tmp_path / "f.bin"
+    path.write_bytes(data.tobytes())
+    assert sha256_file(path) == hashlib.sha256(data.tobytes()).hexdigest()
 
 
 @pytest.mark.parametrize("value", [math.nan, math.inf])
