@@ -36,7 +36,9 @@ SCALARS = st.one_of(
     st.none(),
     st.booleans(),
     st.integers(min_value=-(2**70), max_value=2**70),
-    st.floats(allow_nan=True, allow_infinity=True),
+    # no subnormals: on torch 2.4-2.5 a CPU torch.compile (tests/test_head_fast.py) turns on
+    # flush-to-zero for the whole process, and hypothesis refuses to draw them then
+    st.floats(allow_nan=True, allow_infinity=True, allow_subnormal=False),
     st.sampled_from([0, 1, -1, 0.5, 1e30, "", "nan", "inf", "-3", "1,2", "kmeans", "float16", "true"]),
     st.text(max_size=12),
 )
@@ -192,7 +194,7 @@ def test_a_split_file_that_is_not_utf8_is_named() -> None:
 
 ANNOTATION_VALUES = st.one_of(  # infinite / huge numbers: see the test below
     st.integers(-5, 300),
-    st.floats(min_value=-1e6, max_value=1e6) | st.just(math.nan),
+    st.floats(min_value=-1e6, max_value=1e6, allow_subnormal=False) | st.just(math.nan),  # see SCALARS
     st.text(max_size=4),
     st.just(None),
     st.just([]),

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import timm
 import torch
 from safetensors.torch import save_file
 from timm.models.vision_transformer import VisionTransformer
@@ -147,6 +148,7 @@ def test_timm_channels_last_output_is_permuted(backbone_factory) -> None:
     assert backbone.info.channels == model.num_features
 
 
+@pytest.mark.skipif(not timm.is_model("test_vit_relpos"), reason="timm before 1.0.31 has no test_vit_relpos")
 def test_timm_vit_without_prefix_tokens_keeps_every_token(backbone_factory) -> None:
     backbone = backbone_factory("timm/test_vit_relpos")
     model, images = backbone.model, _images()

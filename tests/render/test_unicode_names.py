@@ -46,7 +46,7 @@ def _write_folder(root: Path) -> Path:
             os.mkdir(os.path.join(folder, name))
             for i in range(IMAGES_PER_CLASS):
                 pixels = rng.integers(0, 60, size=(48, 48, 3), dtype=np.uint8) + np.uint8(30 * c)
-                Image.fromarray(pixels).save(os.path.join(folder, name, name + b"-%d.png" % i))
+                Image.fromarray(pixels).save(os.path.join(folder, name, name + b"-%d.png" % i), format="PNG")
     except (OSError, UnicodeError) as error:
         pytest.skip(f"the file system of {root} does not take such names: {error}")
     return Path(os.fsdecode(folder))
