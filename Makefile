@@ -23,7 +23,8 @@ $(VENV)/.installed-test: $(VENV)/.installed
 # The oldest supported stack: the floors of pyproject.toml, pinned in requirements/oldest.txt, on
 # the oldest supported Python where this machine has it.
 OLDEST_VENV := .venv-oldest
-OLDEST_PYTHON ?= $(shell command -v python3.10 || echo $(PYTHON))
+OLDEST_PYTHON ?= $(or $(shell python3.10 -c 'import sys; print(sys.executable)' 2>/dev/null),\
+	$(firstword $(wildcard $(HOME)/.pyenv/versions/3.10*/bin/python3.10)),$(PYTHON))
 
 $(OLDEST_VENV)/.installed: pyproject.toml requirements/oldest.txt
 	$(OLDEST_PYTHON) -m venv $(OLDEST_VENV)
